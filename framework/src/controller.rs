@@ -1,0 +1,805 @@
+//! Binds a [`Reconciler`] to watches and carries out the plans it returns.
+
+use crate::ObjectStatus;
+use crate::backoff::{Backoff, BackoffTracker};
+use crate::children::{self, Child, ChildKey, Conflict, Existing};
+use crate::conditions::{self, Cond};
+use crate::metrics::Metrics;
+use crate::plan::{EventKind, PlannedEvent};
+use crate::reconciler::{Context, Reconciler};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::core::object::HasStatus;
+use kube::core::{ApiResource, DynamicObject};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller as KubeController};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Condition type the framework records while reconciles fail (removed on the next success).
+pub const RECONCILED: &str = "Reconciled";
+/// Condition type the framework records while a planned child is controlled by someone else.
+pub const CHILD_CONFLICT: &str = "ChildConflict";
+
+/// Errors of the plan execution (the reconciler's own errors are reported, not returned).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// An API call failed.
+    #[error("{action} {target}: {source}")]
+    Api {
+        /// What was attempted.
+        action: &'static str,
+        /// On what.
+        target: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// The primary has no UID yet (it was not read from the API server).
+    #[error("object {0} has no uid")]
+    NoUid(String),
+    /// The status could not be serialized.
+    #[error("serializing status of {name}: {source}")]
+    Status {
+        /// Object name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A view of the children of one kind, backed by the framework's watch of that kind.
+trait ChildStore: Send + Sync {
+    fn owned_by(&self, label_key: &str, owner_uid: &str) -> Vec<Existing>;
+    fn find(&self, key: &ChildKey) -> Option<Existing>;
+    fn handles(&self, key: &ChildKey) -> bool;
+    fn ready(&self) -> BoxFuture<'static, ()>;
+}
+
+struct TypedStore<C: Resource<DynamicType = ()> + Clone + 'static> {
+    store: Store<C>,
+    api_version: String,
+    kind: String,
+}
+
+impl<C> TypedStore<C>
+where
+    C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    fn existing(&self, c: &C) -> Option<Existing> {
+        Some(Existing {
+            key: ChildKey {
+                api_version: self.api_version.clone(),
+                kind: self.kind.clone(),
+                namespace: c.meta().namespace.clone(),
+                name: c.meta().name.clone()?,
+            },
+            controller_uid: children::controller_uid(&c.meta().owner_references),
+        })
+    }
+}
+
+impl<C> ChildStore for TypedStore<C>
+where
+    C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    fn owned_by(&self, label_key: &str, owner_uid: &str) -> Vec<Existing> {
+        self.store
+            .state()
+            .iter()
+            .filter(|c| {
+                c.meta()
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(label_key))
+                    .map(String::as_str)
+                    == Some(owner_uid)
+            })
+            .filter_map(|c| self.existing(c))
+            .collect()
+    }
+
+    fn find(&self, key: &ChildKey) -> Option<Existing> {
+        let mut r = ObjectRef::<C>::new(&key.name);
+        if let Some(ns) = &key.namespace {
+            r = r.within(ns);
+        }
+        self.store.get(&r).and_then(|c| self.existing(&c))
+    }
+
+    fn handles(&self, key: &ChildKey) -> bool {
+        key.api_version == self.api_version && key.kind == self.kind
+    }
+
+    fn ready(&self) -> BoxFuture<'static, ()> {
+        let store = self.store.clone();
+        async move {
+            let _ = store.wait_until_ready().await;
+        }
+        .boxed()
+    }
+}
+
+type OwnFn<K> = Box<
+    dyn FnOnce(Client, KubeController<K>, &str) -> (KubeController<K>, Arc<dyn ChildStore>) + Send,
+>;
+type WatchFn<K> = Box<dyn FnOnce(Client, KubeController<K>, Store<K>) -> KubeController<K> + Send>;
+
+/// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
+///
+/// ```no_run
+/// # use framework::{Context, Controller, Plan, Reconciler};
+/// # use k8s_openapi::api::apps::v1::Deployment;
+/// # use k8s_openapi::api::core::v1::Node;
+/// # use kube::runtime::reflector::ObjectRef;
+/// # struct MyReconciler;
+/// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
+/// # #[kube(group = "example.com", version = "v1", kind = "App", namespaced, status = "AppStatus")]
+/// # struct AppSpec {}
+/// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+/// # struct AppStatus {}
+/// # impl Reconciler for MyReconciler {
+/// #     type Resource = App;
+/// #     type Error = std::convert::Infallible;
+/// #     async fn reconcile(&self, _: &App, _: &Context) -> Result<Plan<App>, Self::Error> { Ok(Plan::new()) }
+/// # }
+/// let controller = Controller::new("app", MyReconciler)
+///     .owns::<Deployment>()
+///     .watches::<Node, _>(|_node, apps| apps.iter().map(|a| ObjectRef::from_obj(a.as_ref())).collect());
+/// ```
+pub struct Controller<R: Reconciler>
+where
+    <R::Resource as HasStatus>::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
+{
+    name: String,
+    reconciler: R,
+    owned: Vec<OwnFn<R::Resource>>,
+    watches: Vec<WatchFn<R::Resource>>,
+    finalizer: Option<String>,
+    owner_label: Option<String>,
+    concurrency: u16,
+    backoff: Backoff,
+    primary_watch: watcher::Config,
+}
+
+impl<R: Reconciler> Controller<R>
+where
+    <R::Resource as HasStatus>::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
+{
+    /// A controller named `name` (used in metrics, logs, as the field manager and Event reporter).
+    pub fn new(name: &str, reconciler: R) -> Self {
+        Self {
+            name: name.to_owned(),
+            reconciler,
+            owned: Vec::new(),
+            watches: Vec::new(),
+            finalizer: None,
+            owner_label: None,
+            concurrency: 4,
+            backoff: Backoff::default(),
+            primary_watch: watcher::Config::default(),
+        }
+    }
+
+    /// Declares children of kind `C` in every namespace (or cluster-scoped ones).
+    pub fn owns<C>(self) -> Self
+    where
+        C: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    {
+        self.owns_with::<C>(Api::all)
+    }
+
+    /// Declares children of kind `C` that live in `namespace` only (the watch, and so the RBAC it
+    /// needs, stays in that namespace).
+    pub fn owns_in<C>(self, namespace: &str) -> Self
+    where
+        C: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + Debug
+            + DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        let namespace = namespace.to_owned();
+        self.owns_with::<C>(move |client| Api::namespaced(client, &namespace))
+    }
+
+    fn owns_with<C>(mut self, make_api: impl FnOnce(Client) -> Api<C> + Send + 'static) -> Self
+    where
+        C: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    {
+        self.owned.push(Box::new(move |client, ctrl, label_key| {
+            let api = make_api(client);
+            let (reader, writer) = reflector::store::<C>();
+            let stream = reflector::reflector(
+                writer,
+                watcher(api, watcher::Config::default().labels(label_key)),
+            )
+            .default_backoff()
+            .touched_objects();
+            let store: Arc<dyn ChildStore> = Arc::new(TypedStore {
+                store: reader,
+                api_version: C::api_version(&()).to_string(),
+                kind: C::kind(&()).to_string(),
+            });
+            (ctrl.owns_stream(stream), store)
+        }));
+        self
+    }
+
+    /// Reconciles the primaries that `mapper` names whenever an object of kind `O` changes. The mapper
+    /// gets the changed object and the current primaries (from the controller's cache).
+    pub fn watches<O, F>(mut self, mapper: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
+    {
+        self.watches.push(Box::new(move |client, ctrl, primaries| {
+            let api: Api<O> = Api::all(client);
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .touched_objects();
+            ctrl.watches_stream(stream, move |o: O| mapper(&o, &primaries.state()))
+        }));
+        self
+    }
+
+    /// Adds finalizer `name`, so [`Reconciler::cleanup`] runs before the object goes away.
+    pub fn finalizer(mut self, name: &str) -> Self {
+        self.finalizer = Some(name.to_owned());
+        self
+    }
+
+    /// The label key marking children (default: `<group>/owner-uid`).
+    pub fn owner_label(mut self, key: &str) -> Self {
+        self.owner_label = Some(key.to_owned());
+        self
+    }
+
+    /// How many objects may reconcile at once (default 4). One object never reconciles twice at once.
+    pub fn concurrency(mut self, n: u16) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Backoff after failed reconciles (default 1 s doubling to 5 min), per object, reset on success.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Restricts the watch of primaries (for example with a label selector).
+    pub fn primary_watch(mut self, config: watcher::Config) -> Self {
+        self.primary_watch = config;
+        self
+    }
+
+    /// The controller's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Builds the watches; returns the run future and a future that resolves once every cache synced.
+    pub(crate) fn start(
+        self,
+        client: Client,
+        recorder: Recorder,
+        metrics: Metrics,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>) {
+        let group = <R::Resource as Resource>::group(&()).to_string();
+        let label_key = self.owner_label.clone().unwrap_or_else(|| {
+            if group.is_empty() {
+                "framework/owner-uid".to_owned()
+            } else {
+                format!("{group}/owner-uid")
+            }
+        });
+        let api: Api<R::Resource> = Api::all(client.clone());
+        let mut ctrl = KubeController::new(api, self.primary_watch)
+            .with_config(ControllerConfig::default().concurrency(self.concurrency));
+        let primaries = ctrl.store();
+        let mut stores = Vec::new();
+        for own in self.owned {
+            let (c, s) = own(client.clone(), ctrl, &label_key);
+            ctrl = c;
+            stores.push(s);
+        }
+        for w in self.watches {
+            ctrl = w(client.clone(), ctrl, primaries.clone());
+        }
+        metrics
+            .max_concurrent
+            .with_label_values(&[&self.name])
+            .set(i64::from(self.concurrency));
+        let mut ready: Vec<BoxFuture<'static, ()>> = stores.iter().map(|s| s.ready()).collect();
+        let primary_store = primaries.clone();
+        ready.push(
+            async move {
+                let _ = primary_store.wait_until_ready().await;
+            }
+            .boxed(),
+        );
+        let runtime = Arc::new(Runtime {
+            name: self.name.clone(),
+            reconciler: self.reconciler,
+            client,
+            recorder,
+            metrics,
+            label_key,
+            finalizer: self.finalizer,
+            stores,
+            backoff: Mutex::new(BackoffTracker::new(self.backoff)),
+        });
+        let name = self.name;
+        let run = ctrl
+            .graceful_shutdown_on(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .run(
+                |obj, rt: Arc<Runtime<R>>| async move { rt.reconcile(obj).await },
+                |_obj, _err, _rt| Action::requeue(Duration::from_secs(5)),
+                runtime,
+            )
+            .for_each(move |res| {
+                if let Err(e) = res {
+                    match e {
+                        kube::runtime::controller::Error::ObjectNotFound(_) => {
+                            tracing::debug!(controller = %name, error = %e, "object gone before reconcile")
+                        }
+                        e => tracing::warn!(controller = %name, error = %e, "controller"),
+                    }
+                }
+                futures::future::ready(())
+            })
+            .boxed();
+        let ready = futures::future::join_all(ready).map(|_| ()).boxed();
+        (run, ready)
+    }
+}
+
+struct Runtime<R: Reconciler>
+where
+    <R::Resource as HasStatus>::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
+{
+    name: String,
+    reconciler: R,
+    client: Client,
+    recorder: Recorder,
+    metrics: Metrics,
+    label_key: String,
+    finalizer: Option<String>,
+    stores: Vec<Arc<dyn ChildStore>>,
+    backoff: Mutex<BackoffTracker>,
+}
+
+/// Never fails: every error is reported on the object and retried with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error("unreachable")]
+pub(crate) struct Never;
+
+impl<R: Reconciler> Runtime<R>
+where
+    <R::Resource as HasStatus>::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
+{
+    async fn reconcile(self: Arc<Self>, obj: Arc<R::Resource>) -> Result<Action, Never> {
+        let started = Instant::now();
+        let workers = self.metrics.active_workers.with_label_values(&[&self.name]);
+        workers.inc();
+        let key = obj.uid().unwrap_or_else(|| obj.name_any());
+        let outcome = self.reconcile_inner(&obj).await;
+        workers.dec();
+        self.metrics
+            .reconcile_time
+            .with_label_values(&[&self.name])
+            .observe(started.elapsed().as_secs_f64());
+        let action = match outcome {
+            Ok(requeue) => {
+                self.backoff_lock().success(&key);
+                let result = if requeue.is_some() {
+                    "requeue_after"
+                } else {
+                    "success"
+                };
+                self.metrics
+                    .reconcile_total
+                    .with_label_values(&[&self.name, result])
+                    .inc();
+                requeue.map_or_else(Action::await_change, Action::requeue)
+            }
+            Err(message) => {
+                let delay = self.backoff_lock().failure(&key);
+                self.metrics
+                    .reconcile_total
+                    .with_label_values(&[&self.name, "error"])
+                    .inc();
+                self.metrics
+                    .reconcile_errors
+                    .with_label_values(&[&self.name])
+                    .inc();
+                tracing::warn!(controller = %self.name, object = %obj.name_any(), error = %message,
+                    retry_in = ?delay, "reconcile failed");
+                self.report_error(&obj, &message).await;
+                Action::requeue(delay)
+            }
+        };
+        Ok(action)
+    }
+
+    fn backoff_lock(&self) -> std::sync::MutexGuard<'_, BackoffTracker> {
+        self.backoff.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one reconcile; the error is a message for users (the error and its causes).
+    async fn reconcile_inner(&self, obj: &Arc<R::Resource>) -> Result<Option<Duration>, String> {
+        let ctx = Context::new(self.client.clone(), Timestamp::now());
+        if obj.meta().deletion_timestamp.is_some() {
+            // Going away: children are garbage-collected; only our own finalizer needs work.
+            if let Some(fin) = &self.finalizer
+                && obj.finalizers().iter().any(|f| f == fin)
+            {
+                self.reconciler
+                    .cleanup(obj, &ctx)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                self.set_finalizer(obj, false)
+                    .await
+                    .map_err(|e| chain(&e))?;
+            }
+            return Ok(None);
+        }
+        if let Some(fin) = &self.finalizer
+            && !obj.finalizers().iter().any(|f| f == fin)
+        {
+            self.set_finalizer(obj, true).await.map_err(|e| chain(&e))?;
+        }
+        let plan = self
+            .reconciler
+            .reconcile(obj, &ctx)
+            .await
+            .map_err(|e| chain(&e))?;
+        let conflicts = self
+            .execute_children(obj, &plan.children)
+            .await
+            .map_err(|e| chain(&e))?;
+
+        let mut status = plan.status.or_else(|| obj.status().cloned());
+        if let Some(status) = status.as_mut()
+            && let Some(list) = status.conditions_mut()
+        {
+            conditions::remove(list, RECONCILED);
+            if conflicts.is_empty() {
+                conditions::remove(list, CHILD_CONFLICT);
+            } else {
+                let message = conflicts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                conditions::set(
+                    list,
+                    Cond::new(CHILD_CONFLICT, true, "ControlledElsewhere", message),
+                    None,
+                    ctx.now(),
+                );
+            }
+        }
+        if let Some(status) = status {
+            self.write_status(obj, status)
+                .await
+                .map_err(|e| chain(&e))?;
+        }
+        let mut events = plan.events;
+        for c in &conflicts {
+            events.push(PlannedEvent {
+                kind: EventKind::Warning,
+                reason: "ChildConflict".into(),
+                message: format!("left alone: {c}"),
+                action: "ApplyChild".into(),
+            });
+        }
+        self.publish(obj, &events).await;
+        Ok(plan.requeue)
+    }
+
+    async fn execute_children(
+        &self,
+        obj: &R::Resource,
+        planned: &[Child],
+    ) -> Result<Vec<Conflict>, ExecError> {
+        let uid = obj.uid().ok_or_else(|| ExecError::NoUid(obj.name_any()))?;
+        let owner = obj
+            .controller_owner_ref(&())
+            .ok_or_else(|| ExecError::NoUid(obj.name_any()))?;
+        let mut existing: Vec<Existing> = self
+            .stores
+            .iter()
+            .flat_map(|s| s.owned_by(&self.label_key, &uid))
+            .collect();
+        let known: HashSet<ChildKey> = existing.iter().map(|e| e.key.clone()).collect();
+        for child in planned {
+            if known.contains(child.key()) {
+                continue;
+            }
+            // Not known as ours: it may exist under someone else's control (or none).
+            let found = match self.stores.iter().find(|s| s.handles(child.key())) {
+                Some(store) => store.find(child.key()),
+                None => self.get_dynamic(child).await?,
+            };
+            if let Some(e) = found {
+                existing.push(e);
+            }
+        }
+        let keys: Vec<ChildKey> = planned.iter().map(|c| c.key().clone()).collect();
+        let diff = children::diff(&uid, &keys, &existing);
+        let params = PatchParams::apply(&self.name).force();
+        let mut conflicts = diff.conflicts;
+        for key in &diff.apply {
+            let Some(child) = planned.iter().find(|c| c.key() == key) else {
+                continue;
+            };
+            let body = child.owned_by(&owner, &self.label_key);
+            let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
+            if let Err(source) = api.patch(&key.name, &params, &Patch::Apply(&body)).await {
+                // A child created by someone else between our look and our apply shows up as a 409 or
+                // 422 (two controllers); report it rather than fight over it.
+                if is_conflict(&source) {
+                    tracing::info!(controller = %self.name, child = %key, error = %source, "child apply conflict");
+                    conflicts.push(Conflict {
+                        key: key.clone(),
+                        controller_uid: None,
+                    });
+                    continue;
+                }
+                return Err(ExecError::Api {
+                    action: "applying",
+                    target: key.to_string(),
+                    source,
+                });
+            }
+        }
+        for key in &diff.delete {
+            let ar = self.resource_of(key, planned);
+            let Some(ar) = ar else { continue };
+            let api = dynamic_api(&self.client, &ar, key.namespace.as_deref());
+            let dp = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..DeleteParams::default()
+            };
+            match api.delete(&key.name, &dp).await {
+                Ok(_) => tracing::debug!(controller = %self.name, child = %key, "deleted child"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(ExecError::Api {
+                        action: "deleting",
+                        target: key.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(conflicts)
+    }
+
+    fn resource_of(&self, key: &ChildKey, planned: &[Child]) -> Option<ApiResource> {
+        planned
+            .iter()
+            .find(|c| c.key().kind == key.kind && c.key().api_version == key.api_version)
+            .map(|c| c.resource.clone())
+            .or_else(|| {
+                let (group, version) = match key.api_version.split_once('/') {
+                    Some((g, v)) => (g.to_owned(), v.to_owned()),
+                    None => (String::new(), key.api_version.clone()),
+                };
+                Some(ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+                    &group, &version, &key.kind,
+                )))
+            })
+    }
+
+    async fn get_dynamic(&self, child: &Child) -> Result<Option<Existing>, ExecError> {
+        let key = child.key();
+        let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
+        let found = api
+            .get_opt(&key.name)
+            .await
+            .map_err(|source| ExecError::Api {
+                action: "reading",
+                target: key.to_string(),
+                source,
+            })?;
+        Ok(found.and_then(|o| Existing::of(&o, &key.api_version, &key.kind)))
+    }
+
+    async fn set_finalizer(&self, obj: &R::Resource, present: bool) -> Result<(), ExecError> {
+        let Some(fin) = &self.finalizer else {
+            return Ok(());
+        };
+        let mut list: Vec<String> = obj.finalizers().to_vec();
+        list.retain(|f| f != fin);
+        if present {
+            list.push(fin.clone());
+        }
+        // A JSON patch guarded by the resourceVersion, so a concurrent finalizer change is not lost.
+        let patch = serde_json::json!({
+            "metadata": {"finalizers": list, "resourceVersion": obj.resource_version()}
+        });
+        self.api_for(obj)
+            .patch(
+                &obj.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| ExecError::Api {
+                action: "updating finalizers of",
+                target: obj.name_any(),
+                source,
+            })
+    }
+
+    /// The primary's own endpoint, whatever its scope.
+    fn api_for(&self, obj: &R::Resource) -> Api<DynamicObject> {
+        let ar = ApiResource::erase::<R::Resource>(&());
+        dynamic_api(&self.client, &ar, obj.namespace().as_deref())
+    }
+
+    /// Writes `status` (with observedGeneration stamped) by server-side apply, unless it equals the
+    /// stored one.
+    async fn write_status(
+        &self,
+        obj: &R::Resource,
+        mut status: <R::Resource as HasStatus>::Status,
+    ) -> Result<(), ExecError> {
+        let generation = obj.meta().generation;
+        status.set_observed_generation(generation);
+        if let Some(list) = status.conditions_mut() {
+            conditions::stamp_generation(list, generation);
+        }
+        let to_value = |s: &<R::Resource as HasStatus>::Status| {
+            serde_json::to_value(s).map_err(|source| ExecError::Status {
+                name: obj.name_any(),
+                source,
+            })
+        };
+        let new = to_value(&status)?;
+        if let Some(current) = obj.status()
+            && to_value(current)? == new
+        {
+            return Ok(());
+        }
+        let body = serde_json::json!({
+            "apiVersion": R::Resource::api_version(&()),
+            "kind": R::Resource::kind(&()),
+            "status": new,
+        });
+        self.api_for(obj)
+            .patch_status(
+                &obj.name_any(),
+                &PatchParams::apply(&self.name).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| ExecError::Api {
+                action: "writing status of",
+                target: obj.name_any(),
+                source,
+            })
+    }
+
+    async fn report_error(&self, obj: &R::Resource, message: &str) {
+        if obj.meta().deletion_timestamp.is_none() {
+            let mut status = obj.status().cloned().unwrap_or_default();
+            if let Some(list) = status.conditions_mut() {
+                conditions::set(
+                    list,
+                    Cond::new(RECONCILED, false, "ReconcileError", message),
+                    None,
+                    Timestamp::now(),
+                );
+                if let Err(e) = self.write_status(obj, status).await {
+                    tracing::warn!(controller = %self.name, error = %e, "recording reconcile error");
+                }
+            }
+        }
+        let event = PlannedEvent {
+            kind: EventKind::Warning,
+            reason: "ReconcileError".into(),
+            message: message.to_owned(),
+            action: "Reconcile".into(),
+        };
+        self.publish(obj, std::slice::from_ref(&event)).await;
+    }
+
+    async fn publish(&self, obj: &R::Resource, events: &[PlannedEvent]) {
+        let reference = obj.object_ref(&());
+        for e in events {
+            let ev = Event {
+                type_: match e.kind {
+                    EventKind::Normal => EventType::Normal,
+                    EventKind::Warning => EventType::Warning,
+                },
+                reason: e.reason.clone(),
+                note: Some(truncate(&e.message, 1000)),
+                action: e.action.clone(),
+                secondary: None,
+            };
+            if let Err(err) = self.recorder.publish(&ev, &reference).await {
+                tracing::warn!(controller = %self.name, reason = %e.reason, error = %err, "publishing event");
+            }
+        }
+    }
+}
+
+fn dynamic_api(client: &Client, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    }
+}
+
+/// A refusal caused by someone else's control of the object: a field conflict, or a second controller
+/// owner reference.
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || (s.code == 422 && s.message.contains("Controller")))
+}
+
+/// An error and its causes, joined, as users should read it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn controller_error_chain_names_every_cause() {
+        let e = Outer(std::io::Error::other("inner cause"));
+        assert_eq!(chain(&e), "outer: inner cause");
+    }
+
+    #[test]
+    fn controller_truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("abc", 5), "abc");
+    }
+}

@@ -1,0 +1,60 @@
+//! A small framework for Kubernetes controllers on [kube](https://docs.rs/kube).
+//!
+//! kube-runtime watches objects and calls a function; this crate adds what an operator needs around that
+//! call, so an operator is mostly a pure function from the observed object to a [`Plan`]:
+//!
+//! - [`Reconciler`]: observe one object, return a [`Plan`] (status, children, requeue, Events);
+//! - [`Controller`]: binds a reconciler to its watches, executes plans (server-side apply of children
+//!   with owner references, pruning of children no longer planned, status writes only on change),
+//!   retries failures with per-object backoff, and reports them as a condition and an Event;
+//! - [`conditions`]: `metav1.Condition` helpers with correct transition times;
+//! - [`Operator`]: several controllers in one process, `/metrics`, `/healthz`, `/readyz`, Lease leader
+//!   election, graceful shutdown, CRD install or check at start;
+//! - derives: [`macro@PrinterColumns`] (columns declared on fields) and [`macro@Status`] (status
+//!   bookkeeping from marked fields); [`crd::build`] turns them into a finished CRD;
+//! - `testing` (feature): a real local control plane for tests, and [`testing::eventually`].
+//!
+//! See `docs/framework.md` in the repository for a walk-through, and `examples/memcached` for a whole
+//! operator.
+
+// Lets the derives' `::framework::…` paths resolve inside this crate's own tests.
+extern crate self as framework;
+
+pub mod backoff;
+pub mod children;
+pub mod columns;
+pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod http;
+pub mod leader;
+pub mod logging;
+pub mod metrics;
+pub mod operator;
+pub mod plan;
+pub mod reconciler;
+pub mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use children::Child;
+pub use columns::{Column, PrinterColumns};
+pub use controller::Controller;
+pub use framework_macros::{PrinterColumns, Status};
+pub use jiff::Timestamp;
+pub use leader::LeaderElection;
+pub use operator::{Operator, OperatorError};
+pub use plan::Plan;
+pub use reconciler::{Context, Reconciler};
+pub use status::ObjectStatus;
+
+/// Re-exported so derived code and users agree on one version.
+pub use k8s_openapi;
+/// Re-exported so derived code and users agree on one version.
+pub use kube;
+
+/// Installs the process-wide TLS provider (ring) that kube's rustls client uses. Call once at start-up,
+/// before building a client; later calls do nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

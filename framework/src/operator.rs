@@ -1,0 +1,287 @@
+//! One process running several controllers, with metrics, probes, leader election and graceful shutdown.
+
+use crate::ObjectStatus;
+use crate::controller::Controller;
+use crate::crd::{self, CrdError};
+use crate::http::{self, Probes};
+use crate::leader::{Candidate, LeaderElection, LeaderError};
+use crate::metrics::Metrics;
+use crate::reconciler::Reconciler;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::core::object::HasStatus;
+use kube::runtime::events::{Recorder, Reporter};
+use prometheus::Registry;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Errors that stop an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// A probe or metrics address could not be bound.
+    #[error("binding {what} address {addr}: {source}")]
+    Bind {
+        /// Which endpoint.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// CRDs are missing or could not be installed.
+    #[error(transparent)]
+    Crd(#[from] CrdError),
+    /// Leadership was lost; the process should exit so a fresh one can campaign.
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
+    /// Metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+type StartFn = Box<
+    dyn FnOnce(
+            Client,
+            Recorder,
+            Metrics,
+            watch::Receiver<bool>,
+        ) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>)
+        + Send,
+>;
+
+enum CrdMode {
+    None,
+    Install(Vec<CustomResourceDefinition>),
+    Require(Vec<CustomResourceDefinition>),
+}
+
+/// Runs controllers until SIGTERM/SIGINT (or a given shutdown future).
+///
+/// ```no_run
+/// # use framework::{Operator, Controller};
+/// # async fn run(client: kube::Client) -> Result<(), framework::OperatorError> {
+/// Operator::new("my-operator", client)
+///     .metrics_addr("0.0.0.0:8080".parse().unwrap())
+///     .health_addr("0.0.0.0:8081".parse().unwrap())
+///     // .controller(Controller::new("widget", WidgetReconciler))
+///     .run()
+///     .await
+/// # }
+/// ```
+pub struct Operator {
+    name: String,
+    client: Client,
+    registry: Registry,
+    starts: Vec<StartFn>,
+    metrics_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
+    leader: Option<LeaderElection>,
+    crds: CrdMode,
+    identity: Option<String>,
+}
+
+impl Operator {
+    /// An operator named `name` (the Event reporter and default field-manager prefix).
+    pub fn new(name: &str, client: Client) -> Self {
+        Self {
+            name: name.to_owned(),
+            client,
+            registry: Registry::new(),
+            starts: Vec::new(),
+            metrics_addr: None,
+            health_addr: None,
+            leader: None,
+            crds: CrdMode::None,
+            identity: None,
+        }
+    }
+
+    /// The registry served at `/metrics`; register the operator's own metrics here.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Uses `registry` for `/metrics` instead of a fresh one.
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Adds a controller.
+    pub fn controller<R>(mut self, controller: Controller<R>) -> Self
+    where
+        R: Reconciler,
+        <R::Resource as HasStatus>::Status:
+            ObjectStatus + Serialize + Clone + Default + Send + Sync,
+    {
+        self.starts
+            .push(Box::new(move |client, recorder, metrics, shutdown| {
+                controller.start(client, recorder, metrics, shutdown)
+            }));
+        self
+    }
+
+    /// Serves `/metrics` on `addr`.
+    pub fn metrics_addr(mut self, addr: SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Serves `/healthz` and `/readyz` on `addr`.
+    pub fn health_addr(mut self, addr: SocketAddr) -> Self {
+        self.health_addr = Some(addr);
+        self
+    }
+
+    /// Reconciles only while holding the Lease described by `election`.
+    pub fn leader_election(mut self, election: LeaderElection) -> Self {
+        self.identity = Some(election.identity.clone());
+        self.leader = Some(election);
+        self
+    }
+
+    /// Applies these CRDs at start and waits until they are established.
+    pub fn install_crds(mut self, crds: Vec<CustomResourceDefinition>) -> Self {
+        self.crds = CrdMode::Install(crds);
+        self
+    }
+
+    /// Fails at start, with a clear message, if these CRDs are not installed.
+    pub fn require_crds(mut self, crds: Vec<CustomResourceDefinition>) -> Self {
+        self.crds = CrdMode::Require(crds);
+        self
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub async fn run(self) -> Result<(), OperatorError> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Runs until `shutdown` resolves: then stops taking new work, lets running reconciles finish, and
+    /// releases leadership.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), OperatorError> {
+        let metrics = Metrics::register(&self.registry)?;
+        let probes = Probes::new(self.registry.clone());
+        for (what, addr) in [
+            ("metrics", self.metrics_addr),
+            ("health probe", self.health_addr),
+        ] {
+            let Some(addr) = addr else { continue };
+            let (bound, serve) = http::bind(addr, probes.clone())
+                .await
+                .map_err(|source| OperatorError::Bind { what, addr, source })?;
+            tracing::info!(%bound, "serving {what}");
+            tokio::spawn(serve);
+        }
+        match &self.crds {
+            CrdMode::None => {}
+            CrdMode::Install(crds) => {
+                crd::install(&self.client, crds, &self.name, Duration::from_secs(60)).await?
+            }
+            CrdMode::Require(crds) => crd::check_installed(&self.client, crds).await?,
+        }
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut shutdown = shutdown.boxed().shared();
+        let mut candidate = self
+            .leader
+            .clone()
+            .map(|cfg| Candidate::new(self.client.clone(), cfg));
+        if let Some(c) = candidate.as_mut() {
+            tracing::info!(lease = %c_name(&self.leader), "waiting for leadership");
+            tokio::select! {
+                _ = c.acquire() => {}
+                _ = shutdown.clone() => return Ok(()),
+            }
+            metrics.leader.with_label_values(&[&self.name]).set(1.0);
+            tracing::info!("became leader");
+        }
+
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: self.name.clone(),
+                instance: self.identity.clone(),
+            },
+        );
+        let mut runs = Vec::new();
+        let mut readies = Vec::new();
+        for start in self.starts {
+            let (run, ready) = start(
+                self.client.clone(),
+                recorder.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            );
+            runs.push(tokio::spawn(run));
+            readies.push(ready);
+        }
+        let ready_probes = probes.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(readies).await;
+            ready_probes.set_ready(true);
+            tracing::info!("caches synced; ready");
+        });
+
+        let lost = async {
+            match candidate.as_mut() {
+                Some(c) => c.keep().await,
+                None => futures::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            _ = &mut shutdown => Ok(()),
+            e = lost => Err(e),
+        };
+        tracing::info!("stopping controllers");
+        probes.set_ready(false);
+        let _ = stop_tx.send(true);
+        for r in runs {
+            let _ = r.await;
+        }
+        if let Some(c) = candidate.as_mut() {
+            metrics.leader.with_label_values(&[&self.name]).set(0.0);
+            if outcome.is_ok() {
+                c.release().await;
+            }
+        }
+        outcome.map_err(OperatorError::from)
+    }
+}
+
+fn c_name(cfg: &Option<LeaderElection>) -> String {
+    cfg.as_ref()
+        .map(|c| format!("{}/{}", c.namespace, c.lease_name))
+        .unwrap_or_default()
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,134 @@
+//! The one trait an operator author implements.
+
+use crate::{ObjectStatus, Plan};
+use jiff::Timestamp;
+use kube::core::object::HasStatus;
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::future::Future;
+
+/// A primary resource the framework can reconcile: a kube resource with a status the framework can
+/// stamp and compare.
+pub trait Primary:
+    Resource<DynamicType = ()>
+    + HasStatus
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+where
+    Self::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
+{
+}
+
+impl<K> Primary for K
+where
+    K: Resource<DynamicType = ()>
+        + HasStatus
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
+{
+}
+
+/// What a reconcile may use besides the object itself.
+#[derive(Clone)]
+pub struct Context {
+    client: Client,
+    now: Timestamp,
+}
+
+impl Context {
+    /// A context; the framework makes one per reconcile.
+    pub fn new(client: Client, now: Timestamp) -> Self {
+        Self { client, now }
+    }
+
+    /// The API client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The time this reconcile started. Use it instead of reading the clock, so a reconcile is a
+    /// function of its inputs.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+}
+
+/// Observes one primary object and returns the [`Plan`] that would bring the world in line with it.
+///
+/// A reconciler does not write to the API itself: the framework applies the plan's children, prunes the
+/// rest, writes the status if it changed and publishes the Events. It is level-triggered: it is not
+/// told why it runs, and must give the same plan for the same world.
+///
+/// ```
+/// use framework::{Context, Plan, Reconciler, Status};
+/// use framework::conditions::{self, Cond};
+/// use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+/// use kube::CustomResource;
+/// use schemars::JsonSchema;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+/// #[kube(group = "example.com", version = "v1", kind = "Greeting", namespaced, status = "GreetingStatus")]
+/// struct GreetingSpec { text: String }
+///
+/// #[derive(Status, Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+/// struct GreetingStatus {
+///     #[status(conditions)]
+///     conditions: Vec<Condition>,
+/// }
+///
+/// struct Greeter;
+///
+/// impl Reconciler for Greeter {
+///     type Resource = Greeting;
+///     type Error = std::convert::Infallible;
+///
+///     async fn reconcile(&self, obj: &Greeting, ctx: &Context) -> Result<Plan<Greeting>, Self::Error> {
+///         let mut status = obj.status.clone().unwrap_or_default();
+///         let ok = !obj.spec.text.is_empty();
+///         let cond = Cond::ready(ok, if ok { "Greeted" } else { "Empty" }, "says hello");
+///         conditions::set(&mut status.conditions, cond, obj.metadata.generation, ctx.now());
+///         Ok(Plan::new().status(status))
+///     }
+/// }
+/// ```
+pub trait Reconciler: Send + Sync + 'static
+where
+    <Self::Resource as HasStatus>::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
+{
+    /// The primary kind.
+    type Resource: Primary;
+    /// What can go wrong; shown to users in a condition and an Event.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Computes the plan for `obj`.
+    fn reconcile(
+        &self,
+        obj: &Self::Resource,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<Plan<Self::Resource>, Self::Error>> + Send;
+
+    /// Releases what the object holds outside the cluster before it is deleted. Called only when the
+    /// controller was given a finalizer; children are garbage-collected without it.
+    fn cleanup(
+        &self,
+        obj: &Self::Resource,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = (obj, ctx);
+        async { Ok(()) }
+    }
+}

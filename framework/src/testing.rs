@@ -1,0 +1,462 @@
+//! A real local control plane for tests: etcd, kube-apiserver, kube-controller-manager and KWOK
+//! (simulated nodes), the way controller-runtime's envtest gives Go operators one.
+//!
+//! The processes are managed by the harness script (`tests/harness/cluster.sh` in this repository),
+//! which builds the upstream binaries once per machine and caches them. A test asks for the cluster
+//! with [`TestCluster::shared`] (started on first use, then reused by every test and test binary), or
+//! [`TestCluster::start`] for a private one torn down on drop. With `KUBECONFIG` set in the
+//! environment, both attach to that cluster instead.
+//!
+//! Each test gets its own namespace ([`TestCluster::namespace`]) and, where it needs them, its own
+//! nodes ([`TestCluster::add_nodes`]), so tests run in parallel without seeing each other.
+//!
+//! ```no_run
+//! use framework::testing::{TestCluster, eventually};
+//! use k8s_openapi::api::core::v1::Namespace;
+//! use kube::Api;
+//! use std::time::Duration;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let cluster = TestCluster::shared()?;
+//! let client = cluster.client().await?;
+//! let ns = cluster.namespace(&client, "example").await?;
+//! let api: Api<Namespace> = Api::all(client.clone());
+//! eventually(Duration::from_secs(10), "namespace exists", || async {
+//!     api.get_opt(ns.name()).await.ok().flatten().ok_or("not yet")
+//! })
+//! .await?;
+//! # Ok(()) }
+//! ```
+
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Errors of the test harness.
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    /// The harness script could not run or failed.
+    #[error("local control plane: {0}")]
+    Harness(String),
+    /// The kubeconfig could not be read.
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// An API call failed.
+    #[error("{0}: {1}")]
+    Api(String, #[source] kube::Error),
+    /// A condition did not hold in time.
+    #[error("{0}")]
+    Timeout(#[from] Timeout),
+}
+
+/// A condition that did not hold before its deadline, with the last thing observed.
+#[derive(Debug, thiserror::Error)]
+#[error("timed out after {waited:?} waiting for {what}; last observation: {last}")]
+pub struct Timeout {
+    /// What was awaited.
+    pub what: String,
+    /// How long.
+    pub waited: Duration,
+    /// The last observation.
+    pub last: String,
+}
+
+/// Polls `check` (every 100 ms) until it returns `Ok`, or fails after `deadline` with the last `Err`.
+///
+/// This is how tests wait: on a condition, with a deadline, never on a fixed sleep.
+pub async fn eventually<T, E, F, Fut>(
+    deadline: Duration,
+    what: &str,
+    mut check: F,
+) -> Result<T, Timeout>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() >= deadline => {
+                return Err(Timeout {
+                    what: what.to_owned(),
+                    waited: start.elapsed(),
+                    last: e.to_string(),
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A running local control plane.
+#[derive(Debug)]
+pub struct TestCluster {
+    kubeconfig: PathBuf,
+    /// Set for a private cluster: its state directory, torn down on drop.
+    private_state: Option<PathBuf>,
+    script: PathBuf,
+}
+
+static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+
+impl TestCluster {
+    /// The cluster shared by all tests on this machine: `KUBECONFIG` if set, else the harness's default
+    /// cluster, started if it is not running. It stays up for the next test run; `cluster.sh down`
+    /// stops it.
+    pub fn shared() -> Result<&'static TestCluster, TestError> {
+        SHARED
+            .get_or_init(|| Self::attach_or_ensure().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| TestError::Harness(e.clone()))
+    }
+
+    fn attach_or_ensure() -> Result<Self, TestError> {
+        let script = harness_script()?;
+        if let Some(path) = std::env::var_os("KUBECONFIG") {
+            return Ok(Self {
+                kubeconfig: PathBuf::from(path),
+                private_state: None,
+                script,
+            });
+        }
+        let out = run_script(&script, &["ensure"], None, &[])?;
+        Ok(Self {
+            kubeconfig: kubeconfig_from_env_line(&out)?,
+            private_state: None,
+            script,
+        })
+    }
+
+    /// A private cluster with `nodes` simulated nodes in a fresh state directory, stopped on drop.
+    pub fn start(nodes: u32) -> Result<Self, TestError> {
+        Self::start_with_env(nodes, &[])
+    }
+
+    /// Like [`TestCluster::start`], with extra environment for the harness (for example
+    /// `KUBE_APISERVER_EXTRA_ARGS`).
+    pub fn start_with_env(nodes: u32, env: &[(&str, &str)]) -> Result<Self, TestError> {
+        let script = harness_script()?;
+        let state = tempfile::Builder::new()
+            .prefix("framework-cluster-")
+            .tempdir()
+            .map_err(|e| TestError::Harness(format!("creating a state directory: {e}")))?
+            .keep();
+        let out = run_script(
+            &script,
+            &["up", "--nodes", &nodes.to_string()],
+            Some(&state),
+            env,
+        )?;
+        Ok(Self {
+            kubeconfig: kubeconfig_from_env_line(&out)?,
+            private_state: Some(state),
+            script,
+        })
+    }
+
+    /// Path of the kubeconfig (admin credentials).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The state directory of a private cluster (PIDs, logs), `None` for the shared one.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.private_state.as_deref()
+    }
+
+    /// Stops a private cluster now (also done on drop). The shared cluster is left alone.
+    pub fn stop(&mut self) -> Result<(), TestError> {
+        if let Some(state) = self.private_state.take() {
+            run_script(&self.script, &["down"], Some(&state), &[])?;
+        }
+        Ok(())
+    }
+
+    /// A client for this cluster. Make one per test: a client belongs to the async runtime that made it.
+    pub async fn client(&self) -> Result<Client, TestError> {
+        let kc =
+            Kubeconfig::read_from(&self.kubeconfig).map_err(|source| TestError::Kubeconfig {
+                path: self.kubeconfig.clone(),
+                source,
+            })?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|source| TestError::Kubeconfig {
+                path: self.kubeconfig.clone(),
+                source,
+            })?;
+        Client::try_from(config).map_err(|e| TestError::Api("building client".into(), e))
+    }
+
+    /// A fresh namespace named `<prefix>-<random>`, deleted when the returned guard drops.
+    pub async fn namespace(
+        &self,
+        client: &Client,
+        prefix: &str,
+    ) -> Result<TestNamespace, TestError> {
+        let name = format!("{}-{}", prefix, unique_suffix());
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "framework.test/e2e".to_owned(),
+                    "true".to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        api.create(&PostParams::default(), &ns)
+            .await
+            .map_err(|e| TestError::Api(format!("creating namespace {name}"), e))?;
+        Ok(TestNamespace {
+            name,
+            kubeconfig: self.kubeconfig.clone(),
+        })
+    }
+
+    /// Adds `count` simulated nodes named `<prefix>-<i>` with `labels`, and waits until KWOK reports
+    /// them Ready. They are deleted when the returned guard drops.
+    pub async fn add_nodes(
+        &self,
+        client: &Client,
+        prefix: &str,
+        count: usize,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<TestNodes, TestError> {
+        let api: Api<Node> = Api::all(client.clone());
+        let mut names = Vec::new();
+        for i in 0..count {
+            let name = format!("{prefix}-{i}");
+            let node = simulated_node(&name, labels);
+            api.create(&PostParams::default(), &node)
+                .await
+                .map_err(|e| TestError::Api(format!("creating node {name}"), e))?;
+            names.push(name);
+        }
+        for name in &names {
+            wait_node_ready(&api, name).await?;
+        }
+        Ok(TestNodes {
+            names,
+            kubeconfig: self.kubeconfig.clone(),
+        })
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("stopping private test cluster: {e}");
+        }
+    }
+}
+
+/// A Node object that KWOK manages (it plays the node's kubelet).
+pub fn simulated_node(name: &str, labels: &BTreeMap<String, String>) -> Node {
+    let mut all = BTreeMap::from([
+        ("kubernetes.io/hostname".to_owned(), name.to_owned()),
+        ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+        ("type".to_owned(), "kwok".to_owned()),
+    ]);
+    all.extend(labels.clone());
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(all),
+            annotations: Some(BTreeMap::from([
+                ("kwok.x-k8s.io/node".to_owned(), "fake".to_owned()),
+                ("node.alpha.kubernetes.io/ttl".to_owned(), "0".to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    }
+}
+
+/// Waits until the node reports `Ready=True`.
+pub async fn wait_node_ready(api: &Api<Node>, name: &str) -> Result<(), TestError> {
+    eventually(
+        Duration::from_secs(30),
+        &format!("node {name} Ready"),
+        || async {
+            let node = api.get(name).await.map_err(|e| e.to_string())?;
+            let ready = node
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready {
+                Ok(())
+            } else {
+                Err("not Ready".to_owned())
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// A test's namespace; deleted (in the background) on drop.
+#[derive(Debug)]
+pub struct TestNamespace {
+    name: String,
+    kubeconfig: PathBuf,
+}
+
+impl TestNamespace {
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        cleanup_in_thread(self.kubeconfig.clone(), move |client| async move {
+            let api: Api<Namespace> = Api::all(client);
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        });
+    }
+}
+
+/// Nodes a test added; deleted on drop.
+#[derive(Debug)]
+pub struct TestNodes {
+    names: Vec<String>,
+    kubeconfig: PathBuf,
+}
+
+impl TestNodes {
+    /// The node names.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
+impl Drop for TestNodes {
+    fn drop(&mut self) {
+        let names = self.names.clone();
+        cleanup_in_thread(self.kubeconfig.clone(), move |client| async move {
+            let api: Api<Node> = Api::all(client);
+            for n in names {
+                let _ = api.delete(&n, &DeleteParams::default()).await;
+            }
+        });
+    }
+}
+
+/// Runs async cleanup from `Drop` (which cannot await) on a short-lived runtime of its own.
+fn cleanup_in_thread<F, Fut>(kubeconfig: PathBuf, f: F)
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let handle = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let cluster = TestCluster {
+                kubeconfig,
+                private_state: None,
+                script: PathBuf::new(),
+            };
+            if let Ok(client) = cluster.client().await {
+                f(client).await;
+            }
+        });
+    });
+    let _ = handle.join();
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{:x}{:x}{}",
+        std::process::id() % 0xfff,
+        nanos % 0xffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Finds the harness script: `$FRAMEWORK_TEST_HARNESS`, else `tests/harness/cluster.sh` in the nearest
+/// ancestor of the crate being tested that has one.
+fn harness_script() -> Result<PathBuf, TestError> {
+    if let Some(p) = std::env::var_os("FRAMEWORK_TEST_HARNESS") {
+        return Ok(PathBuf::from(p));
+    }
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_default();
+    start
+        .ancestors()
+        .map(|d| d.join("tests/harness/cluster.sh"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            TestError::Harness(format!(
+                "no tests/harness/cluster.sh above {}; set FRAMEWORK_TEST_HARNESS",
+                start.display()
+            ))
+        })
+}
+
+fn run_script(
+    script: &Path,
+    args: &[&str],
+    state: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<String, TestError> {
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).args(args).envs(env.iter().copied());
+    if let Some(state) = state {
+        cmd.env("DROP_E2E_STATE", state);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| TestError::Harness(format!("running {}: {e}", script.display())))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(TestError::Harness(format!(
+            "{} {} failed ({}):\n{}",
+            script.display(),
+            args.join(" "),
+            out.status,
+            stderr
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubeconfig_from_env_line(out: &str) -> Result<PathBuf, TestError> {
+    out.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("export KUBECONFIG="))
+        .map(PathBuf::from)
+        .ok_or_else(|| TestError::Harness(format!("harness printed no KUBECONFIG line: {out}")))
+}
