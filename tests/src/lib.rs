@@ -1,0 +1,13 @@
+//! Shared helpers of the end-to-end suites (`tests/tests/*.rs`). Every suite runs against a real local
+//! control plane started (or reused) through `framework::testing`.
+
+use framework::testing::{TestCluster, TestError};
+use kube::Client;
+
+/// The shared cluster and a client for it; installs the TLS provider first.
+pub async fn cluster() -> Result<(&'static TestCluster, Client), TestError> {
+    framework::install_crypto_provider();
+    let cluster = TestCluster::shared()?;
+    let client = cluster.client().await?;
+    Ok((cluster, client))
+}

@@ -1,0 +1,267 @@
+//! The local control plane itself: simulated kubelet stages, garbage collection, namespace deletion,
+//! and the harness's process lifecycle.
+
+use e2e::cluster;
+use framework::testing::{TestCluster, eventually};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use std::path::Path;
+use std::time::Duration;
+
+fn pod(name: &str, node: &str, image: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: "c".into(),
+                image: Some(image.into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+fn waiting_reason(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .clone()
+}
+
+#[tokio::test]
+async fn smoke_pod_on_simulated_node_is_pulled_and_completes() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "smoke-ok").await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    pods.create(
+        &PostParams::default(),
+        &pod("p", "kwok-node-0", "docker.io/library/busybox:1.36"),
+    )
+    .await
+    .unwrap();
+    let done = eventually(Duration::from_secs(30), "pod Succeeded", || async {
+        let p = pods.get("p").await.map_err(|e| e.to_string())?;
+        let phase = p
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if phase == "Succeeded" {
+            Ok(p)
+        } else {
+            Err(format!("phase {phase:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    let image_id = done.status.unwrap().container_statuses.unwrap()[0]
+        .image_id
+        .clone();
+    assert!(
+        image_id.starts_with("docker.io/library/busybox@sha256:"),
+        "imageID should carry a digest: {image_id}"
+    );
+}
+
+#[tokio::test]
+async fn smoke_unresolvable_image_reports_pull_errors() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "smoke-bad").await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    pods.create(
+        &PostParams::default(),
+        &pod("p", "kwok-node-1", "registry.invalid.local:9999/x:nope"),
+    )
+    .await
+    .unwrap();
+    let seen = std::sync::Mutex::new(Vec::<String>::new());
+    eventually(
+        Duration::from_secs(30),
+        "ErrImagePull then ImagePullBackOff",
+        || {
+            let pods = pods.clone();
+            let seen = &seen;
+            async move {
+                let p = pods.get("p").await.map_err(|e| e.to_string())?;
+                let reason = waiting_reason(&p);
+                let mut seen = seen.lock().unwrap();
+                if let Some(r) = &reason
+                    && seen.last() != Some(r)
+                {
+                    seen.push(r.clone());
+                }
+                drop(seen);
+                let phase = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_default();
+                assert_eq!(phase, "Pending", "a failed pull never runs the pod");
+                if reason.as_deref() == Some("ImagePullBackOff") {
+                    Ok(())
+                } else {
+                    Err(format!("{reason:?}"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("ErrImagePull"),
+        "reasons seen: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn smoke_owner_deletion_garbage_collects_dependents() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "smoke-gc").await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    let owner = cms
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("owner".into()),
+                    ..ObjectMeta::default()
+                },
+                ..ConfigMap::default()
+            },
+        )
+        .await
+        .unwrap();
+    let dependent = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("dependent".into()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                name: "owner".into(),
+                uid: owner.metadata.uid.clone().unwrap(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        },
+        ..ConfigMap::default()
+    };
+    cms.create(&PostParams::default(), &dependent)
+        .await
+        .unwrap();
+    cms.delete("owner", &DeleteParams::default()).await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "dependent garbage-collected",
+        || async {
+            match cms.get_opt("dependent").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_owned()),
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn smoke_namespace_deletion_completes_with_pods_inside() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "smoke-ns").await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    pods.create(
+        &PostParams::default(),
+        &pod("p", "kwok-node-2", "docker.io/library/alpine:3.19"),
+    )
+    .await
+    .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete(ns.name(), &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "namespace gone", || async {
+        match namespaces
+            .get_opt(ns.name())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(()),
+            Some(n) => Err(format!("phase {:?}", n.status.and_then(|s| s.phase))),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+fn recorded_pids(state: &Path) -> Vec<u32> {
+    ["etcd", "kube-apiserver", "kube-controller-manager", "kwok"]
+        .iter()
+        .map(|c| {
+            std::fs::read_to_string(state.join("pids").join(c))
+                .unwrap_or_else(|e| panic!("pid file of {c}: {e}"))
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn smoke_down_leaves_no_process_behind() {
+    framework::install_crypto_provider();
+    let mut private = TestCluster::start(1).unwrap();
+    let state = private.state_dir().unwrap().to_path_buf();
+    let pids = recorded_pids(&state);
+    assert!(
+        pids.iter()
+            .all(|p| Path::new(&format!("/proc/{p}")).exists()),
+        "all components run"
+    );
+    let client = private.client().await.unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+    assert_eq!(
+        nodes.list(&Default::default()).await.unwrap().items.len(),
+        1
+    );
+    private.stop().unwrap();
+    for p in pids {
+        assert!(
+            !Path::new(&format!("/proc/{p}")).exists(),
+            "process {p} still alive after down"
+        );
+    }
+    assert!(!state.exists(), "state directory removed");
+}
+
+#[test]
+fn smoke_crashed_component_fails_up_with_its_log_tail() {
+    let err = TestCluster::start_with_env(0, &[("KUBE_APISERVER_EXTRA_ARGS", "--no-such-flag=1")])
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("kube-apiserver exited during start-up"),
+        "{text}"
+    );
+    assert!(
+        text.contains("unknown flag: --no-such-flag"),
+        "the log tail names the cause: {text}"
+    );
+}
