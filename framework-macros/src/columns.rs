@@ -13,8 +13,8 @@ const CONDITION_FIELDS: &[&str] = &["status", "reason", "message"];
 struct ColumnAttr {
     name: Option<String>,
     priority: Option<i32>,
-    #[darling(rename = "type")]
     type_: Option<String>,
+    path: Option<String>,
     description: Option<String>,
     condition: Option<String>,
     field: Option<String>,
@@ -150,19 +150,35 @@ fn column(field: &syn::Field, rule: Option<&str>, attr: ColumnAttr) -> Result<Co
                  (the condition type to read) or remove `field`"
             )));
         }
-        (None, None) => (
-            format!(".{wire}"),
-            types::column_type(&field.ty),
-            capitalise(&wire),
-        ),
+        (None, None) => match &attr.path {
+            Some(sub) => {
+                if !sub.starts_with('.') || sub.len() < 2 {
+                    return Err(Error::custom(format!(
+                        "`path = \"{sub}\"` continues the field's JSONPath, so it starts with a dot: \
+                         `path = \".name\"`"
+                    )));
+                }
+                // The macro cannot see the type below the field: `type_` has to say it.
+                (format!(".{wire}{sub}"), None, capitalise(&wire))
+            }
+            None => (
+                format!(".{wire}"),
+                types::column_type(&field.ty),
+                capitalise(&wire),
+            ),
+        },
     };
     let type_ = match (&attr.type_, inferred) {
         (Some(t), _) => t.clone(),
         (None, Some(t)) => t.to_owned(),
         (None, None) => {
             return Err(Error::custom(format!(
-                "cannot infer a column type for `{}`: add `type = \"string\"` (one of {})",
+                "cannot infer a column type for `{}{}`: add `type_ = \"string\"` (one of {})",
                 types::display(&field.ty),
+                attr.path
+                    .as_deref()
+                    .map(|p| format!("` at `{p}"))
+                    .unwrap_or_default(),
                 TYPES.join(", ")
             )));
         }

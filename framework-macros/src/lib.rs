@@ -16,7 +16,8 @@ use proc_macro::TokenStream;
 /// Field attribute `#[column(...)]`, repeatable:
 /// - `name = "Header"`: column header (default: the serialized field name, first letter upper-cased);
 /// - `priority = 1`: shown only with `-o wide` (default 0);
-/// - `type = "string"`: OpenAPI type, inferred from the Rust type when omitted;
+/// - `type_ = "string"`: OpenAPI type, inferred from the Rust type when omitted;
+/// - `path = ".name"`: show a field below this one (the type cannot be inferred then: give `type_`);
 /// - `description = "..."`;
 /// - `condition = "Ready", field = "reason"`: on a conditions list, show one field (`status`, `reason` or
 ///   `message`) of the condition of that type.
