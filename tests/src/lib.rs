@@ -11,3 +11,14 @@ pub async fn cluster() -> Result<(&'static TestCluster, Client), TestError> {
     let client = cluster.client().await?;
     Ok((cluster, client))
 }
+
+/// Installs (or updates) Drop's CRDs and waits until they are established.
+pub async fn install_drop_crds(client: &Client) -> Result<(), framework::crd::CrdError> {
+    framework::crd::install(
+        client,
+        &drop::api::crds(),
+        "drop-e2e",
+        std::time::Duration::from_secs(60),
+    )
+    .await
+}

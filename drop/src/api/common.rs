@@ -1,0 +1,110 @@
+//! Types and rules shared by several kinds.
+
+use framework::PrinterColumns;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// When the kubelet contacts the registry for an image (the Pod field of the same name).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum ImagePullPolicy {
+    /// Ask the registry every time, so a moved tag is followed.
+    #[default]
+    Always,
+    /// Use the node's copy when there is one.
+    IfNotPresent,
+    /// Never pull; only useful for images loaded onto nodes by other means.
+    Never,
+}
+
+impl ImagePullPolicy {
+    /// The Pod field value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// Names a PullPolicy.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema, PrinterColumns,
+)]
+pub struct PolicyReference {
+    /// Name of the PullPolicy.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self != ''").message("policyRef.name must name a PullPolicy"))]
+    pub name: String,
+}
+
+/// Names a DiscoveryPolicy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
+pub struct DiscoveryPolicyReference {
+    /// Name of the DiscoveryPolicy.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self != ''").message("discoveryPolicyRef.name must name a DiscoveryPolicy"))]
+    pub name: String,
+}
+
+/// CEL: a Go duration (`time.ParseDuration`), not negative, such as `30s`, `5m` or `1h30m`.
+pub(crate) const DURATION_RULE: &str =
+    "self.matches('^(0|([0-9]+([.][0-9]+)?(ns|us|µs|ms|s|m|h))+)$')";
+/// Message of [`DURATION_RULE`].
+pub(crate) const DURATION_MESSAGE: &str =
+    "must be a duration such as 30s, 5m or 1h30m (units ns, us, ms, s, m, h)";
+
+/// CEL: an image repository without tag or digest.
+pub(crate) const IMAGE_RULE: &str = "!self.contains('@') && !self.matches(':[^/]*$')";
+/// Message of [`IMAGE_RULE`].
+pub(crate) const IMAGE_MESSAGE: &str = "image must be a repository without tag or digest (e.g. docker.io/library/nginx); put the tag in tag or the digest in digest";
+/// CEL: a tag as the OCI distribution spec allows.
+pub(crate) const TAG_RULE: &str = "self.matches('^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$')";
+/// Message of [`TAG_RULE`].
+pub(crate) const TAG_MESSAGE: &str = "tag must be 1-128 characters of letters, digits, '_', '.' or '-', not starting with '.' or '-'";
+/// CEL: a sha256 digest.
+pub(crate) const DIGEST_RULE: &str = "self.matches('^sha256:[a-f0-9]{64}$')";
+/// Message of [`DIGEST_RULE`].
+pub(crate) const DIGEST_MESSAGE: &str =
+    "digest must be sha256: followed by 64 lowercase hex characters";
+/// CEL on an object with `tag` and `digest`.
+pub(crate) const TAG_XOR_DIGEST_RULE: &str = "!(has(self.tag) && has(self.digest))";
+/// Message of [`TAG_XOR_DIGEST_RULE`].
+pub(crate) const TAG_XOR_DIGEST_MESSAGE: &str =
+    "tag and digest are mutually exclusive: set one of them (or neither, for the tag latest)";
+/// CEL: a regular expression that compiles (an invalid one makes `matches` fail to evaluate).
+pub(crate) const REGEX_RULE: &str = "self == '' || ''.matches(self) || !''.matches(self)";
+/// Message of [`REGEX_RULE`].
+pub(crate) const REGEX_MESSAGE: &str = "must be a valid regular expression (RE2 syntax)";
+
+/// The image reference a tag or digest makes of a repository: `repo@digest`, `repo:tag`, or
+/// `repo:latest` when neither is given.
+pub fn image_reference(image: &str, tag: Option<&str>, digest: Option<&str>) -> String {
+    match (
+        digest.filter(|d| !d.is_empty()),
+        tag.filter(|t| !t.is_empty()),
+    ) {
+        (Some(d), _) => format!("{image}@{d}"),
+        (None, Some(t)) => format!("{image}:{t}"),
+        (None, None) => format!("{image}:latest"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cachedimage_reference_prefers_digest_then_tag_then_latest() {
+        let d = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4";
+        assert_eq!(
+            image_reference("r/x", Some("1"), Some(d)),
+            format!("r/x@{d}")
+        );
+        assert_eq!(image_reference("r/x", Some("1"), None), "r/x:1");
+        assert_eq!(image_reference("r/x", None, None), "r/x:latest");
+        assert_eq!(image_reference("r/x", Some(""), Some("")), "r/x:latest");
+    }
+}

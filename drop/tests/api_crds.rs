@@ -1,0 +1,247 @@
+//! The checked-in CRD YAML is what the code generates.
+
+#[test]
+fn api_checked_in_crds_are_current() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+    let files = drop::api::crd_files().unwrap();
+    assert_eq!(files.len(), 4);
+    for (name, generated) in files {
+        let path = dir.join(&name);
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `cargo run -p drop -- crd --dir deploy/crds`",
+                path.display()
+            )
+        });
+        assert!(
+            on_disk == generated,
+            "{} is stale: run `cargo run -p drop -- crd --dir deploy/crds`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn api_crds_are_cluster_scoped_in_category_drop() {
+    for crd in drop::api::crds() {
+        assert_eq!(crd.spec.group, "drop.corewire.io");
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(
+            crd.spec.names.categories.as_deref(),
+            Some(&["drop".to_owned()][..])
+        );
+        assert_eq!(crd.spec.versions[0].name, "v1alpha1");
+        assert!(
+            crd.spec.names.short_names.is_none(),
+            "no short names, as the reference"
+        );
+    }
+}
+
+/// (kind, name, type, JSONPath, priority) of every printer column in the seed.
+const SEED_COLUMNS: &[(&str, &str, &str, &str, i32)] = &[
+    ("CachedImage", "Policy", "string", ".spec.policyRef.name", 1),
+    (
+        "CachedImage",
+        "Message",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].message",
+        1,
+    ),
+    (
+        "CachedImage",
+        "Set",
+        "string",
+        ".metadata.labels.drop\\.corewire\\.io/imageset",
+        1,
+    ),
+    (
+        "CachedImage",
+        "Digest",
+        "string",
+        ".status.resolvedDigest",
+        1,
+    ),
+    (
+        "CachedImage",
+        "Age",
+        "date",
+        ".metadata.creationTimestamp",
+        0,
+    ),
+    ("CachedImage", "Ready", "string", ".status.ready", 0),
+    (
+        "CachedImage",
+        "Status",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].reason",
+        0,
+    ),
+    ("CachedImage", "Tag", "string", ".spec.tag", 0),
+    ("CachedImage", "Image", "string", ".spec.image", 0),
+    (
+        "CachedImageSet",
+        "Age",
+        "date",
+        ".metadata.creationTimestamp",
+        0,
+    ),
+    (
+        "CachedImageSet",
+        "Message",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].message",
+        1,
+    ),
+    (
+        "CachedImageSet",
+        "Source",
+        "string",
+        ".spec.discoveryPolicyRef.name",
+        0,
+    ),
+    (
+        "CachedImageSet",
+        "Managed",
+        "integer",
+        ".status.imagesManaged",
+        0,
+    ),
+    (
+        "CachedImageSet",
+        "Ready",
+        "string",
+        ".status.imagesReady",
+        0,
+    ),
+    (
+        "CachedImageSet",
+        "Status",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].reason",
+        0,
+    ),
+    (
+        "DiscoveryPolicy",
+        "Age",
+        "date",
+        ".metadata.creationTimestamp",
+        0,
+    ),
+    (
+        "DiscoveryPolicy",
+        "Message",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].message",
+        1,
+    ),
+    (
+        "DiscoveryPolicy",
+        "LastSync",
+        "date",
+        ".status.lastSyncTime",
+        0,
+    ),
+    (
+        "DiscoveryPolicy",
+        "Images",
+        "integer",
+        ".status.imageCount",
+        0,
+    ),
+    (
+        "DiscoveryPolicy",
+        "Sources",
+        "integer",
+        ".status.sourceCount",
+        0,
+    ),
+    (
+        "DiscoveryPolicy",
+        "Status",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].reason",
+        0,
+    ),
+    (
+        "PullPolicy",
+        "Age",
+        "date",
+        ".metadata.creationTimestamp",
+        0,
+    ),
+    (
+        "PullPolicy",
+        "RepullInterval",
+        "string",
+        ".spec.repullInterval",
+        0,
+    ),
+    (
+        "PullPolicy",
+        "MinDelay",
+        "string",
+        ".spec.minDelayBetweenPulls",
+        0,
+    ),
+    (
+        "PullPolicy",
+        "MaxNodes",
+        "integer",
+        ".spec.maxConcurrentNodes",
+        0,
+    ),
+];
+
+#[test]
+fn api_printer_columns_match_the_seed() {
+    let mut got: Vec<(String, String, String, String, i32)> = Vec::new();
+    for crd in drop::api::crds() {
+        for c in crd.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default()
+        {
+            got.push((
+                crd.spec.names.kind.clone(),
+                c.name,
+                c.type_,
+                c.json_path,
+                c.priority.unwrap_or(0),
+            ));
+        }
+    }
+    let mut want: Vec<(String, String, String, String, i32)> = SEED_COLUMNS
+        .iter()
+        .map(|(k, n, t, p, pr)| {
+            (
+                k.to_string(),
+                n.to_string(),
+                t.to_string(),
+                p.to_string(),
+                *pr,
+            )
+        })
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn api_wide_columns_follow_the_default_ones() {
+    for crd in drop::api::crds() {
+        let prios: Vec<i32> = crd.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.priority.unwrap_or(0))
+            .collect();
+        assert!(
+            prios.windows(2).all(|w| w[0] <= w[1]),
+            "{}: {prios:?}",
+            crd.spec.names.kind
+        );
+    }
+}
