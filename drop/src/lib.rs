@@ -5,3 +5,4 @@
 //! - [`pacing`]: which pulls may start now (pure);
 
 pub mod api;
+pub mod podbuilder;
