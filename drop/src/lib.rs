@@ -5,4 +5,5 @@
 //! - [`pacing`]: which pulls may start now (pure);
 
 pub mod api;
+pub mod pacing;
 pub mod podbuilder;

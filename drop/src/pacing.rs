@@ -1,0 +1,295 @@
+//! Which pulls start now. One engine paces the whole operator; it is pure: time comes in as an
+//! argument, and the same input always gives the same decision.
+//!
+//! The rules (written out with a timeline in `docs/pacing.md`):
+//! - a PullPolicy is a budget shared by every image that references it; images without one share the
+//!   built-in pace ([`Pace::builtin`]): 1 node at a time, 10 s apart, failures retried after 30 s
+//!   doubling up to 5 min, no re-pulls;
+//! - at most `maxConcurrentNodes` pulls of a policy are in flight at once;
+//! - two pull starts under one policy are at least `minDelayBetweenPulls` apart, start to start;
+//! - after a failure, the same image on the same node is retried after `initial · 2^(n-1)` (n failures
+//!   in a row), never more than `max`;
+//! - a cached image is pulled again `repullInterval` after its last success, if one is set;
+//! - among pulls that are due, nodes that lack the image go before refreshes of nodes that have it,
+//!   then lower `priority`, then image name, then node name;
+//! - several pulls start in one decision when the limits allow;
+//! - a pull in flight longer than the pull timeout is reported, so the caller can fail it.
+
+use crate::api::{PullPolicySpec, defaults};
+use crate::podbuilder;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Pod;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The PullPolicy pacing a pull: its name, or `None` for the built-in pace.
+pub type PolicyKey = Option<String>;
+
+/// The limits of one PullPolicy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pace {
+    /// Most pulls in flight at once.
+    pub max_concurrent: u32,
+    /// Least time between two starts.
+    pub min_delay: Duration,
+    /// First retry delay.
+    pub backoff_initial: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Re-pull cached images this long after their last success (`None`: never).
+    pub repull_interval: Option<Duration>,
+}
+
+impl Pace {
+    /// The pace of images without a PullPolicy.
+    pub fn builtin() -> Self {
+        Self {
+            max_concurrent: defaults::MAX_CONCURRENT_NODES as u32,
+            min_delay: defaults::MIN_DELAY_BETWEEN_PULLS,
+            backoff_initial: defaults::BACKOFF_INITIAL,
+            backoff_max: defaults::BACKOFF_MAX,
+            repull_interval: None,
+        }
+    }
+
+    /// The pace a PullPolicy describes, with the defaults for what it leaves out.
+    pub fn from_spec(spec: &PullPolicySpec) -> Self {
+        let backoff = spec.failure_backoff.clone().unwrap_or_default();
+        Self {
+            max_concurrent: u32::try_from(spec.max_concurrent_nodes.max(1)).unwrap_or(1),
+            min_delay: spec
+                .min_delay_between_pulls
+                .map_or(defaults::MIN_DELAY_BETWEEN_PULLS, Into::into),
+            backoff_initial: backoff
+                .initial
+                .map_or(defaults::BACKOFF_INITIAL, Into::into),
+            backoff_max: backoff.max.map_or(defaults::BACKOFF_MAX, Into::into),
+            repull_interval: spec
+                .repull_interval
+                .map(Into::into)
+                .filter(|d: &Duration| !d.is_zero()),
+        }
+    }
+
+    /// How long to wait after the `failures`-th failure in a row: `initial · 2^(failures-1)`, at most
+    /// `max` (and never less than the smaller of the two).
+    pub fn retry_delay(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(31);
+        self.backoff_initial
+            .saturating_mul(1u32 << exp)
+            .min(self.backoff_max)
+            .max(self.backoff_initial.min(self.backoff_max))
+    }
+}
+
+/// One image on one node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PullKey {
+    /// CachedImage name.
+    pub image: String,
+    /// Node name.
+    pub node: String,
+}
+
+impl PullKey {
+    /// A key.
+    pub fn new(image: &str, node: &str) -> Self {
+        Self {
+            image: image.to_owned(),
+            node: node.to_owned(),
+        }
+    }
+}
+
+/// A node that should hold an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Which image on which node.
+    pub key: PullKey,
+    /// The image's priority (lower first).
+    pub priority: i32,
+    /// The policy pacing it.
+    pub policy: PolicyKey,
+}
+
+/// What happened to one image on one node so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// When its last pull started.
+    pub last_start: Option<Timestamp>,
+    /// When a pull last succeeded.
+    pub last_success: Option<Timestamp>,
+    /// When a pull last failed.
+    pub last_failure: Option<Timestamp>,
+    /// Failures in a row since the last success.
+    pub consecutive_failures: u32,
+}
+
+/// A pull under way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    /// Which image on which node.
+    pub key: PullKey,
+    /// The policy it was started under (it counts against that policy until it ends).
+    pub policy: PolicyKey,
+    /// When it started.
+    pub started: Timestamp,
+}
+
+impl InFlight {
+    /// Reads a pull back from its Pod (after a restart): who, under which policy, since when.
+    /// `None` for a Pod that is not a pull Pod.
+    pub fn from_pod(pod: &Pod) -> Option<Self> {
+        let ann = pod.metadata.annotations.as_ref()?;
+        let image = ann.get(podbuilder::IMAGE_ANNOTATION)?;
+        let node = ann.get(podbuilder::NODE_ANNOTATION)?;
+        let policy = ann
+            .get(podbuilder::POLICY_ANNOTATION)
+            .filter(|p| !p.is_empty())
+            .cloned();
+        Some(Self {
+            key: PullKey::new(image, node),
+            policy,
+            started: pod.metadata.creation_timestamp.as_ref()?.0,
+        })
+    }
+}
+
+/// Everything the engine looks at.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    /// The current time.
+    pub now: Timestamp,
+    /// The pace of each policy in use; a policy missing here paces with [`Pace::builtin`].
+    pub paces: &'a BTreeMap<PolicyKey, Pace>,
+    /// Every (image, node) that should hold the image.
+    pub targets: &'a [Target],
+    /// Pulls under way.
+    pub in_flight: &'a [InFlight],
+    /// Past pulls, per (image, node).
+    pub history: &'a BTreeMap<PullKey, History>,
+    /// How long a pull may take before it counts as failed.
+    pub pull_timeout: Duration,
+}
+
+/// What to do now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Pulls to start now, in order.
+    pub start: Vec<PullKey>,
+    /// Pulls in flight past the pull timeout: fail them.
+    pub timed_out: Vec<PullKey>,
+    /// The next instant at which deciding again could start something (besides pulls ending).
+    pub wake_at: Option<Timestamp>,
+}
+
+/// Why a due pull is wanted: a node lacking the image comes before a refresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Need {
+    Missing,
+    Refresh,
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|sd| t.checked_add(sd).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// When a target not in flight is due, and why; `None` if it needs nothing (cached, no re-pull).
+fn due(h: &History, pace: &Pace, now: Timestamp) -> Option<(Timestamp, Need)> {
+    let need = if h.last_success.is_some() {
+        Need::Refresh
+    } else {
+        Need::Missing
+    };
+    if h.consecutive_failures > 0 {
+        let since = h.last_failure.or(h.last_start).unwrap_or(now);
+        return Some((add(since, pace.retry_delay(h.consecutive_failures)), need));
+    }
+    match (h.last_success, pace.repull_interval) {
+        (None, _) => Some((now, Need::Missing)),
+        (Some(ok), Some(every)) => Some((add(ok, every), Need::Refresh)),
+        (Some(_), None) => None,
+    }
+}
+
+/// Records a start under `policy`, keeping the latest.
+fn note_start<'a>(
+    map: &mut BTreeMap<&'a PolicyKey, Timestamp>,
+    policy: &'a PolicyKey,
+    at: Timestamp,
+) {
+    map.entry(policy)
+        .and_modify(|s| *s = (*s).max(at))
+        .or_insert(at);
+}
+
+/// Decides which pulls start now.
+pub fn decide(input: &Input<'_>) -> Decision {
+    let builtin = Pace::builtin();
+    let pace_of = |p: &PolicyKey| input.paces.get(p).unwrap_or(&builtin);
+    let now = input.now;
+    let mut decision = Decision::default();
+    let mut wake: Option<Timestamp> = None;
+    let mut wake_at = |t: Timestamp| wake = Some(wake.map_or(t, |w| w.min(t)));
+
+    let mut count: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
+    let mut last_start: BTreeMap<&PolicyKey, Timestamp> = BTreeMap::new();
+    let mut flying: Vec<&InFlight> = input.in_flight.iter().collect();
+    flying.sort_by(|a, b| a.key.cmp(&b.key));
+    for f in &flying {
+        *count.entry(&f.policy).or_default() += 1;
+        note_start(&mut last_start, &f.policy, f.started);
+        let deadline = add(f.started, input.pull_timeout);
+        if deadline <= now {
+            decision.timed_out.push(f.key.clone());
+        } else {
+            wake_at(deadline);
+        }
+    }
+    for t in input.targets {
+        if let Some(s) = input.history.get(&t.key).and_then(|h| h.last_start) {
+            note_start(&mut last_start, &t.policy, s);
+        }
+    }
+
+    let mut due_now: Vec<(Need, i32, &Target)> = Vec::new();
+    for t in input.targets {
+        if flying.iter().any(|f| f.key == t.key) {
+            continue;
+        }
+        let h = input.history.get(&t.key).cloned().unwrap_or_default();
+        match due(&h, pace_of(&t.policy), now) {
+            Some((at, need)) if at <= now => due_now.push((need, t.priority, t)),
+            Some((at, _)) => wake_at(at),
+            None => {}
+        }
+    }
+    due_now.sort_by(|a, b| (a.0, a.1, &a.2.key).cmp(&(b.0, b.1, &b.2.key)));
+    due_now.dedup_by(|a, b| a.2.key == b.2.key);
+
+    for (_, _, t) in due_now {
+        let pace = pace_of(&t.policy);
+        let in_flight = count.get(&t.policy).copied().unwrap_or(0);
+        if in_flight >= pace.max_concurrent {
+            continue; // a pull ending (a Pod event) re-runs the decision
+        }
+        if let Some(last) = last_start.get(&t.policy) {
+            let next = add(*last, pace.min_delay);
+            if next > now {
+                wake_at(next);
+                continue;
+            }
+        }
+        decision.start.push(t.key.clone());
+        *count.entry(&t.policy).or_default() += 1;
+        last_start.insert(&t.policy, now);
+    }
+    decision.wake_at = wake;
+    decision
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,540 @@
+use super::*;
+use proptest::prelude::*;
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+fn secs(ts: Timestamp) -> i64 {
+    ts.as_second() - 1_800_000_000
+}
+
+fn pace(c: u32, d: u64) -> Pace {
+    Pace {
+        max_concurrent: c,
+        min_delay: Duration::from_secs(d),
+        ..Pace::builtin()
+    }
+}
+
+fn target(image: &str, node: &str, priority: i32, policy: Option<&str>) -> Target {
+    Target {
+        key: PullKey::new(image, node),
+        priority,
+        policy: policy.map(str::to_owned),
+    }
+}
+
+/// A discrete-event run: pulls take `duration(key, attempt)` and fail when `fails(key, attempt)`.
+struct Sim {
+    now: Timestamp,
+    paces: BTreeMap<PolicyKey, Pace>,
+    targets: Vec<Target>,
+    history: BTreeMap<PullKey, History>,
+    flying: Vec<(InFlight, Timestamp, bool)>,
+    attempts: BTreeMap<PullKey, u32>,
+    /// (key, policy, start, attempt)
+    log: Vec<(PullKey, PolicyKey, Timestamp, u32)>,
+    max_in_flight: BTreeMap<PolicyKey, u32>,
+}
+
+impl Sim {
+    fn new(paces: BTreeMap<PolicyKey, Pace>, targets: Vec<Target>) -> Self {
+        Self {
+            now: at(0),
+            paces,
+            targets,
+            history: BTreeMap::new(),
+            flying: Vec::new(),
+            attempts: BTreeMap::new(),
+            log: Vec::new(),
+            max_in_flight: BTreeMap::new(),
+        }
+    }
+
+    fn run(
+        &mut self,
+        horizon: i64,
+        duration: impl Fn(&PullKey, u32) -> u64,
+        fails: impl Fn(&PullKey, u32) -> bool,
+    ) {
+        loop {
+            // Pulls that ended by now.
+            let (ended, still): (Vec<_>, Vec<_>) = self
+                .flying
+                .drain(..)
+                .partition(|(_, end, _)| *end <= self.now);
+            self.flying = still;
+            for (f, end, failed) in ended {
+                let h = self.history.entry(f.key.clone()).or_default();
+                if failed {
+                    h.consecutive_failures += 1;
+                    h.last_failure = Some(end);
+                } else {
+                    h.consecutive_failures = 0;
+                    h.last_success = Some(end);
+                }
+            }
+            let in_flight: Vec<InFlight> = self.flying.iter().map(|(f, _, _)| f.clone()).collect();
+            let decision = decide(&Input {
+                now: self.now,
+                paces: &self.paces,
+                targets: &self.targets,
+                in_flight: &in_flight,
+                history: &self.history,
+                pull_timeout: Duration::from_secs(86_400),
+            });
+            for key in &decision.start {
+                let policy = self
+                    .targets
+                    .iter()
+                    .find(|x| &x.key == key)
+                    .unwrap()
+                    .policy
+                    .clone();
+                let attempt = {
+                    let a = self.attempts.entry(key.clone()).or_default();
+                    *a += 1;
+                    *a
+                };
+                let end = add(self.now, Duration::from_secs(duration(key, attempt)));
+                self.flying.push((
+                    InFlight {
+                        key: key.clone(),
+                        policy: policy.clone(),
+                        started: self.now,
+                    },
+                    end,
+                    fails(key, attempt),
+                ));
+                self.history.entry(key.clone()).or_default().last_start = Some(self.now);
+                self.log
+                    .push((key.clone(), policy.clone(), self.now, attempt));
+                let n = self
+                    .flying
+                    .iter()
+                    .filter(|(f, _, _)| f.policy == policy)
+                    .count() as u32;
+                let m = self.max_in_flight.entry(policy).or_default();
+                *m = (*m).max(n);
+            }
+            let next_end = self.flying.iter().map(|(_, end, _)| *end).min();
+            let next = match (decision.wake_at, next_end) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => match a.or(b) {
+                    Some(x) => x,
+                    None => break,
+                },
+            };
+            assert!(
+                next > self.now || !decision.start.is_empty(),
+                "no progress at {}",
+                secs(self.now)
+            );
+            if secs(next) > horizon {
+                break;
+            }
+            self.now = next.max(self.now);
+        }
+    }
+
+    fn starts(&self) -> Vec<(String, i64)> {
+        self.log
+            .iter()
+            .map(|(k, _, s, _)| (format!("{}/{}", k.image, k.node), secs(*s)))
+            .collect()
+    }
+}
+
+fn nodes(image: &str, n: usize, policy: Option<&str>) -> Vec<Target> {
+    (0..n)
+        .map(|i| target(image, &format!("n{i}"), 0, policy))
+        .collect()
+}
+
+#[test]
+fn pacing_timeline_fast_pulls_are_spaced_by_min_delay() {
+    // c=2, d=5s, 6 nodes, each pull 3 s: concurrency never binds, the delay does.
+    let mut sim = Sim::new(
+        BTreeMap::from([(Some("p".into()), pace(2, 5))]),
+        nodes("img", 6, Some("p")),
+    );
+    sim.run(1000, |_, _| 3, |_, _| false);
+    let at: Vec<i64> = sim.starts().iter().map(|(_, s)| *s).collect();
+    assert_eq!(at, vec![0, 5, 10, 15, 20, 25]);
+}
+
+#[test]
+fn pacing_timeline_slow_pulls_are_bound_by_concurrency() {
+    // c=2, d=5s, 6 nodes, each pull 12 s: A@0 B@5, then a start whenever one of two slots frees.
+    let mut sim = Sim::new(
+        BTreeMap::from([(Some("p".into()), pace(2, 5))]),
+        nodes("img", 6, Some("p")),
+    );
+    sim.run(1000, |_, _| 12, |_, _| false);
+    let at: Vec<i64> = sim.starts().iter().map(|(_, s)| *s).collect();
+    assert_eq!(at, vec![0, 5, 12, 17, 24, 29]);
+    assert_eq!(sim.max_in_flight[&Some("p".to_owned())], 2);
+}
+
+#[test]
+fn pacing_timeline_builtin_pace_is_one_node_ten_seconds_apart_in_name_order() {
+    let mut targets = nodes("web", 2, None);
+    targets.extend(nodes("api", 2, None));
+    let mut sim = Sim::new(BTreeMap::new(), targets);
+    sim.run(1000, |_, _| 1, |_, _| false);
+    assert_eq!(
+        sim.starts(),
+        vec![
+            ("api/n0".into(), 0),
+            ("api/n1".into(), 10),
+            ("web/n0".into(), 20),
+            ("web/n1".into(), 30)
+        ]
+    );
+}
+
+#[test]
+fn pacing_timeline_failures_back_off_exponentially_up_to_max() {
+    // Each pull fails after 1 s; retries wait 30, 60, 120, 240, then 300 (the cap), 300.
+    let mut sim = Sim::new(BTreeMap::new(), nodes("bad", 1, None));
+    sim.run(2000, |_, _| 1, |_, _| true);
+    let at: Vec<i64> = sim.starts().iter().map(|(_, s)| *s).collect();
+    assert_eq!(at, vec![0, 31, 92, 213, 454, 755, 1056, 1357, 1658, 1959]);
+}
+
+#[test]
+fn pacing_timeline_recovery_resets_the_backoff() {
+    let mut sim = Sim::new(BTreeMap::new(), nodes("flaky", 1, None));
+    sim.run(2000, |_, _| 1, |_, attempt| attempt <= 2);
+    let at: Vec<i64> = sim.starts().iter().map(|(_, s)| *s).collect();
+    assert_eq!(
+        at,
+        vec![0, 31, 92],
+        "two failures, then cached: no more pulls"
+    );
+    assert_eq!(
+        sim.history[&PullKey::new("flaky", "n0")].consecutive_failures,
+        0
+    );
+}
+
+#[test]
+fn pacing_timeline_repull_interval_refreshes_cached_nodes() {
+    let p = Pace {
+        repull_interval: Some(Duration::from_secs(3600)),
+        ..pace(1, 0)
+    };
+    let mut sim = Sim::new(
+        BTreeMap::from([(Some("daily".into()), p)]),
+        nodes("img", 1, Some("daily")),
+    );
+    sim.run(8000, |_, _| 10, |_, _| false);
+    let at: Vec<i64> = sim.starts().iter().map(|(_, s)| *s).collect();
+    assert_eq!(at, vec![0, 3610, 7220]);
+}
+
+#[test]
+fn pacing_new_nodes_go_before_refreshes_whatever_the_priority() {
+    let p = Pace {
+        repull_interval: Some(Duration::from_secs(60)),
+        ..pace(1, 0)
+    };
+    let paces = BTreeMap::from([(Some("p".to_owned()), p)]);
+    let targets = vec![
+        target("a-urgent", "n0", -100, Some("p")),
+        target("z-later", "n1", 100, Some("p")),
+    ];
+    let history = BTreeMap::from([(
+        PullKey::new("a-urgent", "n0"),
+        History {
+            last_start: Some(at(0)),
+            last_success: Some(at(1)),
+            ..History::default()
+        },
+    )]);
+    let d = decide(&Input {
+        now: at(3600),
+        paces: &paces,
+        targets: &targets,
+        in_flight: &[],
+        history: &history,
+        pull_timeout: Duration::from_secs(600),
+    });
+    assert_eq!(
+        d.start,
+        vec![PullKey::new("z-later", "n1")],
+        "the node lacking an image first"
+    );
+}
+
+#[test]
+fn pacing_several_pulls_start_in_one_decision_when_limits_allow() {
+    let paces = BTreeMap::from([(Some("fast".to_owned()), pace(3, 0))]);
+    let targets = nodes("img", 5, Some("fast"));
+    let d = decide(&Input {
+        now: at(0),
+        paces: &paces,
+        targets: &targets,
+        in_flight: &[],
+        history: &BTreeMap::new(),
+        pull_timeout: Duration::from_secs(600),
+    });
+    assert_eq!(d.start.len(), 3);
+    assert_eq!(
+        d.wake_at, None,
+        "the other two wait for a pull to end, which is an event, not a time"
+    );
+}
+
+#[test]
+fn pacing_policies_are_separate_budgets() {
+    let paces = BTreeMap::from([
+        (Some("a".to_owned()), pace(1, 60)),
+        (Some("b".to_owned()), pace(1, 60)),
+    ]);
+    let mut targets = nodes("x", 2, Some("a"));
+    targets.extend(nodes("y", 2, Some("b")));
+    let d = decide(&Input {
+        now: at(0),
+        paces: &paces,
+        targets: &targets,
+        in_flight: &[],
+        history: &BTreeMap::new(),
+        pull_timeout: Duration::from_secs(600),
+    });
+    assert_eq!(
+        d.start,
+        vec![PullKey::new("x", "n0"), PullKey::new("y", "n0")]
+    );
+}
+
+#[test]
+fn pacing_reports_pulls_past_the_timeout() {
+    let targets = nodes("img", 2, None);
+    let in_flight = vec![InFlight {
+        key: PullKey::new("img", "n0"),
+        policy: None,
+        started: at(0),
+    }];
+    let paces = BTreeMap::new();
+    let history = BTreeMap::new();
+    let input = |now| Input {
+        now,
+        paces: &paces,
+        targets: &targets,
+        in_flight: &in_flight,
+        history: &history,
+        pull_timeout: Duration::from_secs(600),
+    };
+    let before = decide(&input(at(599)));
+    assert!(before.timed_out.is_empty());
+    assert_eq!(before.wake_at, Some(at(600)));
+    assert!(
+        before.start.is_empty(),
+        "the built-in pace allows one pull at a time"
+    );
+    assert_eq!(
+        decide(&input(at(600))).timed_out,
+        vec![PullKey::new("img", "n0")]
+    );
+}
+
+#[test]
+fn pacing_in_flight_pulls_are_rebuilt_from_pods() {
+    use crate::api::{CachedImage, CachedImageSpec, PolicyReference};
+    let mut ci = CachedImage::new(
+        "web",
+        CachedImageSpec {
+            image: "nginx".into(),
+            policy_ref: Some(PolicyReference {
+                name: "slow".into(),
+            }),
+            ..CachedImageSpec::default()
+        },
+    );
+    ci.metadata.uid = Some("u".into());
+    let mut pod = podbuilder::build(&podbuilder::PullPod {
+        image: &ci,
+        node: "node-7",
+        namespace: "drop-system",
+        policy: None,
+        attempt: 2,
+    })
+    .unwrap();
+    assert_eq!(
+        InFlight::from_pod(&pod),
+        None,
+        "no creation time yet: not from the API server"
+    );
+    pod.metadata.creation_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(42)));
+    assert_eq!(
+        InFlight::from_pod(&pod),
+        Some(InFlight {
+            key: PullKey::new("web", "node-7"),
+            policy: Some("slow".into()),
+            started: at(42),
+        })
+    );
+    assert_eq!(InFlight::from_pod(&Pod::default()), None);
+}
+
+#[test]
+fn pacing_pace_from_spec_fills_defaults() {
+    let p = Pace::from_spec(&PullPolicySpec::default());
+    assert_eq!(p.max_concurrent, 1);
+    assert_eq!(p.min_delay, Duration::from_secs(10));
+    assert_eq!(
+        (p.backoff_initial, p.backoff_max),
+        (Duration::from_secs(30), Duration::from_secs(300))
+    );
+    assert_eq!(p.repull_interval, None);
+    let zero = PullPolicySpec {
+        repull_interval: Some(Duration::ZERO.into()),
+        ..PullPolicySpec::default()
+    };
+    assert_eq!(
+        Pace::from_spec(&zero).repull_interval,
+        None,
+        "0 means never"
+    );
+}
+
+fn arb_world() -> impl Strategy<Value = (BTreeMap<PolicyKey, Pace>, Vec<Target>, u64, u64)> {
+    let policies = prop::collection::vec((1u32..4, 0u64..20, 1u64..60, 60u64..400), 1..4);
+    (
+        policies,
+        prop::collection::vec((0usize..5, 0usize..6, -3i32..3, 0usize..4), 1..25),
+        1u64..40,
+        0u64..1000,
+    )
+        .prop_map(|(pol, ts, dur, seed)| {
+            let mut paces = BTreeMap::new();
+            for (i, (c, d, init, max)) in pol.iter().enumerate() {
+                paces.insert(
+                    Some(format!("p{i}")),
+                    Pace {
+                        max_concurrent: *c,
+                        min_delay: Duration::from_secs(*d),
+                        backoff_initial: Duration::from_secs(*init),
+                        backoff_max: Duration::from_secs(*max),
+                        repull_interval: None,
+                    },
+                );
+            }
+            let n = pol.len();
+            let mut targets: Vec<Target> = ts
+                .into_iter()
+                .map(|(img, node, prio, p)| Target {
+                    key: PullKey::new(&format!("img{img}"), &format!("n{node}")),
+                    priority: prio,
+                    policy: if p >= n { None } else { Some(format!("p{p}")) },
+                })
+                .collect();
+            // One policy and priority per image, as the controller derives them from the spec.
+            targets.sort_by(|a, b| a.key.cmp(&b.key));
+            targets.dedup_by(|a, b| a.key == b.key);
+            let first: BTreeMap<String, (i32, PolicyKey)> = targets
+                .iter()
+                .rev()
+                .map(|t| (t.key.image.clone(), (t.priority, t.policy.clone())))
+                .collect();
+            for t in &mut targets {
+                (t.priority, t.policy) = first[&t.key.image].clone();
+            }
+            (paces, targets, dur, seed)
+        })
+}
+
+fn hashy(k: &PullKey, attempt: u32, seed: u64) -> u64 {
+    k.image
+        .bytes()
+        .chain(k.node.bytes())
+        .fold(seed ^ (u64::from(attempt) * 7919), |h, b| {
+            h.wrapping_mul(31).wrapping_add(u64::from(b))
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn pacing_invariants_hold_over_random_runs((paces, targets, dur, seed) in arb_world()) {
+        let mut sim = Sim::new(paces.clone(), targets.clone());
+        sim.run(5000, |k, a| 1 + hashy(k, a, seed) % (dur * 2), |k, a| hashy(k, a, seed).is_multiple_of(3));
+        let builtin = Pace::builtin();
+        let pace_of = |p: &PolicyKey| paces.get(p).cloned().unwrap_or(builtin.clone());
+        // Progress: every target was started within the horizon (nobody starves).
+        for t in &targets {
+            prop_assert!(sim.log.iter().any(|(k, _, _, _)| k == &t.key), "{:?} never started", t.key);
+        }
+        // Never more than c in flight per policy.
+        for (p, m) in &sim.max_in_flight {
+            prop_assert!(*m <= pace_of(p).max_concurrent, "{:?}: {} in flight", p, m);
+        }
+        // Never two starts within d under one policy.
+        let mut by_policy: BTreeMap<PolicyKey, Vec<Timestamp>> = BTreeMap::new();
+        for (_, p, s, _) in &sim.log {
+            by_policy.entry(p.clone()).or_default().push(*s);
+        }
+        for (p, starts) in &by_policy {
+            let d = pace_of(p).min_delay;
+            for w in starts.windows(2) {
+                prop_assert!(w[1].duration_since(w[0]) >= SignedDuration::try_from(d).unwrap(),
+                    "{:?}: starts {} and {} closer than {:?}", p, secs(w[0]), secs(w[1]), d);
+            }
+        }
+        // Retries wait the backoff: at least `initial`, at most `max` after a failure, unless the
+        // policy's limits hold them back further.
+        for (k, p, s, a) in &sim.log {
+            if *a > 1 {
+                let prev = sim.log.iter().rfind(|(k2, _, s2, a2)| k2 == k && *a2 == a - 1 && s2 < s);
+                let pc = pace_of(p);
+                prop_assert!(pc.retry_delay(*a - 1) >= pc.backoff_initial.min(pc.backoff_max));
+                prop_assert!(pc.retry_delay(*a - 1) <= pc.backoff_max);
+                if let Some((_, _, ps, _)) = prev {
+                    let gap = s.duration_since(*ps);
+                    prop_assert!(gap >= SignedDuration::try_from(pc.backoff_initial.min(pc.backoff_max)).unwrap(),
+                        "{:?} retried {:?} after the previous start", k, gap);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pacing_priority_then_name_order_is_respected((_, targets, _, _) in arb_world()) {
+        // One shared budget, one pull at a time, instant pulls: the start order is the target order.
+        let targets: Vec<Target> = targets.into_iter().map(|t| Target { policy: None, ..t }).collect();
+        let paces = BTreeMap::from([(None, pace(1, 0))]);
+        let mut sim = Sim::new(paces, targets.clone());
+        sim.run(100_000, |_, _| 1, |_, _| false);
+        let mut want: Vec<&Target> = targets.iter().collect();
+        want.sort_by(|a, b| (a.priority, &a.key).cmp(&(b.priority, &b.key)));
+        let got: Vec<&PullKey> = sim.log.iter().map(|(k, _, _, _)| k).collect();
+        prop_assert_eq!(got, want.iter().map(|t| &t.key).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn pacing_same_input_gives_the_same_decision((paces, targets, _, seed) in arb_world(), now in 0i64..1000) {
+        let history: BTreeMap<PullKey, History> = targets.iter().filter(|t| hashy(&t.key, 0, seed).is_multiple_of(2))
+            .map(|t| (t.key.clone(), History {
+                last_start: Some(at(0)),
+                last_failure: Some(at(1)),
+                consecutive_failures: (hashy(&t.key, 1, seed) % 4) as u32,
+                last_success: None,
+            })).collect();
+        let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 2, seed).is_multiple_of(5))
+            .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(0) }).collect();
+        let input = Input { now: at(now), paces: &paces, targets: &targets, in_flight: &in_flight,
+            history: &history, pull_timeout: Duration::from_secs(600) };
+        let a = decide(&input);
+        prop_assert_eq!(&a, &decide(&input));
+        let mut shuffled = targets.clone();
+        shuffled.reverse();
+        let mut flying = in_flight.clone();
+        flying.reverse();
+        let b = decide(&Input { targets: &shuffled, in_flight: &flying, ..input });
+        prop_assert_eq!(a, b, "the order of the inputs does not matter");
+    }
+}
