@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A real local control plane without containers: etcd, kube-apiserver, kube-controller-manager and KWOK
+# A real local control plane without containers: etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler and KWOK
 # (simulated nodes whose "kubelet" follows the stages in kwok/pod-stages.yaml).
 #
 #   cluster.sh up [--nodes N]   start everything (builds the tools on first use), wait until N nodes are Ready
@@ -7,9 +8,11 @@
 #   cluster.sh down             stop every process this cluster started (by recorded PID) and remove its state
 #   cluster.sh env              print `export KUBECONFIG=...` for a shell
 #   cluster.sh status           say which components are running
-#   cluster.sh logs COMPONENT   print a component's log (etcd, kube-apiserver, kube-controller-manager, kwok)
+#   cluster.sh logs COMPONENT   print a component's log (etcd, kube-apiserver, kube-controller-manager,
+#                               kube-scheduler, kwok)
 #
-# Extra flags per component: ETCD_EXTRA_ARGS, KUBE_APISERVER_EXTRA_ARGS, KCM_EXTRA_ARGS, KWOK_EXTRA_ARGS.
+# Extra flags per component: ETCD_EXTRA_ARGS, KUBE_APISERVER_EXTRA_ARGS, KCM_EXTRA_ARGS, SCHEDULER_EXTRA_ARGS,
+# KWOK_EXTRA_ARGS.
 # Every server binds 127.0.0.1 on ports picked free at start. State (certificates, kubeconfig, logs, PIDs) lives in
 # $DROP_E2E_STATE (default: <repo>/target/e2e-cluster); etcd's data lives on tmpfs.
 set -euo pipefail
@@ -18,7 +21,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 STATE=${DROP_E2E_STATE:-$REPO/target/e2e-cluster}
 NODES=${NODES:-3}
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kwok)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -47,7 +50,9 @@ tail_log() {
 start() {
   local name=$1; shift
   local exe; exe=$(readlink -f "$1")
-  setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
+  # The lock descriptors (8: cluster, 9: tools) must not leak into long-lived components, or the
+  # lock would stay held for as long as the cluster runs.
+  setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null 8>&- 9>&- &
   echo $! >"$STATE/pids/$name"
   echo "$exe" >"$STATE/pids/$name.exe"
 }
@@ -146,12 +151,13 @@ up() {
 
   rm -rf "$STATE"; mkdir -p "$STATE/logs" "$STATE/pids"
   ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); API_PORT=$(free_port); KCM_PORT=$(free_port)
-  KWOK_PORT=$(free_port)
+  SCHED_PORT=$(free_port); KWOK_PORT=$(free_port)
   local etcd_data="/dev/shm/drop-e2e-$(id -u)-$$"
   cat >"$STATE/ports.env" <<EOF
 ETCD_PORT=$ETCD_PORT
 API_PORT=$API_PORT
 KCM_PORT=$KCM_PORT
+SCHED_PORT=$SCHED_PORT
 KWOK_PORT=$KWOK_PORT
 ETCD_DATA=$etcd_data
 EOF
@@ -191,6 +197,16 @@ EOF
     --node-monitor-period=5s --node-monitor-grace-period=40s --v=1 ${KCM_EXTRA_ARGS:-}
   wait_for kube-controller-manager 60 curl -fsSk "https://127.0.0.1:$KCM_PORT/healthz"
   t=$(now_ms); log "kube-controller-manager ready: $(elapsed $((t - s))) s"; s=$t
+
+  # Only the operator's own Deployment (and the framework's example) need scheduling: pull Pods are
+  # pinned with spec.nodeName.
+  start kube-scheduler "$bin/kube-scheduler" \
+    --kubeconfig="$kc" --authentication-kubeconfig="$kc" --authorization-kubeconfig="$kc" \
+    --bind-address=127.0.0.1 --secure-port="$SCHED_PORT" \
+    --authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics \
+    --leader-elect=false ${SCHEDULER_EXTRA_ARGS:-}
+  wait_for kube-scheduler 60 curl -fsSk "https://127.0.0.1:$SCHED_PORT/healthz"
+  t=$(now_ms); log "kube-scheduler ready: $(elapsed $((t - s))) s"; s=$t
 
   # kwok's own node stages (read from its module in the Go module cache) plus our pod stages.
   local stages="$cache/kwok-node-stages"

@@ -212,16 +212,22 @@ async fn smoke_namespace_deletion_completes_with_pods_inside() {
 }
 
 fn recorded_pids(state: &Path) -> Vec<u32> {
-    ["etcd", "kube-apiserver", "kube-controller-manager", "kwok"]
-        .iter()
-        .map(|c| {
-            std::fs::read_to_string(state.join("pids").join(c))
-                .unwrap_or_else(|e| panic!("pid file of {c}: {e}"))
-                .trim()
-                .parse()
-                .unwrap()
-        })
-        .collect()
+    [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kwok",
+    ]
+    .iter()
+    .map(|c| {
+        std::fs::read_to_string(state.join("pids").join(c))
+            .unwrap_or_else(|e| panic!("pid file of {c}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    })
+    .collect()
 }
 
 #[tokio::test]
@@ -264,4 +270,30 @@ fn smoke_crashed_component_fails_up_with_its_log_tail() {
         text.contains("unknown flag: --no-such-flag"),
         "the log tail names the cause: {text}"
     );
+}
+
+#[tokio::test]
+async fn smoke_a_second_process_reuses_the_running_cluster() {
+    let (cluster, _) = cluster().await.unwrap();
+    // Another process (a second test binary, a developer's shell) asks for the cluster: it must get
+    // the running one at once, not wait on a lock the running components hold.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/cluster.sh");
+    let out = std::process::Command::new("timeout")
+        .args(["30", "bash"])
+        .arg(&script)
+        .arg("ensure")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    if std::env::var_os("KUBECONFIG").is_none() {
+        assert!(
+            line.contains(&cluster.kubeconfig().display().to_string()),
+            "{line}"
+        );
+    }
 }
