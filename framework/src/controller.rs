@@ -6,7 +6,7 @@ use crate::children::{self, Child, ChildKey, Conflict, Existing};
 use crate::conditions::{self, Cond};
 use crate::metrics::Metrics;
 use crate::plan::{EventKind, PlannedEvent};
-use crate::reconciler::{Context, Reconciler};
+use crate::reconciler::{Caches, Context, Reconciler};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
@@ -20,6 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::any::{Any, TypeId};
 use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
@@ -61,12 +62,10 @@ pub enum ExecError {
 /// A view of the children of one kind, backed by the framework's watch of that kind.
 trait ChildStore: Send + Sync {
     fn owned_by(&self, label_key: &str, owner_uid: &str) -> Vec<Existing>;
-    fn find(&self, key: &ChildKey) -> Option<Existing>;
-    fn handles(&self, key: &ChildKey) -> bool;
     fn ready(&self) -> BoxFuture<'static, ()>;
 }
 
-struct TypedStore<C: Resource<DynamicType = ()> + Clone + 'static> {
+pub(crate) struct TypedStore<C: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<C>,
     api_version: String,
     kind: String,
@@ -76,6 +75,10 @@ impl<C> TypedStore<C>
 where
     C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
+    pub(crate) fn objects(&self) -> Vec<Arc<C>> {
+        self.store.state()
+    }
+
     fn existing(&self, c: &C) -> Option<Existing> {
         Some(Existing {
             key: ChildKey {
@@ -109,18 +112,6 @@ where
             .collect()
     }
 
-    fn find(&self, key: &ChildKey) -> Option<Existing> {
-        let mut r = ObjectRef::<C>::new(&key.name);
-        if let Some(ns) = &key.namespace {
-            r = r.within(ns);
-        }
-        self.store.get(&r).and_then(|c| self.existing(&c))
-    }
-
-    fn handles(&self, key: &ChildKey) -> bool {
-        key.api_version == self.api_version && key.kind == self.kind
-    }
-
     fn ready(&self) -> BoxFuture<'static, ()> {
         let store = self.store.clone();
         async move {
@@ -130,10 +121,24 @@ where
     }
 }
 
-type OwnFn<K> = Box<
-    dyn FnOnce(Client, KubeController<K>, &str) -> (KubeController<K>, Arc<dyn ChildStore>) + Send,
->;
-type WatchFn<K> = Box<dyn FnOnce(Client, KubeController<K>, Store<K>) -> KubeController<K> + Send>;
+/// A declared child kind, once its watch is built: the controller, the store as the executor sees it,
+/// and the same store for `Context::owned`.
+type Owned<K> = (
+    KubeController<K>,
+    Arc<dyn ChildStore>,
+    TypeId,
+    Arc<dyn Any + Send + Sync>,
+);
+type OwnFn<K> = Box<dyn FnOnce(Client, KubeController<K>, &str) -> Owned<K> + Send>;
+/// A declared related kind, once its watch is built: the controller, its cache for `Context::cached`,
+/// and a future resolving when that cache has synced.
+type Related<K> = (
+    KubeController<K>,
+    TypeId,
+    Arc<dyn Any + Send + Sync>,
+    BoxFuture<'static, ()>,
+);
+type WatchFn<K> = Box<dyn FnOnce(Client, KubeController<K>, Store<K>) -> Related<K> + Send>;
 
 /// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
 ///
@@ -228,18 +233,25 @@ where
             )
             .default_backoff()
             .touched_objects();
-            let store: Arc<dyn ChildStore> = Arc::new(TypedStore {
+            let typed = Arc::new(TypedStore {
                 store: reader,
                 api_version: C::api_version(&()).to_string(),
                 kind: C::kind(&()).to_string(),
             });
-            (ctrl.owns_stream(stream), store)
+            let store: Arc<dyn ChildStore> = typed.clone();
+            (
+                ctrl.owns_stream(stream),
+                store,
+                TypeId::of::<C>(),
+                typed as Arc<dyn Any + Send + Sync>,
+            )
         }));
         self
     }
 
     /// Reconciles the primaries that `mapper` names whenever an object of kind `O` changes. The mapper
-    /// gets the changed object and the current primaries (from the controller's cache).
+    /// gets the changed object and the current primaries (from the controller's cache). The objects
+    /// of kind `O` are cached too: a reconcile reads them with [`Context::cached`].
     pub fn watches<O, F>(mut self, mapper: F) -> Self
     where
         O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -247,10 +259,21 @@ where
     {
         self.watches.push(Box::new(move |client, ctrl, primaries| {
             let api: Api<O> = Api::all(client);
-            let stream = watcher(api, watcher::Config::default())
+            let (reader, writer) = reflector::store::<O>();
+            let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
                 .default_backoff()
                 .touched_objects();
-            ctrl.watches_stream(stream, move |o: O| mapper(&o, &primaries.state()))
+            let ready_store = reader.clone();
+            let ready = async move {
+                let _ = ready_store.wait_until_ready().await;
+            }
+            .boxed();
+            (
+                ctrl.watches_stream(stream, move |o: O| mapper(&o, &primaries.state())),
+                TypeId::of::<O>(),
+                Arc::new(reader) as Arc<dyn Any + Send + Sync>,
+                ready,
+            )
         }));
         self
     }
@@ -311,19 +334,25 @@ where
             .with_config(ControllerConfig::default().concurrency(self.concurrency));
         let primaries = ctrl.store();
         let mut stores = Vec::new();
+        let mut caches = Caches::default();
+        let mut ready: Vec<BoxFuture<'static, ()>> = Vec::new();
         for own in self.owned {
-            let (c, s) = own(client.clone(), ctrl, &label_key);
+            let (c, s, type_id, any) = own(client.clone(), ctrl, &label_key);
             ctrl = c;
+            ready.push(s.ready());
             stores.push(s);
+            caches.owned.insert(type_id, any);
         }
         for w in self.watches {
-            ctrl = w(client.clone(), ctrl, primaries.clone());
+            let (c, type_id, any, synced) = w(client.clone(), ctrl, primaries.clone());
+            ctrl = c;
+            caches.related.insert(type_id, any);
+            ready.push(synced);
         }
         metrics
             .max_concurrent
             .with_label_values(&[&self.name])
             .set(i64::from(self.concurrency));
-        let mut ready: Vec<BoxFuture<'static, ()>> = stores.iter().map(|s| s.ready()).collect();
         let primary_store = primaries.clone();
         ready.push(
             async move {
@@ -340,6 +369,7 @@ where
             label_key,
             finalizer: self.finalizer,
             stores,
+            caches: Arc::new(caches),
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
         });
         let name = self.name;
@@ -381,6 +411,7 @@ where
     label_key: String,
     finalizer: Option<String>,
     stores: Vec<Arc<dyn ChildStore>>,
+    caches: Arc<Caches>,
     backoff: Mutex<BackoffTracker>,
 }
 
@@ -443,7 +474,11 @@ where
 
     /// Runs one reconcile; the error is a message for users (the error and its causes).
     async fn reconcile_inner(&self, obj: &Arc<R::Resource>) -> Result<Option<Duration>, String> {
-        let ctx = Context::new(self.client.clone(), Timestamp::now());
+        let ctx = Context::new(self.client.clone(), Timestamp::now()).with_caches(
+            self.caches.clone(),
+            obj.uid(),
+            &self.label_key,
+        );
         if obj.meta().deletion_timestamp.is_some() {
             // Going away: children are garbage-collected; only our own finalizer needs work.
             if let Some(fin) = &self.finalizer
@@ -532,12 +567,9 @@ where
             if known.contains(child.key()) {
                 continue;
             }
-            // Not known as ours: it may exist under someone else's control (or none).
-            let found = match self.stores.iter().find(|s| s.handles(child.key())) {
-                Some(store) => store.find(child.key()),
-                None => self.get_dynamic(child).await?,
-            };
-            if let Some(e) = found {
+            // Not known as ours: it may exist under someone else's control, or none. The caches only
+            // hold objects carrying our owner label, so ask the API server.
+            if let Some(e) = self.get_dynamic(child).await? {
                 existing.push(e);
             }
         }

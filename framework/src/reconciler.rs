@@ -6,8 +6,11 @@ use kube::core::object::HasStatus;
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::Arc;
 
 /// A primary resource the framework can reconcile: a kube resource with a status the framework can
 /// stamp and compare.
@@ -41,17 +44,98 @@ where
 {
 }
 
+/// The caches a controller keeps: its children by kind, and the related kinds it watches.
+#[derive(Default)]
+pub(crate) struct Caches {
+    /// Per child kind: a `TypedStore<C>` (as `Any`).
+    pub(crate) owned: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+    /// Per related kind: a `Store<O>` (as `Any`).
+    pub(crate) related: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+}
+
 /// What a reconcile may use besides the object itself.
 #[derive(Clone)]
 pub struct Context {
     client: Client,
     now: Timestamp,
+    caches: Arc<Caches>,
+    owner_uid: Option<String>,
+    label_key: String,
 }
 
 impl Context {
-    /// A context; the framework makes one per reconcile.
+    /// A context without caches (for calling a reconciler directly); the framework makes one per
+    /// reconcile with its caches.
     pub fn new(client: Client, now: Timestamp) -> Self {
-        Self { client, now }
+        Self {
+            client,
+            now,
+            caches: Arc::default(),
+            owner_uid: None,
+            label_key: String::new(),
+        }
+    }
+
+    pub(crate) fn with_caches(
+        mut self,
+        caches: Arc<Caches>,
+        owner_uid: Option<String>,
+        label_key: &str,
+    ) -> Self {
+        self.caches = caches;
+        self.owner_uid = owner_uid;
+        self.label_key = label_key.to_owned();
+        self
+    }
+
+    /// The children of kind `C` of the object being reconciled (those carrying its owner label and
+    /// controlled by it), from the controller's watch cache. Empty unless the controller declared
+    /// `owns::<C>()`.
+    pub fn owned<C>(&self) -> Vec<Arc<C>>
+    where
+        C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    {
+        let (Some(uid), Some(store)) = (
+            self.owner_uid.as_deref(),
+            self.caches.owned.get(&TypeId::of::<C>()).and_then(|s| {
+                s.clone()
+                    .downcast::<crate::controller::TypedStore<C>>()
+                    .ok()
+            }),
+        ) else {
+            return Vec::new();
+        };
+        store
+            .objects()
+            .into_iter()
+            .filter(|c| {
+                c.meta()
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(&self.label_key))
+                    .map(String::as_str)
+                    == Some(uid)
+                    && crate::children::controller_uid(&c.meta().owner_references).as_deref()
+                        == Some(uid)
+            })
+            .collect()
+    }
+
+    /// Every cached object of kind `O`, a kind the controller declared with `watches::<O>()`.
+    pub fn cached<O>(&self) -> Vec<Arc<O>>
+    where
+        O: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    {
+        self.caches
+            .related
+            .get(&TypeId::of::<O>())
+            .and_then(|s| {
+                s.clone()
+                    .downcast::<kube::runtime::reflector::Store<O>>()
+                    .ok()
+            })
+            .map(|s| s.state())
+            .unwrap_or_default()
     }
 
     /// The API client.

@@ -460,3 +460,14 @@ fn kubeconfig_from_env_line(out: &str) -> Result<PathBuf, TestError> {
         .map(PathBuf::from)
         .ok_or_else(|| TestError::Harness(format!("harness printed no KUBECONFIG line: {out}")))
 }
+
+/// Sends `tracing` output of the code under test to the test's captured output (shown when a test
+/// fails), at the level `RUST_LOG` names (default `info`). Safe to call from every test.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
