@@ -7,6 +7,7 @@ use kube::Client;
 /// The shared cluster and a client for it; installs the TLS provider first.
 pub async fn cluster() -> Result<(&'static TestCluster, Client), TestError> {
     framework::install_crypto_provider();
+    framework::testing::init_logging();
     let cluster = TestCluster::shared()?;
     let client = cluster.client().await?;
     Ok((cluster, client))
