@@ -1,0 +1,9 @@
+use framework_macros::PrinterColumns;
+
+#[derive(PrinterColumns)]
+struct WidgetStatus {
+    #[column(condition = "Ready", field = "reason")]
+    phase: String,
+}
+
+fn main() {}

@@ -1,0 +1,10 @@
+use framework_macros::PrinterColumns;
+struct Condition;
+
+#[derive(PrinterColumns)]
+struct WidgetStatus {
+    #[column(field = "reason")]
+    conditions: Vec<Condition>,
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use framework_macros::PrinterColumns;
+
+#[derive(PrinterColumns)]
+struct WidgetSpec {
+    #[column(priority = -1)]
+    size: i32,
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use framework_macros::PrinterColumns;
+
+struct Common;
+
+#[derive(PrinterColumns)]
+struct WidgetSpec {
+    #[column]
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use framework_macros::PrinterColumns;
+
+#[derive(PrinterColumns)]
+struct WidgetSpec {
+    #[column]
+    hosts: Vec<String>,
+}
+
+fn main() {}

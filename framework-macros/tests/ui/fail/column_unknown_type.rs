@@ -1,0 +1,9 @@
+use framework_macros::PrinterColumns;
+
+#[derive(PrinterColumns)]
+struct WidgetSpec {
+    #[column(type_ = "text")]
+    name: String,
+}
+
+fn main() {}

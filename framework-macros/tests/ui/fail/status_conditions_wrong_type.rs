@@ -1,0 +1,9 @@
+use framework_macros::Status;
+
+#[derive(Status)]
+struct WidgetStatus {
+    #[status(conditions)]
+    conditions: Vec<String>,
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use framework_macros::Status;
+
+#[derive(Status)]
+struct WidgetStatus {
+    #[status(observed_generation)]
+    observed_generation: Option<String>,
+}
+
+fn main() {}

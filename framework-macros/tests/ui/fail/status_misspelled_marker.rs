@@ -1,0 +1,10 @@
+use framework_macros::Status;
+struct Condition;
+
+#[derive(Status)]
+struct WidgetStatus {
+    #[status(condition)]
+    conditions: Vec<Condition>,
+}
+
+fn main() {}

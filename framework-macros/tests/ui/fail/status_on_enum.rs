@@ -1,0 +1,8 @@
+use framework_macros::Status;
+
+#[derive(Status)]
+enum WidgetStatus {
+    Ready,
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use framework_macros::Status;
+struct Condition;
+
+#[derive(Status)]
+struct WidgetStatus {
+    #[status(conditions)]
+    conditions: Vec<Condition>,
+    #[status(conditions)]
+    more: Vec<Condition>,
+}
+
+fn main() {}
