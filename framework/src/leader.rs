@@ -169,12 +169,12 @@ impl Candidate {
         }
     }
 
-    /// Blocks until this candidate holds the Lease.
-    pub(crate) async fn acquire(&mut self) {
+    /// Blocks until this candidate holds the Lease; calls `standby` each time it finds another holder.
+    pub(crate) async fn acquire(&mut self, standby: impl Fn()) {
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => return,
-                Ok(false) => {}
+                Ok(false) => standby(),
                 Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
             }
             tokio::time::sleep(self.cfg.retry_period).await;

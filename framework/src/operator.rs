@@ -197,10 +197,13 @@ impl Operator {
             .map(|cfg| Candidate::new(self.client.clone(), cfg));
         if let Some(c) = candidate.as_mut() {
             tracing::info!(lease = %c_name(&self.leader), "waiting for leadership");
+            // A standby that knows who leads is ready (it is healthy and waiting); the leader becomes
+            // ready once its caches have synced.
             tokio::select! {
-                _ = c.acquire() => {}
+                _ = c.acquire(|| probes.set_ready(true)) => {}
                 _ = shutdown.clone() => return Ok(()),
             }
+            probes.set_ready(false);
             metrics.leader.with_label_values(&[&self.name]).set(1.0);
             tracing::info!("became leader");
         }

@@ -206,3 +206,139 @@ async fn memcached_foreign_deployment_is_left_alone_and_reported() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+fn operator_in(ns: &str, client: &kube::Client, identity: &str) -> Operator {
+    Operator::new("memcached-e2e", client.clone())
+        .install_crds(vec![framework::crd::build::<Memcached>()])
+        .leader_election(framework::LeaderElection::new(
+            "memcached-e2e",
+            ns,
+            identity,
+        ))
+        .controller(
+            Controller::new("memcached", MemcachedReconciler)
+                .owns::<Deployment>()
+                .primary_watch(
+                    watcher::Config::default().fields(&format!("metadata.namespace={ns}")),
+                ),
+        )
+}
+
+#[tokio::test]
+async fn memcached_leader_election_hands_over_on_shutdown() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster
+        .namespace(&client, "memcached-leader")
+        .await
+        .unwrap();
+    let mut stops = std::collections::BTreeMap::new();
+    let mut runs = std::collections::BTreeMap::new();
+    for id in ["replica-a", "replica-b"] {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let op = operator_in(ns.name(), &client, id);
+        runs.insert(
+            id,
+            tokio::spawn(op.run_until(async move {
+                let _ = stopped.await;
+            })),
+        );
+        stops.insert(id, stop);
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns.name());
+    let holder = || async {
+        leases
+            .get_opt("memcached-e2e")
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty())
+            .ok_or("no holder".to_owned())
+    };
+    let leader = eventually(Duration::from_secs(30), "a leader", holder)
+        .await
+        .unwrap();
+    let standby = if leader == "replica-a" {
+        "replica-b"
+    } else {
+        "replica-a"
+    };
+
+    let caches: Api<Memcached> = Api::namespaced(client.clone(), ns.name());
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    eventually(Duration::from_secs(30), "Memcached created", || async {
+        caches
+            .create(
+                &PostParams::default(),
+                &Memcached::new("ha", MemcachedSpec { size: 1 }),
+            )
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    let replicas = |n: i32| {
+        let deployments = deployments.clone();
+        move || {
+            let deployments = deployments.clone();
+            async move {
+                let d = deployments
+                    .get_opt("ha")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("absent".to_owned())?;
+                if d.spec.replicas == Some(n) {
+                    Ok(())
+                } else {
+                    Err(format!("replicas {:?}", d.spec.replicas))
+                }
+            }
+        }
+    };
+    eventually(
+        Duration::from_secs(30),
+        "Deployment by the leader",
+        replicas(1),
+    )
+    .await
+    .unwrap();
+
+    // The leader shuts down cleanly: it releases the lease and the standby takes over.
+    let started = std::time::Instant::now();
+    let _ = stops.remove(leader.as_str()).unwrap().send(());
+    runs.remove(leader.as_str())
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(Duration::from_secs(30), "the standby leads", || async {
+        let h = holder().await?;
+        if h == standby {
+            Ok(())
+        } else {
+            Err(format!("holder {h}"))
+        }
+    })
+    .await
+    .unwrap();
+    println!("leadership handed over in {:?}", started.elapsed());
+    caches
+        .patch(
+            "ha",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"size": 2}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the new leader reconciles",
+        replicas(2),
+    )
+    .await
+    .unwrap();
+
+    let _ = stops.remove(standby).unwrap().send(());
+    runs.remove(standby).unwrap().await.unwrap().unwrap();
+}
