@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::plan::{EventKind, PlannedEvent};
 use crate::reconciler::{Caches, Context, Reconciler};
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::core::object::HasStatus;
@@ -175,6 +175,7 @@ where
     concurrency: u16,
     backoff: Backoff,
     primary_watch: watcher::Config,
+    triggers: Vec<futures::stream::BoxStream<'static, ObjectRef<R::Resource>>>,
 }
 
 impl<R: Reconciler> Controller<R>
@@ -193,7 +194,18 @@ where
             concurrency: 4,
             backoff: Backoff::default(),
             primary_watch: watcher::Config::default(),
+            triggers: Vec::new(),
         }
+    }
+
+    /// Reconciles every object the stream names, as it names them (for example from a channel fed by
+    /// shared state that decides another object should act now).
+    pub fn trigger(
+        mut self,
+        refs: impl futures::Stream<Item = ObjectRef<R::Resource>> + Send + 'static,
+    ) -> Self {
+        self.triggers.push(refs.boxed());
+        self
     }
 
     /// Declares children of kind `C` in every namespace (or cluster-scoped ones).
@@ -330,8 +342,22 @@ where
             }
         });
         let api: Api<R::Resource> = Api::all(client.clone());
-        let mut ctrl = KubeController::new(api, self.primary_watch)
+        // The primary watch is ours (not kube's default) so deletions can be handed to the reconciler.
+        let (primary_reader, primary_writer) = reflector::store::<R::Resource>();
+        let (deleted_tx, mut deleted_rx) = tokio::sync::mpsc::unbounded_channel::<R::Resource>();
+        let primary_stream = reflector::reflector(primary_writer, watcher(api, self.primary_watch))
+            .default_backoff()
+            .inspect_ok(move |event| {
+                if let watcher::Event::Delete(obj) = event {
+                    let _ = deleted_tx.send(obj.clone());
+                }
+            })
+            .touched_objects();
+        let mut ctrl = KubeController::for_stream(primary_stream, primary_reader)
             .with_config(ControllerConfig::default().concurrency(self.concurrency));
+        for t in self.triggers {
+            ctrl = ctrl.reconcile_on(t);
+        }
         let primaries = ctrl.store();
         let mut stores = Vec::new();
         let mut caches = Caches::default();
@@ -373,6 +399,15 @@ where
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
         });
         let name = self.name;
+        let forget = runtime.clone();
+        let deletions = async move {
+            while let Some(obj) = deleted_rx.recv().await {
+                forget.reconciler.deleted(&obj);
+            }
+            // The watch is gone (shutdown has begun): let the controller finish its running
+            // reconciles rather than ending the select below early.
+            futures::future::pending::<()>().await;
+        };
         let run = ctrl
             .graceful_shutdown_on(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
@@ -380,7 +415,7 @@ where
             .run(
                 |obj, rt: Arc<Runtime<R>>| async move { rt.reconcile(obj).await },
                 |_obj, _err, _rt| Action::requeue(Duration::from_secs(5)),
-                runtime,
+                runtime.clone(),
             )
             .for_each(move |res| {
                 if let Err(e) = res {
@@ -392,8 +427,15 @@ where
                     }
                 }
                 futures::future::ready(())
-            })
-            .boxed();
+            });
+        // The controller's end ends the deletion listener too.
+        let run = async move {
+            tokio::select! {
+                _ = run => {}
+                _ = deletions => {}
+            }
+        }
+        .boxed();
         let ready = futures::future::join_all(ready).map(|_| ()).boxed();
         (run, ready)
     }
@@ -505,7 +547,7 @@ where
             .await
             .map_err(|e| chain(&e))?;
         let conflicts = self
-            .execute_children(obj, &plan.children)
+            .execute_children(obj, &plan.children, &plan.kept)
             .await
             .map_err(|e| chain(&e))?;
 
@@ -552,6 +594,7 @@ where
         &self,
         obj: &R::Resource,
         planned: &[Child],
+        kept: &[ChildKey],
     ) -> Result<Vec<Conflict>, ExecError> {
         let uid = obj.uid().ok_or_else(|| ExecError::NoUid(obj.name_any()))?;
         let owner = obj
@@ -573,11 +616,13 @@ where
                 existing.push(e);
             }
         }
-        let keys: Vec<ChildKey> = planned.iter().map(|c| c.key().clone()).collect();
+        let mut keys: Vec<ChildKey> = planned.iter().map(|c| c.key().clone()).collect();
+        keys.extend(kept.iter().cloned());
         let diff = children::diff(&uid, &keys, &existing);
         let params = PatchParams::apply(&self.name).force();
         let mut conflicts = diff.conflicts;
         for key in &diff.apply {
+            // Kept children have no object in the plan: they stay as they are.
             let Some(child) = planned.iter().find(|c| c.key() == key) else {
                 continue;
             };

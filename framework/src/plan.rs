@@ -1,6 +1,6 @@
 //! The value a reconcile returns: what the world should look like, which the framework then makes so.
 
-use crate::children::Child;
+use crate::children::{Child, ChildKey};
 use kube::core::object::HasStatus;
 use std::time::Duration;
 
@@ -55,8 +55,11 @@ pub struct PlannedEvent {
 pub struct Plan<K: HasStatus> {
     /// The status to record; `None` leaves the stored status alone.
     pub status: Option<K::Status>,
-    /// Every child that should exist. Owned children not listed here are deleted.
+    /// Every child that should exist, applied as given. Owned children neither here nor in `kept` are
+    /// deleted.
     pub children: Vec<Child>,
+    /// Owned children that should go on existing as they are (not applied again, not deleted).
+    pub kept: Vec<ChildKey>,
     /// Reconcile again after this long even without a change (`None`: wait for a change).
     pub requeue: Option<Duration>,
     /// Events to publish.
@@ -68,6 +71,7 @@ impl<K: HasStatus> Default for Plan<K> {
         Self {
             status: None,
             children: Vec::new(),
+            kept: Vec::new(),
             requeue: None,
             events: Vec::new(),
         }
@@ -95,6 +99,23 @@ impl<K: HasStatus> Plan<K> {
     /// Adds several children.
     pub fn children(mut self, children: impl IntoIterator<Item = Child>) -> Self {
         self.children.extend(children);
+        self
+    }
+
+    /// Keeps an existing child as it is: it is neither applied again nor deleted. Use it for children
+    /// that must not be touched while they work (a running Pod's spec cannot change anyway).
+    pub fn keep<C>(mut self, obj: &C) -> Self
+    where
+        C: kube::Resource<DynamicType = ()>,
+    {
+        if let Some(name) = obj.meta().name.clone() {
+            self.kept.push(ChildKey {
+                api_version: C::api_version(&()).into_owned(),
+                kind: C::kind(&()).into_owned(),
+                namespace: obj.meta().namespace.clone(),
+                name,
+            });
+        }
         self
     }
 

@@ -205,6 +205,12 @@ where
         ctx: &Context,
     ) -> impl Future<Output = Result<Plan<Self::Resource>, Self::Error>> + Send;
 
+    /// Called when the watch reports the object deleted: forget in-memory state kept about it. Runs
+    /// on the watch's task, so it must be quick and must not block.
+    fn deleted(&self, obj: &Self::Resource) {
+        let _ = obj;
+    }
+
     /// Releases what the object holds outside the cluster before it is deleted. Called only when the
     /// controller was given a finalizer; children are garbage-collected without it.
     fn cleanup(
