@@ -3,7 +3,13 @@
 //! - [`api`]: the four kinds and their CRDs;
 //! - [`podbuilder`]: the pull Pod for one image on one node (pure);
 //! - [`pacing`]: which pulls may start now (pure);
+//! - [`cachedimage`]: the CachedImage controller;
+//! - [`metrics`]: the `drop_*` metrics;
+//! - [`operator`]: wiring the controllers into one process.
 
 pub mod api;
+pub mod cachedimage;
+pub mod metrics;
+pub mod operator;
 pub mod pacing;
 pub mod podbuilder;

@@ -264,16 +264,61 @@ where
     /// Reconciles the primaries that `mapper` names whenever an object of kind `O` changes. The mapper
     /// gets the changed object and the current primaries (from the controller's cache). The objects
     /// of kind `O` are cached too: a reconcile reads them with [`Context::cached`].
-    pub fn watches<O, F>(mut self, mapper: F) -> Self
+    pub fn watches<O, F>(self, mapper: F) -> Self
     where
         O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
+    {
+        self.watch_related(None::<fn(&O) -> u64>, mapper)
+    }
+
+    /// Like [`Controller::watches`], but an update of an `O` only counts when `key` changes (for
+    /// example the labels and taints of a Node, not its heartbeat). Creations and deletions always
+    /// count.
+    pub fn watches_on<O, H, K, F>(self, key: K, mapper: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        H: std::hash::Hash,
+        K: Fn(&O) -> H + Send + Sync + 'static,
+        F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
+    {
+        let hashed = move |o: &O| {
+            use std::hash::Hasher;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key(o).hash(&mut h);
+            h.finish()
+        };
+        self.watch_related(Some(hashed), mapper)
+    }
+
+    fn watch_related<O, K, F>(mut self, key: Option<K>, mapper: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        K: Fn(&O) -> u64 + Send + Sync + 'static,
         F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
     {
         self.watches.push(Box::new(move |client, ctrl, primaries| {
             let api: Api<O> = Api::all(client);
             let (reader, writer) = reflector::store::<O>();
+            let mut last: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
             let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
                 .default_backoff()
+                .try_filter(move |event| {
+                    let relevant = match (&key, event) {
+                        (None, _) => true,
+                        (Some(key), watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                            let id = o.meta().uid.clone().unwrap_or_default();
+                            let now = key(o);
+                            last.insert(id, now) != Some(now)
+                        }
+                        (Some(_), watcher::Event::Delete(o)) => {
+                            last.remove(&o.meta().uid.clone().unwrap_or_default());
+                            true
+                        }
+                        (Some(_), _) => true,
+                    };
+                    futures::future::ready(relevant)
+                })
                 .touched_objects();
             let ready_store = reader.clone();
             let ready = async move {
@@ -375,6 +420,11 @@ where
             caches.related.insert(type_id, any);
             ready.push(synced);
         }
+        // The primaries themselves, for reconcilers that look across objects of their own kind.
+        caches.related.insert(
+            TypeId::of::<R::Resource>(),
+            Arc::new(primaries.clone()) as Arc<dyn Any + Send + Sync>,
+        );
         metrics
             .max_concurrent
             .with_label_values(&[&self.name])
@@ -386,7 +436,14 @@ where
             }
             .boxed(),
         );
+        // Resolves once every cache has synced; reconciles wait for it, so a reconcile never sees a
+        // half-filled cache of children or related objects (kube-runtime only waits for the primary's).
+        let synced = futures::future::join_all(ready)
+            .map(|_| ())
+            .boxed()
+            .shared();
         let runtime = Arc::new(Runtime {
+            synced: synced.clone(),
             name: self.name.clone(),
             reconciler: self.reconciler,
             client,
@@ -436,8 +493,7 @@ where
             }
         }
         .boxed();
-        let ready = futures::future::join_all(ready).map(|_| ()).boxed();
-        (run, ready)
+        (run, synced.boxed())
     }
 }
 
@@ -455,6 +511,7 @@ where
     stores: Vec<Arc<dyn ChildStore>>,
     caches: Arc<Caches>,
     backoff: Mutex<BackoffTracker>,
+    synced: futures::future::Shared<BoxFuture<'static, ()>>,
 }
 
 /// Never fails: every error is reported on the object and retried with backoff.
@@ -467,6 +524,7 @@ where
     <R::Resource as HasStatus>::Status: ObjectStatus + Serialize + Clone + Default + Send + Sync,
 {
     async fn reconcile(self: Arc<Self>, obj: Arc<R::Resource>) -> Result<Action, Never> {
+        self.synced.clone().await;
         let started = Instant::now();
         let workers = self.metrics.active_workers.with_label_values(&[&self.name]);
         workers.inc();

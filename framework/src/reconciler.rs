@@ -121,7 +121,8 @@ impl Context {
             .collect()
     }
 
-    /// Every cached object of kind `O`, a kind the controller declared with `watches::<O>()`.
+    /// Every cached object of kind `O`: a kind the controller declared with `watches::<O>()`, or the
+    /// controller's own primary kind.
     pub fn cached<O>(&self) -> Vec<Arc<O>>
     where
         O: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,

@@ -1,0 +1,192 @@
+//! The CachedImage controller: keeps one image cached on its target nodes.
+//!
+//! Each reconcile observes (target nodes from the Node cache, the image's pull Pods, its PullPolicy),
+//! lets the shared [`pacer::Pacer`] record outcomes and decide which pulls start now, and returns a
+//! plan: the new pull Pods, the Pods still pulling (kept), the status, and a transition Event. Finished
+//! and stale Pods are not in the plan, so the framework deletes them.
+
+pub mod pacer;
+pub mod status;
+pub mod targets;
+
+use crate::api::{CachedImage, PullPolicy};
+use crate::metrics::Metrics;
+use crate::pacing::Pace;
+use crate::podbuilder::{self, PullPod};
+use framework::{Child, Context, Plan, Reconciler};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use pacer::{Ended, Pacer, PodView, Step};
+use status::Blocked;
+use std::sync::Arc;
+
+/// Errors of a CachedImage reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A pull Pod could not be built.
+    #[error("building the pull Pod: {0}")]
+    Build(#[from] podbuilder::BuildError),
+    /// A pull Pod could not become a child.
+    #[error("planning the pull Pod: {0}")]
+    Child(#[from] framework::children::ChildError),
+}
+
+/// Reconciles CachedImages.
+pub struct CachedImageReconciler {
+    /// The operator's pacing state.
+    pub pacer: Arc<Pacer>,
+    /// Namespace of the pull Pods.
+    pub namespace: String,
+    /// Drop's metrics.
+    pub metrics: Metrics,
+}
+
+/// The CachedImages a PullPolicy change concerns.
+pub fn images_using(
+    policy: &PullPolicy,
+    images: &[Arc<CachedImage>],
+) -> Vec<ObjectRef<CachedImage>> {
+    let name = policy.name_any();
+    images
+        .iter()
+        .filter(|i| i.spec.policy_ref.as_ref().is_some_and(|r| r.name == name))
+        .map(|i| ObjectRef::from_obj(i.as_ref()))
+        .collect()
+}
+
+/// Every CachedImage (a Node's labels or taints changed, which may change any image's targets).
+pub fn all_images(_: &Node, images: &[Arc<CachedImage>]) -> Vec<ObjectRef<CachedImage>> {
+    images
+        .iter()
+        .map(|i| ObjectRef::from_obj(i.as_ref()))
+        .collect()
+}
+
+impl Reconciler for CachedImageReconciler {
+    type Resource = CachedImage;
+    type Error = Error;
+
+    async fn reconcile(
+        &self,
+        image: &CachedImage,
+        ctx: &Context,
+    ) -> Result<Plan<CachedImage>, Error> {
+        let name = image.name_any();
+        let policies = ctx.cached::<PullPolicy>();
+        let policy = image.spec.policy_ref.as_ref().map(|r| {
+            policies
+                .iter()
+                .find(|p| p.name_any() == r.name)
+                .ok_or(&r.name)
+        });
+        let (pace, policy_spec) = match policy {
+            None => (Ok((None, Pace::builtin())), None),
+            Some(Ok(p)) => (
+                Ok((Some(p.name_any()), Pace::from_spec(&p.spec))),
+                Some(&p.spec),
+            ),
+            Some(Err(missing)) => (Err(Blocked::PolicyNotFound(missing.clone())), None),
+        };
+        let nodes = ctx.cached::<Node>();
+        let target_nodes =
+            targets::targets(nodes.iter().map(AsRef::as_ref), &image.spec, policy_spec);
+        let pods = ctx.owned::<Pod>();
+        let views: Vec<PodView> = pods.iter().filter_map(|p| PodView::of(p)).collect();
+        let known: Vec<String> = ctx
+            .cached::<CachedImage>()
+            .iter()
+            .map(|i| i.name_any())
+            .collect();
+        let out = self.pacer.step(&Step {
+            now: ctx.now(),
+            image,
+            targets: &target_nodes,
+            pace,
+            pods: &views,
+            known_images: &known,
+        });
+
+        tracing::debug!(image = %name, keep = ?out.keep, start = ?out.start, wake_at = ?out.wake_at, "paced");
+        for e in &out.ended {
+            match e {
+                Ended::Pulled(took) => {
+                    self.metrics.images_cached.with_label_values(&[&name]).inc();
+                    self.metrics.pull_duration.observe(took.as_secs_f64());
+                }
+                Ended::Failed(reason) => {
+                    let bounded = if podbuilder::PULL_ERRORS.contains(&reason.as_str())
+                        || reason == "PullTimeout"
+                    {
+                        reason.as_str()
+                    } else {
+                        "PodFailed"
+                    };
+                    self.metrics
+                        .pull_errors
+                        .with_label_values(&[&name, bounded])
+                        .inc();
+                }
+            }
+        }
+
+        let mut plan = Plan::new();
+        for pod in pods
+            .iter()
+            .filter(|p| out.keep.iter().any(|k| Some(k) == p.metadata.name.as_ref()))
+        {
+            plan = plan.keep(pod.as_ref());
+        }
+        for (node, attempt) in &out.start {
+            let pod = podbuilder::build(&PullPod {
+                image,
+                node,
+                namespace: &self.namespace,
+                policy: policy_spec,
+                attempt: *attempt,
+            })?;
+            plan = plan.child(Child::new(&pod)?);
+        }
+
+        let new_status = status::compute(image.status.as_ref(), &out.observed, ctx.now());
+        self.metrics
+            .nodes_targeted
+            .with_label_values(&[&name])
+            .set(i64::from(new_status.nodes_targeted));
+        self.metrics
+            .nodes_cached
+            .with_label_values(&[&name])
+            .set(i64::from(new_status.nodes_ready));
+        self.metrics
+            .consecutive_failures
+            .with_label_values(&[&name])
+            .set(i64::from(new_status.consecutive_failures));
+        self.metrics
+            .active_pulls
+            .set(i64::try_from(self.pacer.active_pulls()).unwrap_or(i64::MAX));
+
+        let before = image.status.as_ref().and_then(|s| s.phase);
+        if let Some((kind, reason, message)) =
+            status::transition_event(before, &new_status, &image.spec.reference())
+        {
+            plan = match kind {
+                framework::plan::EventKind::Normal => plan.event(reason, message),
+                framework::plan::EventKind::Warning => plan.warning(reason, message),
+            };
+        }
+        if let Some(at) = out.wake_at {
+            let wait = at.duration_since(ctx.now()).unsigned_abs();
+            plan = plan.requeue_after(wait.max(std::time::Duration::from_millis(100)));
+        }
+        Ok(plan.status(new_status))
+    }
+
+    fn deleted(&self, image: &CachedImage) {
+        let name = image.name_any();
+        self.pacer.forget(&name);
+        self.metrics.forget_image(&name);
+        self.metrics
+            .active_pulls
+            .set(i64::try_from(self.pacer.active_pulls()).unwrap_or(i64::MAX));
+    }
+}

@@ -1,0 +1,458 @@
+//! The operator's one pacing state, shared by every CachedImage reconcile. The decisions themselves are
+//! the pure engine's ([`crate::pacing::decide`]); this module only keeps what the engine needs between
+//! reconciles: every image's targets, the pulls in flight, and what happened on each node.
+//!
+//! A reconcile of one image hands in what it observed (its target nodes, its pull Pods), and gets back
+//! which of its Pods to keep, which pulls it may start now, and when to look again. When the engine
+//! decides that *another* image should start a pull, that image is woken through a channel, so the
+//! global order (priority, then name) holds no matter which image happened to reconcile.
+
+use super::status::{Blocked, NodeState, Observed};
+use crate::api::{CachedImage, CachedImageStatus};
+use crate::pacing::{self, History, InFlight, Pace, PolicyKey, PullKey, Target};
+use crate::podbuilder::{self, PullOutcome};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// How long a pull just started may stay unseen in the Pod cache before it counts as gone.
+const CREATION_GRACE: Duration = Duration::from_secs(30);
+
+/// One pull Pod as the pacer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    /// Pod name.
+    pub name: String,
+    /// Pod UID (outcomes are recorded once per Pod).
+    pub uid: String,
+    /// The node it pulls on.
+    pub node: String,
+    /// The reference it pulls.
+    pub reference: String,
+    /// Its attempt number.
+    pub attempt: u32,
+    /// When it was created (the pull's start).
+    pub created: Timestamp,
+    /// What it says about the pull.
+    pub outcome: PullOutcome,
+}
+
+impl PodView {
+    /// Reads a pull Pod; `None` for a Pod that is not one (or not from the API server).
+    pub fn of(pod: &Pod) -> Option<Self> {
+        let ann = pod.metadata.annotations.as_ref()?;
+        Some(Self {
+            name: pod.metadata.name.clone()?,
+            uid: pod.metadata.uid.clone()?,
+            node: ann.get(podbuilder::NODE_ANNOTATION)?.clone(),
+            reference: ann.get(podbuilder::REFERENCE_ANNOTATION)?.clone(),
+            attempt: ann
+                .get(podbuilder::ATTEMPT_ANNOTATION)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1),
+            created: pod.metadata.creation_timestamp.as_ref()?.0,
+            outcome: podbuilder::outcome(pod),
+        })
+    }
+}
+
+/// What one reconcile of an image hands in.
+#[derive(Clone, Debug)]
+pub struct Step<'a> {
+    /// The current time.
+    pub now: Timestamp,
+    /// The image.
+    pub image: &'a CachedImage,
+    /// Its target nodes.
+    pub targets: &'a [String],
+    /// Its policy's pace, or why it has none.
+    pub pace: Result<(PolicyKey, Pace), Blocked>,
+    /// Its pull Pods.
+    pub pods: &'a [PodView],
+    /// Every CachedImage that exists: until each has told the pacer its targets, no pull starts,
+    /// so the first image to reconcile after a start does not jump the queue.
+    pub known_images: &'a [String],
+}
+
+/// A pull that ended since the last reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ended {
+    /// Pulled, after this long.
+    Pulled(Duration),
+    /// Failed, for this reason.
+    Failed(String),
+}
+
+/// What the reconcile should do.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Pods to keep (pulls in flight).
+    pub keep: Vec<String>,
+    /// Pulls to start now: (node, attempt).
+    pub start: Vec<(String, u32)>,
+    /// When to reconcile again, at the latest.
+    pub wake_at: Option<Timestamp>,
+    /// Pulls that ended since last time.
+    pub ended: Vec<Ended>,
+    /// The input of the status.
+    pub observed: Observed,
+}
+
+#[derive(Default)]
+struct NodeMemory {
+    attempts: u32,
+    cached_reference: Option<String>,
+    last_failure: Option<(String, String)>,
+}
+
+#[derive(Default)]
+struct ImageMemory {
+    reference: Option<String>,
+    consecutive_failures: u32,
+    seen: BTreeSet<String>,
+    digest: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    paces: BTreeMap<PolicyKey, Pace>,
+    targets: BTreeMap<String, Vec<Target>>,
+    in_flight: BTreeMap<PullKey, InFlight>,
+    history: BTreeMap<PullKey, History>,
+    nodes: BTreeMap<PullKey, NodeMemory>,
+    images: BTreeMap<String, ImageMemory>,
+}
+
+/// The shared pacing state.
+pub struct Pacer {
+    state: Mutex<State>,
+    wake: UnboundedSender<ObjectRef<CachedImage>>,
+    pull_timeout: Duration,
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+impl Pacer {
+    /// A pacer waking images through `wake`, failing pulls that take longer than `pull_timeout`.
+    pub fn new(wake: UnboundedSender<ObjectRef<CachedImage>>, pull_timeout: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake,
+            pull_timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pulls in flight over all images.
+    pub fn active_pulls(&self) -> usize {
+        self.lock().in_flight.len()
+    }
+
+    /// Forgets a deleted image.
+    pub fn forget(&self, image: &str) {
+        let mut st = self.lock();
+        st.targets.remove(image);
+        st.images.remove(image);
+        st.in_flight.retain(|k, _| k.image != image);
+        st.history.retain(|k, _| k.image != image);
+        st.nodes.retain(|k, _| k.image != image);
+    }
+
+    /// One reconcile's worth of bookkeeping and decision.
+    pub fn step(&self, step: &Step<'_>) -> Outcome {
+        let name = step.image.name_any();
+        let reference = step.image.spec.reference();
+        let now = step.now;
+        let mut st = self.lock();
+        let st = &mut *st;
+        let key = |node: &str| PullKey::new(&name, node);
+
+        // First sight of this image (operator start): take back what its status recorded.
+        if !st.images.contains_key(&name) {
+            restore(st, step.image, &reference, now);
+        }
+        // A new reference (a tag or digest edit): nothing of the old one counts as cached.
+        let memory = st.images.entry(name.clone()).or_default();
+        if memory.reference.as_deref() != Some(reference.as_str()) {
+            memory.reference = Some(reference.clone());
+            memory.consecutive_failures = 0;
+            memory.digest = None;
+            st.history.retain(|k, _| k.image != name);
+            st.nodes.retain(|k, _| k.image != name);
+        }
+
+        let targets: BTreeSet<&str> = step.targets.iter().map(String::as_str).collect();
+        match &step.pace {
+            Ok((policy, pace)) => {
+                st.paces.insert(policy.clone(), pace.clone());
+                let priority = step.image.spec.priority.unwrap_or(0);
+                st.targets.insert(
+                    name.clone(),
+                    targets
+                        .iter()
+                        .map(|n| Target {
+                            key: key(n),
+                            priority,
+                            policy: policy.clone(),
+                        })
+                        .collect(),
+                );
+            }
+            Err(_) => {
+                st.targets.remove(&name);
+            }
+        }
+
+        // What the Pods say.
+        let mut keep = Vec::new();
+        let mut ended = Vec::new();
+        let mut observed_uids = BTreeSet::new();
+        let mut observed_keys = BTreeSet::new();
+        for pod in step.pods {
+            observed_uids.insert(pod.uid.clone());
+            let k = key(&pod.node);
+            let mem = st.nodes.entry(k.clone()).or_default();
+            mem.attempts = mem.attempts.max(pod.attempt);
+            let current = targets.contains(pod.node.as_str()) && pod.reference == reference;
+            // An ended pull is recorded once, however many reconciles still see its Pod.
+            let ended_pull = !matches!(pod.outcome, PullOutcome::Pulling);
+            let first_sight = ended_pull
+                && st
+                    .images
+                    .entry(name.clone())
+                    .or_default()
+                    .seen
+                    .insert(pod.uid.clone());
+            match &pod.outcome {
+                PullOutcome::Pulling if current => {
+                    observed_keys.insert(k.clone());
+                    st.in_flight.insert(
+                        k.clone(),
+                        InFlight {
+                            key: k,
+                            policy: step
+                                .pace
+                                .as_ref()
+                                .ok()
+                                .map(|(p, _)| p.clone())
+                                .unwrap_or_default(),
+                            started: pod.created,
+                        },
+                    );
+                    keep.push(pod.name.clone());
+                }
+                PullOutcome::Pulled { digest } if current && first_sight => {
+                    let h = st.history.entry(k.clone()).or_default();
+                    h.last_success = Some(now);
+                    h.consecutive_failures = 0;
+                    let mem = st.nodes.entry(k.clone()).or_default();
+                    mem.cached_reference = Some(reference.clone());
+                    mem.last_failure = None;
+                    let image = st.images.entry(name.clone()).or_default();
+                    image.consecutive_failures = 0;
+                    if digest.is_some() {
+                        image.digest = digest.clone();
+                    }
+                    st.in_flight.remove(&k);
+                    let took = now.duration_since(pod.created).unsigned_abs();
+                    ended.push(Ended::Pulled(took));
+                }
+                PullOutcome::Failed { reason, message } if current && first_sight => {
+                    record_failure(st, &k, now, reason, message);
+                    st.in_flight.remove(&k);
+                    ended.push(Ended::Failed(reason.clone()));
+                }
+                _ if !current
+                    // Its node left the targets, or the image now has another reference: the Pod
+                    // goes (it is not kept), and so does its place in flight.
+                    && st
+                        .in_flight
+                        .get(&k)
+                        .is_some_and(|f| f.started == pod.created) =>
+                {
+                    st.in_flight.remove(&k);
+                }
+                _ => {}
+            }
+        }
+        if let Some(image) = st.images.get_mut(&name) {
+            image.seen.retain(|uid| observed_uids.contains(uid));
+        }
+        // Pulls started by earlier reconciles that the Pod cache does not show (yet): in flight for a
+        // short grace, then gone. Pulls on nodes that are no longer targets are gone at once.
+        st.in_flight.retain(|k, f| {
+            k.image != name
+                || observed_keys.contains(k)
+                || (targets.contains(k.node.as_str()) && add(f.started, CREATION_GRACE) > now)
+        });
+
+        // Decide over every image.
+        let all_targets: Vec<Target> = st.targets.values().flatten().cloned().collect();
+        let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
+        let decision = pacing::decide(&pacing::Input {
+            now,
+            paces: &st.paces,
+            targets: &all_targets,
+            in_flight: &in_flight,
+            history: &st.history,
+            pull_timeout: self.pull_timeout,
+        });
+        let mut wake = BTreeSet::new();
+        let unregistered: Vec<&String> = step
+            .known_images
+            .iter()
+            .filter(|i| !st.images.contains_key(i.as_str()))
+            .collect();
+        let decision = if unregistered.is_empty() {
+            decision
+        } else {
+            wake.extend(unregistered.into_iter().cloned());
+            pacing::Decision {
+                start: Vec::new(),
+                ..decision
+            }
+        };
+        for k in &decision.timed_out {
+            if k.image == name {
+                let message = format!("no pull outcome after {}s", self.pull_timeout.as_secs());
+                record_failure(st, k, now, "PullTimeout", &message);
+                st.in_flight.remove(k);
+                keep.retain(|p| !step.pods.iter().any(|v| &v.name == p && v.node == k.node));
+                ended.push(Ended::Failed("PullTimeout".into()));
+            } else {
+                wake.insert(k.image.clone());
+            }
+        }
+        let mut start = Vec::new();
+        for k in &decision.start {
+            if k.image != name {
+                wake.insert(k.image.clone());
+                continue;
+            }
+            let mem = st.nodes.entry(k.clone()).or_default();
+            mem.attempts += 1;
+            let attempt = mem.attempts;
+            st.history.entry(k.clone()).or_default().last_start = Some(now);
+            let policy = step
+                .pace
+                .as_ref()
+                .ok()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default();
+            st.in_flight.insert(
+                k.clone(),
+                InFlight {
+                    key: k.clone(),
+                    policy,
+                    started: now,
+                },
+            );
+            start.push((k.node.clone(), attempt));
+        }
+        for image in wake {
+            let _ = self.wake.send(ObjectRef::new(&image));
+        }
+
+        let observed = observe(st, &name, step, &reference);
+        Outcome {
+            keep,
+            start,
+            wake_at: decision.wake_at,
+            ended,
+            observed,
+        }
+    }
+}
+
+fn record_failure(st: &mut State, k: &PullKey, now: Timestamp, reason: &str, message: &str) {
+    let h = st.history.entry(k.clone()).or_default();
+    h.consecutive_failures += 1;
+    h.last_failure = Some(now);
+    st.nodes.entry(k.clone()).or_default().last_failure =
+        Some((reason.to_owned(), message.to_owned()));
+    st.images
+        .entry(k.image.clone())
+        .or_default()
+        .consecutive_failures += 1;
+}
+
+/// After an operator restart: cached nodes and failures come back from the image's status, provided
+/// the status describes the current spec.
+fn restore(st: &mut State, image: &CachedImage, reference: &str, now: Timestamp) {
+    let name = image.name_any();
+    let memory = st.images.entry(name.clone()).or_default();
+    let Some(status) = image.status.as_ref() else {
+        return;
+    };
+    if status.observed_generation != image.metadata.generation {
+        return;
+    }
+    memory.reference = Some(reference.to_owned());
+    memory.consecutive_failures = u32::try_from(status.consecutive_failures).unwrap_or(0);
+    memory.digest = status.resolved_digest.clone();
+    let pulled = status.last_pulled_at.as_ref().map_or(now, |t| t.0);
+    for node in &status.cached_nodes {
+        let k = PullKey::new(&name, node);
+        st.history.entry(k.clone()).or_default().last_success = Some(pulled);
+        st.nodes.entry(k).or_default().cached_reference = Some(reference.to_owned());
+    }
+    restore_failures(st, &name, status, now);
+}
+
+fn restore_failures(st: &mut State, name: &str, status: &CachedImageStatus, now: Timestamp) {
+    let failed_at = status.last_attempted_at.as_ref().map_or(now, |t| t.0);
+    for f in &status.failed_nodes {
+        let k = PullKey::new(name, &f.node);
+        let h = st.history.entry(k.clone()).or_default();
+        h.consecutive_failures = u32::try_from(status.consecutive_failures.max(1)).unwrap_or(1);
+        h.last_failure = Some(failed_at);
+        st.nodes.entry(k).or_default().last_failure = Some((f.reason.clone(), f.message.clone()));
+    }
+}
+
+fn observe(st: &State, name: &str, step: &Step<'_>, reference: &str) -> Observed {
+    let mut nodes = BTreeMap::new();
+    let mut last_pulled_at = None;
+    let mut last_attempted_at = None;
+    for node in step.targets {
+        let k = PullKey::new(name, node);
+        let h = st.history.get(&k).cloned().unwrap_or_default();
+        let mem = st.nodes.get(&k);
+        last_pulled_at = last_pulled_at.max(h.last_success);
+        last_attempted_at = last_attempted_at.max(h.last_start);
+        let cached = mem.and_then(|m| m.cached_reference.as_deref()) == Some(reference);
+        let state = if st.in_flight.contains_key(&k) && step.pace.is_ok() {
+            NodeState::Pulling
+        } else if cached {
+            NodeState::Cached
+        } else if h.consecutive_failures > 0 {
+            let (reason, message) = mem.and_then(|m| m.last_failure.clone()).unwrap_or_default();
+            NodeState::Failed { reason, message }
+        } else {
+            NodeState::Waiting
+        };
+        nodes.insert(node.clone(), state);
+    }
+    let image = st.images.get(name);
+    Observed {
+        nodes,
+        blocked: step.pace.as_ref().err().cloned(),
+        consecutive_failures: image.map_or(0, |i| i.consecutive_failures),
+        last_pulled_at,
+        last_attempted_at,
+        resolved_digest: image.and_then(|i| i.digest.clone()),
+    }
+}

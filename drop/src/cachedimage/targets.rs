@@ -1,0 +1,271 @@
+//! Which nodes an image goes to. Pure.
+//!
+//! A node is a target when its labels carry every pair of the image's `nodeSelector` and of its
+//! PullPolicy's `nodeSelector`, and every `NoSchedule` or `NoExecute` taint on it is tolerated by the
+//! image's or the policy's tolerations (the rules the kubelet and scheduler apply). Cordoned, not-ready
+//! and unreachable nodes carry such taints, so they drop out unless tolerated on purpose.
+
+use crate::api::{CachedImageSpec, PullPolicySpec};
+use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
+use std::collections::BTreeMap;
+
+/// Whether `toleration` tolerates `taint`.
+pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
+    let effect_ok = toleration
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let key_ok = match toleration.operator.as_deref() {
+        Some("Exists") => toleration
+            .key
+            .as_deref()
+            .is_none_or(|k| k.is_empty() || k == taint.key),
+        // "Equal" is the default operator.
+        _ => {
+            toleration.key.as_deref() == Some(taint.key.as_str())
+                && toleration.value.as_deref().unwrap_or_default()
+                    == taint.value.as_deref().unwrap_or_default()
+        }
+    };
+    effect_ok && key_ok
+}
+
+fn labels_match(node: &Node, selector: &BTreeMap<String, String>) -> bool {
+    let labels = node.metadata.labels.as_ref();
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// Whether the image (under its policy) goes to `node`.
+pub fn is_target(node: &Node, spec: &CachedImageSpec, policy: Option<&PullPolicySpec>) -> bool {
+    if node.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    if !labels_match(node, &spec.node_selector)
+        || !policy.is_none_or(|p| labels_match(node, &p.node_selector))
+    {
+        return false;
+    }
+    let tolerations: Vec<&Toleration> = spec
+        .tolerations
+        .iter()
+        .chain(policy.map(|p| p.tolerations.as_slice()).unwrap_or_default())
+        .collect();
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .all(|taint| tolerations.iter().any(|t| tolerates(t, taint)))
+}
+
+/// The names of the target nodes, sorted.
+pub fn targets<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    spec: &CachedImageSpec,
+    policy: Option<&PullPolicySpec>,
+) -> Vec<String> {
+    let mut names: Vec<String> = nodes
+        .into_iter()
+        .filter(|n| is_target(n, spec, policy))
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// What about a node decides whether it is a target: labels, taints (key, value, effect), and
+/// whether it is being deleted.
+pub type Relevance = (
+    Option<BTreeMap<String, String>>,
+    Vec<(String, String, String)>,
+    bool,
+);
+
+/// What about a node can change whether it is a target: its labels and its taints. Node updates that
+/// leave these alone (heartbeats, status) do not re-plan any image.
+pub fn relevance(node: &Node) -> Relevance {
+    let taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .map(|ts| {
+            ts.iter()
+                .map(|t| {
+                    (
+                        t.key.clone(),
+                        t.value.clone().unwrap_or_default(),
+                        t.effect.clone(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        node.metadata.labels.clone(),
+        taints,
+        node.metadata.deletion_timestamp.is_some(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::NodeSpec;
+
+    fn node(name: &str, labels: &[(&str, &str)], taints: &[(&str, &str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n.spec = Some(NodeSpec {
+            taints: Some(
+                taints
+                    .iter()
+                    .map(|(k, v, e)| Taint {
+                        key: k.to_string(),
+                        value: (!v.is_empty()).then(|| v.to_string()),
+                        effect: e.to_string(),
+                        ..Taint::default()
+                    })
+                    .collect(),
+            ),
+            ..NodeSpec::default()
+        });
+        n
+    }
+
+    fn tol(key: Option<&str>, op: &str, value: Option<&str>, effect: Option<&str>) -> Toleration {
+        Toleration {
+            key: key.map(Into::into),
+            operator: Some(op.into()),
+            value: value.map(Into::into),
+            effect: effect.map(Into::into),
+            ..Toleration::default()
+        }
+    }
+
+    fn spec(selector: &[(&str, &str)], tolerations: Vec<Toleration>) -> CachedImageSpec {
+        CachedImageSpec {
+            image: "nginx".into(),
+            node_selector: selector
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            tolerations,
+            ..CachedImageSpec::default()
+        }
+    }
+
+    #[test]
+    fn cachedimage_targets_follow_image_and_policy_selectors() {
+        let nodes = [
+            node("a", &[("pool", "ci"), ("zone", "1")], &[]),
+            node("b", &[("pool", "ci"), ("zone", "2")], &[]),
+            node("c", &[("pool", "web")], &[]),
+        ];
+        let s = spec(&[("pool", "ci")], vec![]);
+        assert_eq!(targets(&nodes, &s, None), vec!["a", "b"]);
+        let policy = PullPolicySpec {
+            node_selector: BTreeMap::from([("zone".into(), "2".into())]),
+            ..PullPolicySpec::default()
+        };
+        assert_eq!(
+            targets(&nodes, &s, Some(&policy)),
+            vec!["b"],
+            "the policy narrows the pool"
+        );
+        assert_eq!(
+            targets(&nodes, &spec(&[], vec![]), None),
+            vec!["a", "b", "c"]
+        );
+    }
+
+    #[test]
+    fn cachedimage_targets_skip_untolerated_taints() {
+        let nodes = [
+            node("plain", &[], &[]),
+            node("build", &[], &[("dedicated", "ci", "NoSchedule")]),
+            node("prefer", &[], &[("soft", "", "PreferNoSchedule")]),
+            node(
+                "cordoned",
+                &[],
+                &[("node.kubernetes.io/unschedulable", "", "NoSchedule")],
+            ),
+        ];
+        assert_eq!(
+            targets(&nodes, &spec(&[], vec![]), None),
+            vec!["plain", "prefer"]
+        );
+        let t = tol(Some("dedicated"), "Equal", Some("ci"), Some("NoSchedule"));
+        assert_eq!(
+            targets(&nodes, &spec(&[], vec![t.clone()]), None),
+            vec!["build", "plain", "prefer"]
+        );
+        let policy = PullPolicySpec {
+            tolerations: vec![t],
+            ..PullPolicySpec::default()
+        };
+        assert_eq!(
+            targets(&nodes, &spec(&[], vec![]), Some(&policy)),
+            vec!["build", "plain", "prefer"],
+            "the policy's tolerations count too"
+        );
+    }
+
+    #[test]
+    fn cachedimage_toleration_matching_follows_kubernetes() {
+        let taint = Taint {
+            key: "k".into(),
+            value: Some("v".into()),
+            effect: "NoExecute".into(),
+            ..Taint::default()
+        };
+        assert!(
+            tolerates(&tol(None, "Exists", None, None), &taint),
+            "empty key with Exists tolerates all"
+        );
+        assert!(tolerates(&tol(Some("k"), "Exists", None, None), &taint));
+        assert!(!tolerates(
+            &tol(Some("other"), "Exists", None, None),
+            &taint
+        ));
+        assert!(tolerates(
+            &tol(Some("k"), "Equal", Some("v"), Some("NoExecute")),
+            &taint
+        ));
+        assert!(!tolerates(
+            &tol(Some("k"), "Equal", Some("w"), None),
+            &taint
+        ));
+        assert!(!tolerates(
+            &tol(Some("k"), "Exists", None, Some("NoSchedule")),
+            &taint
+        ));
+        let default_op = Toleration {
+            key: Some("k".into()),
+            value: Some("v".into()),
+            ..Toleration::default()
+        };
+        assert!(
+            tolerates(&default_op, &taint),
+            "Equal is the default operator"
+        );
+    }
+
+    #[test]
+    fn cachedimage_node_relevance_ignores_status_changes() {
+        let a = node("a", &[("pool", "ci")], &[]);
+        let mut b = a.clone();
+        b.status = Some(Default::default());
+        assert_eq!(relevance(&a), relevance(&b));
+        let c = node("a", &[("pool", "web")], &[]);
+        assert_ne!(relevance(&a), relevance(&c));
+    }
+}

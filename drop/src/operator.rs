@@ -1,0 +1,86 @@
+//! One process running Drop's controllers.
+
+use crate::api::{self, PullPolicy};
+use crate::cachedimage::{self, CachedImageReconciler, pacer::Pacer};
+use crate::metrics::Metrics;
+use framework::{Controller, LeaderElection, Operator, OperatorError};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace of the pull Pods (and of the Secrets discovery reads).
+    pub pod_namespace: String,
+    /// How long a pull may take before it counts as failed.
+    pub pull_timeout: Duration,
+    /// Where to serve `/metrics`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Where to serve `/healthz` and `/readyz`.
+    pub health_addr: Option<SocketAddr>,
+    /// Reconcile only while holding this Lease.
+    pub leader_election: Option<LeaderElection>,
+    /// Apply the CRDs at start (otherwise: fail clearly if they are missing).
+    pub install_crds: bool,
+    /// Only reconcile objects whose labels match this selector (sharding; test isolation).
+    pub watch_selector: Option<String>,
+}
+
+fn primary_watch(selector: Option<&str>) -> kube::runtime::watcher::Config {
+    let config = kube::runtime::watcher::Config::default();
+    match selector {
+        Some(s) => config.labels(s),
+        None => config,
+    }
+}
+
+/// The field manager and Event reporter name.
+pub const NAME: &str = "drop";
+
+/// Runs Drop until `shutdown` resolves.
+pub async fn run(
+    client: kube::Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), OperatorError> {
+    let mut operator = Operator::new(NAME, client);
+    let metrics = Metrics::register(operator.registry())?;
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    let wake =
+        futures::stream::unfold(
+            wake_rx,
+            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+        );
+    let pacer = Arc::new(Pacer::new(wake_tx, settings.pull_timeout));
+    let cachedimages = Controller::new(
+        "cachedimage",
+        CachedImageReconciler {
+            pacer,
+            namespace: settings.pod_namespace.clone(),
+            metrics: metrics.clone(),
+        },
+    )
+    .primary_watch(primary_watch(settings.watch_selector.as_deref()))
+    .owns_in::<Pod>(&settings.pod_namespace)
+    .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, cachedimage::all_images)
+    .watches::<PullPolicy, _>(cachedimage::images_using)
+    .trigger(wake);
+    operator = operator.controller(cachedimages);
+    if let Some(addr) = settings.metrics_addr {
+        operator = operator.metrics_addr(addr);
+    }
+    if let Some(addr) = settings.health_addr {
+        operator = operator.health_addr(addr);
+    }
+    if let Some(le) = settings.leader_election {
+        operator = operator.leader_election(le);
+    }
+    operator = if settings.install_crds {
+        operator.install_crds(api::crds())
+    } else {
+        operator.require_crds(api::crds())
+    };
+    operator.run_until(shutdown).await
+}
