@@ -23,3 +23,168 @@ pub async fn install_drop_crds(client: &Client) -> Result<(), framework::crd::Cr
     )
     .await
 }
+
+/// Drop running in this test process, limited to objects labelled `e2e.drop/test=<id>`, with its pull
+/// Pods in the test's namespace (which enforces Pod Security "restricted", as the chart's does).
+pub struct DropUnderTest {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), framework::OperatorError>>>,
+    /// The label value objects of this test carry.
+    pub id: String,
+}
+
+/// Label key selecting a test's objects.
+pub const TEST_LABEL: &str = "e2e.drop/test";
+
+impl DropUnderTest {
+    /// Starts Drop for test `id`, pulling into `namespace`.
+    pub async fn start(client: &Client, namespace: &str, id: &str) -> Self {
+        restrict_namespace(client, namespace).await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = drop::operator::Settings {
+            pod_namespace: namespace.to_owned(),
+            pull_timeout: std::time::Duration::from_secs(120),
+            metrics_addr: None,
+            health_addr: None,
+            leader_election: None,
+            install_crds: true,
+            watch_selector: Some(format!("{TEST_LABEL}={id}")),
+        };
+        let task = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+            id: id.to_owned(),
+        }
+    }
+
+    /// Stops Drop (as SIGTERM would) and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("operator task")
+                .expect("operator ends cleanly");
+        }
+    }
+
+    /// Labels that put an object under this test's operator.
+    pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::from([(TEST_LABEL.to_owned(), self.id.clone())])
+    }
+}
+
+impl Drop for DropUnderTest {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Labels the namespace to enforce Pod Security "restricted".
+pub async fn restrict_namespace(client: &Client, namespace: &str) {
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let label = serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
+    api.patch(namespace, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .expect("label namespace");
+}
+
+/// What a test saw of one pull Pod.
+#[derive(Clone, Debug)]
+pub struct PodRecord {
+    /// Pod name.
+    pub name: String,
+    /// Node it was pinned to.
+    pub node: String,
+    /// CachedImage it pulls for.
+    pub image: String,
+    /// Its creation time (one-second resolution, from the API server).
+    pub created: jiff::Timestamp,
+    /// When the test first saw it (local clock, like `ended`).
+    pub seen: jiff::Timestamp,
+    /// When the test first saw it pulled, failed or gone (local clock).
+    pub ended: Option<jiff::Timestamp>,
+    /// Its pull secrets.
+    pub pull_secrets: Vec<String>,
+}
+
+/// Records every pull Pod of a namespace as it appears and ends, from a watch.
+#[derive(Clone, Default)]
+pub struct PodRecorder {
+    records: std::sync::Arc<std::sync::Mutex<Vec<PodRecord>>>,
+}
+
+impl PodRecorder {
+    /// Starts recording Pods in `namespace`.
+    pub fn start(client: &Client, namespace: &str) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let rec = Self::default();
+        let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(client.clone(), namespace);
+        let records = rec.records.clone();
+        tokio::spawn(async move {
+            let mut events =
+                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+            while let Some(Ok(event)) = events.next().await {
+                let (pod, gone) = match event {
+                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => (p, false),
+                    watcher::Event::Delete(p) => (p, true),
+                    _ => continue,
+                };
+                let Some(view) = drop::cachedimage::pacer::PodView::of(&pod) else {
+                    continue;
+                };
+                let ended = gone || !matches!(view.outcome, drop::podbuilder::PullOutcome::Pulling);
+                let mut all = records.lock().unwrap();
+                match all.iter_mut().find(|r| r.name == view.name) {
+                    Some(r) => {
+                        if ended && r.ended.is_none() {
+                            r.ended = Some(jiff::Timestamp::now());
+                        }
+                    }
+                    None => all.push(PodRecord {
+                        name: view.name.clone(),
+                        node: view.node.clone(),
+                        image: pod
+                            .metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(drop::podbuilder::IMAGE_ANNOTATION).cloned())
+                            .unwrap_or_default(),
+                        created: view.created,
+                        seen: jiff::Timestamp::now(),
+                        ended: ended.then(jiff::Timestamp::now),
+                        pull_secrets: pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.image_pull_secrets.clone())
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|s| s.name)
+                            .collect(),
+                    }),
+                }
+            }
+        });
+        rec
+    }
+
+    /// Everything recorded so far, in creation order.
+    pub fn records(&self) -> Vec<PodRecord> {
+        let mut all = self.records.lock().unwrap().clone();
+        all.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        all
+    }
+}

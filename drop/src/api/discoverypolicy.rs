@@ -18,15 +18,7 @@ pub const DEFAULT_STEP: &str = "5m";
 /// Queries its sources every `syncInterval`, merges and ranks what they report, and publishes the best
 /// `maxImages` images in its status, where CachedImageSets pick them up.
 #[derive(
-    CustomResource,
-    KubeSchema,
-    PrinterColumns,
-    Serialize,
-    Deserialize,
-    Clone,
-    Debug,
-    Default,
-    PartialEq,
+    CustomResource, KubeSchema, PrinterColumns, Serialize, Deserialize, Clone, Debug, PartialEq,
 )]
 #[kube(
     group = "drop.corewire.io",
@@ -73,6 +65,18 @@ fn default_max_images() -> i32 {
     DEFAULT_MAX_IMAGES
 }
 
+/// The spec the API server produces from a spec without optional fields (its defaults).
+impl Default for DiscoveryPolicySpec {
+    fn default() -> Self {
+        Self {
+            sources: Vec::new(),
+            image_filter: None,
+            sync_interval: None,
+            max_images: DEFAULT_MAX_IMAGES,
+        }
+    }
+}
+
 impl DiscoveryPolicySpec {
     /// `syncInterval`, or its default.
     pub fn sync_interval(&self) -> std::time::Duration {
@@ -113,7 +117,7 @@ pub struct DiscoverySource {
 }
 
 /// A Prometheus-compatible query API (Prometheus, Thanos, Mimir, VictoriaMetrics).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PrometheusSource {
     /// Base URL of the API, including any path prefix: `http://prometheus.monitoring.svc:9090`.
@@ -141,6 +145,17 @@ pub struct PrometheusSource {
 
 fn default_step() -> String {
     DEFAULT_STEP.to_owned()
+}
+
+impl Default for PrometheusSource {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            query: String::new(),
+            lookback: None,
+            step: default_step(),
+        }
+    }
 }
 
 /// Tags listed from repositories of an OCI registry.

@@ -24,15 +24,7 @@ pub mod defaults {
 /// Paces the pulls of every image that references it: how many nodes pull at once, how far apart
 /// pulls start, how failures are retried, and how often cached images are pulled again.
 #[derive(
-    CustomResource,
-    KubeSchema,
-    PrinterColumns,
-    Serialize,
-    Deserialize,
-    Clone,
-    Debug,
-    Default,
-    PartialEq,
+    CustomResource, KubeSchema, PrinterColumns, Serialize, Deserialize, Clone, Debug, PartialEq,
 )]
 #[kube(
     group = "drop.corewire.io",
@@ -87,6 +79,20 @@ pub struct PullPolicySpec {
 
 fn default_max_concurrent() -> i32 {
     defaults::MAX_CONCURRENT_NODES
+}
+
+/// The spec the API server produces from `spec: {}` (its defaults), so Rust code and the cluster agree.
+impl Default for PullPolicySpec {
+    fn default() -> Self {
+        Self {
+            max_concurrent_nodes: defaults::MAX_CONCURRENT_NODES,
+            min_delay_between_pulls: None,
+            failure_backoff: None,
+            repull_interval: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+        }
+    }
 }
 
 /// Exponential retry delays after failed pulls.

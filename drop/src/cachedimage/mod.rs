@@ -93,10 +93,15 @@ impl Reconciler for CachedImageReconciler {
             targets::targets(nodes.iter().map(AsRef::as_ref), &image.spec, policy_spec);
         let pods = ctx.owned::<Pod>();
         let views: Vec<PodView> = pods.iter().filter_map(|p| PodView::of(p)).collect();
-        let known: Vec<String> = ctx
+        let known: Vec<(String, Option<String>)> = ctx
             .cached::<CachedImage>()
             .iter()
-            .map(|i| i.name_any())
+            .map(|i| {
+                (
+                    i.name_any(),
+                    i.spec.policy_ref.as_ref().map(|r| r.name.clone()),
+                )
+            })
             .collect();
         let out = self.pacer.step(&Step {
             now: ctx.now(),

@@ -74,9 +74,10 @@ pub struct Step<'a> {
     pub pace: Result<(PolicyKey, Pace), Blocked>,
     /// Its pull Pods.
     pub pods: &'a [PodView],
-    /// Every CachedImage that exists: until each has told the pacer its targets, no pull starts,
-    /// so the first image to reconcile after a start does not jump the queue.
-    pub known_images: &'a [String],
+    /// Every CachedImage that exists, with the policy it names. No pull starts under a policy until
+    /// every image using that policy has told the pacer its targets, so the first image to reconcile
+    /// (after a start, or after its policy appears) cannot jump the queue.
+    pub known_images: &'a [(String, PolicyKey)],
 }
 
 /// A pull that ended since the last reconcile.
@@ -311,20 +312,20 @@ impl Pacer {
             pull_timeout: self.pull_timeout,
         });
         let mut wake = BTreeSet::new();
-        let unregistered: Vec<&String> = step
-            .known_images
-            .iter()
-            .filter(|i| !st.images.contains_key(i.as_str()))
-            .collect();
-        let decision = if unregistered.is_empty() {
-            decision
-        } else {
-            wake.extend(unregistered.into_iter().cloned());
-            pacing::Decision {
-                start: Vec::new(),
-                ..decision
+        // Policies some of whose images have not registered their targets yet: hold their starts
+        // and wake those images.
+        let mut held: BTreeSet<PolicyKey> = BTreeSet::new();
+        for (image, policy) in step.known_images {
+            if !st.targets.contains_key(image) && st.paces.contains_key(policy) && *image != name {
+                held.insert(policy.clone());
+                wake.insert(image.clone());
             }
-        };
+        }
+        let mut decision = decision;
+        decision.start.retain(|k| {
+            let policy = all_targets.iter().find(|t| &t.key == k).map(|t| &t.policy);
+            policy.is_none_or(|p| !held.contains(p))
+        });
         for k in &decision.timed_out {
             if k.image == name {
                 let message = format!("no pull outcome after {}s", self.pull_timeout.as_secs());
