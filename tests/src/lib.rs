@@ -181,10 +181,11 @@ impl PodRecorder {
         rec
     }
 
-    /// Everything recorded so far, in creation order.
+    /// Everything recorded so far, in the order the Pods appeared (the API server's creation times
+    /// only have one-second resolution, so the local first-seen time orders them).
     pub fn records(&self) -> Vec<PodRecord> {
         let mut all = self.records.lock().unwrap().clone();
-        all.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        all.sort_by_key(|r| r.seen);
         all
     }
 }
