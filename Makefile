@@ -17,4 +17,5 @@ tools:
 	tests/harness/tools.sh ensure
 
 down:
+	DROP_E2E_STATE=$(CURDIR)/target/demo-cluster tests/harness/cluster.sh down
 	tests/harness/cluster.sh down

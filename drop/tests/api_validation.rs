@@ -88,3 +88,40 @@ fn api_cel_rules_accept_the_seed_samples() {
     }
     assert_eq!(n, 11, "all seed samples checked");
 }
+
+#[test]
+fn api_deploy_samples_are_the_seed_samples() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/samples");
+    let mut shipped = Vec::new();
+    for f in [
+        "cachedimages.yaml",
+        "cachedimagesets.yaml",
+        "discoverypolicies.yaml",
+    ] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap();
+        shipped.extend(
+            serde_saphyr::from_multiple::<serde_json::Value>(&text)
+                .unwrap()
+                .into_iter()
+                .filter(|d| !d.is_null()),
+        );
+    }
+    let seed: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple::<serde_json::Value>(include_str!("data/samples.yaml"))
+            .unwrap()
+            .into_iter()
+            .filter(|d| !d.is_null())
+            .collect();
+    let key = |d: &serde_json::Value| format!("{}/{}", d["kind"], d["metadata"]["name"]);
+    let mut a: Vec<String> = shipped
+        .iter()
+        .map(|d| format!("{} {}", key(d), d["spec"]))
+        .collect();
+    let mut b: Vec<String> = seed
+        .iter()
+        .map(|d| format!("{} {}", key(d), d["spec"]))
+        .collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+}

@@ -241,7 +241,13 @@ EOF
 }
 
 stop_all() {
-  local i name pid
+  local i name pid f
+  # Processes that joined the cluster (e.g. the demo's operator) stop first.
+  for f in "$STATE"/pids/*; do
+    name=$(basename "$f")
+    [[ "$name" == *.exe || " ${COMPONENTS[*]} " == *" $name "* ]] && continue
+    if alive "$name"; then kill -TERM "$(pid_of "$name")" 2>/dev/null || true; fi
+  done
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     name=${COMPONENTS[$i]}
     alive "$name" || continue

@@ -1,10 +1,55 @@
 #!/usr/bin/env bash
-# The main job: bring up the local cluster with simulated nodes and show it.
+# The main job: a local cluster with simulated nodes, Drop running against it, the seed's samples
+# applied, and the images shown until they are cached (or, for the broken sample, reported failing).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# A cluster of its own, so a demo never meets a test run's objects.
+export DROP_E2E_STATE=${DROP_E2E_STATE:-$REPO/target/demo-cluster}
 BIN=$("$HERE/tools.sh" ensure | tail -n1)
-eval "$("$HERE/cluster.sh" ensure)"
-"$BIN/kubectl" get nodes -o wide
+eval "$("$HERE/cluster.sh" ensure --nodes 3)"
+k() { "$BIN/kubectl" "$@"; }
+
+echo "[demo] building drop" >&2
+cargo build -q -p drop
+DROP="$REPO/target/debug/drop"
+
+k apply --server-side -f "$REPO/deploy/crds/" >/dev/null
+k wait --for=condition=Established crd --all --timeout=60s >/dev/null
+k create namespace drop-system --dry-run=client -o yaml | k apply -f - >/dev/null
+k label namespace drop-system pod-security.kubernetes.io/enforce=restricted --overwrite >/dev/null
+
+# (Re)start the operator; its PID joins the cluster's, so `make down` stops it too.
+if [[ -f "$DROP_E2E_STATE/pids/drop" ]]; then kill "$(cat "$DROP_E2E_STATE/pids/drop")" 2>/dev/null || true; fi
+setsid "$DROP" run --pod-namespace drop-system --metrics-bind-address 127.0.0.1:8080 \
+  --health-probe-bind-address 127.0.0.1:8081 >"$DROP_E2E_STATE/logs/drop.log" 2>&1 </dev/null 8>&- 9>&- &
+echo $! >"$DROP_E2E_STATE/pids/drop"
+readlink -f "$DROP" >"$DROP_E2E_STATE/pids/drop.exe"
+for _ in $(seq 1 100); do curl -fsS 127.0.0.1:8081/readyz >/dev/null 2>&1 && break; sleep 0.2; done
+curl -fsS 127.0.0.1:8081/readyz >/dev/null || { tail -20 "$DROP_E2E_STATE/logs/drop.log"; exit 1; }
+echo "[demo] drop is running (log: $DROP_E2E_STATE/logs/drop.log)" >&2
+
+# The seed's samples Drop acts on today: the PullPolicy and the CachedImages.
+k apply -f "$REPO/deploy/samples/cachedimages.yaml"
+
+echo "[demo] pulls are paced by PullPolicy dev-conservative: one node at a time, 5 s apart" >&2
+deadline=$((SECONDS + 180))
+while :; do
+  sleep 5
+  echo; k get cachedimages
+  ready=$(k get cachedimages -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].reason}{" "}{end}')
+  [[ "$ready" == "Cached Cached PullFailed " ]] && break
+  (( SECONDS < deadline )) || { echo "[demo] not settled after 180 s" >&2; exit 1; }
+done
 echo
-echo "Cluster is up. Use it with: export KUBECONFIG=$KUBECONFIG PATH=$BIN:\$PATH"
-echo "Stop it with: make down"
+k get cachedimages -o wide
+cat <<MSG
+
+dev-nginx and dev-redis are cached on every node; test-invalid-image cannot be pulled (its registry
+does not resolve), is retried with backoff, and says so in its status and Events.
+
+  export KUBECONFIG=$KUBECONFIG PATH=$BIN:\$PATH
+  kubectl get events -A --field-selector involvedObject.kind=CachedImage
+  curl -s 127.0.0.1:8080/metrics | grep ^drop_
+  make down          # stop everything
+MSG
