@@ -792,3 +792,33 @@ async fn cachedimage_missing_policy_is_reported_then_honoured() {
     .await;
     s.finish().await;
 }
+
+#[tokio::test]
+async fn cachedimage_operator_without_crds_fails_with_a_clear_message() {
+    framework::install_crypto_provider();
+    // A cluster of its own, where Drop's CRDs were never installed.
+    let bare = TestCluster::start(0).unwrap();
+    let client = bare.client().await.unwrap();
+    let settings = drop::operator::Settings {
+        pod_namespace: "drop-system".into(),
+        pull_timeout: Duration::from_secs(60),
+        metrics_addr: None,
+        health_addr: None,
+        leader_election: None,
+        install_crds: false,
+        watch_selector: None,
+    };
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        drop::operator::run(client, settings, std::future::pending()),
+    )
+    .await
+    .expect("fails at once instead of waiting")
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cachedimages.drop.corewire.io"), "{err}");
+    assert!(
+        err.contains("not installed; install the CRD chart or apply the generated YAML first"),
+        "{err}"
+    );
+}
