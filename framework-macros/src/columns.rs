@@ -98,7 +98,7 @@ pub fn derive(input: &DeriveInput) -> Result<TokenStream> {
 }
 
 fn column(field: &syn::Field, rule: Option<&str>, attr: ColumnAttr) -> Result<Column> {
-    if serde_name::field_serde(field)?.flatten {
+    if serde_name::is_flattened(field)? {
         return Err(Error::custom(
             "#[column] cannot be used on a #[serde(flatten)] field: it has no path of its own; \
              put #[column] on the fields of the flattened struct instead",

@@ -1,63 +1,76 @@
 //! The name serde gives a field on the wire, so that derived JSONPaths match the serialized object.
 
 use darling::{Error, Result};
-use syn::{Attribute, Field, LitStr};
+use syn::{Attribute, Field};
+
+/// What the macros read from `#[serde(...)]` attributes: string-valued keys and bare flags.
+#[derive(Default)]
+struct SerdeAttrs {
+    values: Vec<(String, String)>,
+    flags: Vec<String>,
+}
+
+impl SerdeAttrs {
+    /// Reads every `#[serde(...)]` of `attrs`, skipping what is neither `key = "…"` nor a bare flag
+    /// (such as `default = "path"` or nested lists).
+    fn read(attrs: &[Attribute]) -> Result<Self> {
+        let mut out = Self::default();
+        for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
+            attr.parse_nested_meta(|meta| {
+                let key = meta
+                    .path
+                    .get_ident()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                if meta.input.peek(syn::Token![=]) {
+                    let value: syn::Expr = meta.value()?.parse()?;
+                    if let syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(s),
+                        ..
+                    }) = value
+                    {
+                        out.values.push((key, s.value()));
+                    }
+                } else if meta.input.peek(syn::token::Paren) {
+                    let _ = meta.input.parse::<proc_macro2::Group>()?;
+                } else {
+                    out.flags.push(key);
+                }
+                Ok(())
+            })
+            .map_err(Error::from)?;
+        }
+        Ok(out)
+    }
+
+    fn value(&self, key: &str) -> Option<&str> {
+        self.values
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
 
 /// The `rename_all` rule of a container, if any.
 pub fn rename_all(attrs: &[Attribute]) -> Result<Option<String>> {
-    let mut rule = None;
-    for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
-        attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("rename_all") {
-                let value: LitStr = meta.value()?.parse()?;
-                rule = Some(value.value());
-            } else if meta.input.peek(syn::Token![=]) {
-                let _: syn::Expr = meta.value()?.parse()?;
-            } else if meta.input.peek(syn::token::Paren) {
-                let _ = meta.input.parse::<proc_macro2::Group>()?;
-            }
-            Ok(())
-        })
-        .map_err(Error::from)?;
-    }
-    Ok(rule)
+    Ok(SerdeAttrs::read(attrs)?
+        .value("rename_all")
+        .map(str::to_owned))
 }
 
-/// Serde facts about one field that matter to the macros.
-pub struct FieldSerde {
-    pub rename: Option<String>,
-    pub flatten: bool,
-}
-
-pub fn field_serde(field: &Field) -> Result<FieldSerde> {
-    let mut out = FieldSerde {
-        rename: None,
-        flatten: false,
-    };
-    for attr in field.attrs.iter().filter(|a| a.path().is_ident("serde")) {
-        attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("rename") {
-                let value: LitStr = meta.value()?.parse()?;
-                out.rename = Some(value.value());
-            } else if meta.path.is_ident("flatten") {
-                out.flatten = true;
-            } else if meta.input.peek(syn::Token![=]) {
-                let _: syn::Expr = meta.value()?.parse()?;
-            } else if meta.input.peek(syn::token::Paren) {
-                let _ = meta.input.parse::<proc_macro2::Group>()?;
-            }
-            Ok(())
-        })
-        .map_err(Error::from)?;
-    }
-    Ok(out)
+/// Whether the field is `#[serde(flatten)]`.
+pub fn is_flattened(field: &Field) -> Result<bool> {
+    Ok(SerdeAttrs::read(&field.attrs)?
+        .flags
+        .iter()
+        .any(|f| f == "flatten"))
 }
 
 /// The serialized name of `field` under the container's `rename_all` rule.
 pub fn wire_name(field: &Field, rule: Option<&str>) -> Result<String> {
-    let serde = field_serde(field)?;
-    if let Some(name) = serde.rename {
-        return Ok(name);
+    if let Some(name) = SerdeAttrs::read(&field.attrs)?.value("rename") {
+        return Ok(name.to_owned());
     }
     let ident = field
         .ident

@@ -18,20 +18,29 @@ fn ready(m: &Memcached) -> bool {
         .is_some_and(|s| framework::conditions::is_true(&s.conditions, "Ready"))
 }
 
-#[tokio::test]
-async fn memcached_deployment_follows_the_spec_and_is_collected() {
-    let (cluster, client) = cluster().await.unwrap();
-    let ns = cluster.namespace(&client, "memcached").await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = Operator::new("memcached-e2e", client.clone())
+/// The Memcached operator, watching only `ns`, optionally campaigning for a Lease as `identity`.
+fn operator_in(ns: &str, client: &kube::Client, identity: Option<&str>) -> Operator {
+    let op = Operator::new("memcached-e2e", client.clone())
         .install_crds(vec![framework::crd::build::<Memcached>()])
         .controller(
             Controller::new("memcached", MemcachedReconciler)
                 .owns::<Deployment>()
                 .primary_watch(
-                    watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
+                    watcher::Config::default().fields(&format!("metadata.namespace={ns}")),
                 ),
         );
+    match identity {
+        Some(id) => op.leader_election(framework::LeaderElection::new("memcached-e2e", ns, id)),
+        None => op,
+    }
+}
+
+#[tokio::test]
+async fn memcached_deployment_follows_the_spec_and_is_collected() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "memcached").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = operator_in(ns.name(), &client, None);
     let running = tokio::spawn(operator.run_until(async move {
         let _ = stopped.await;
     }));
@@ -157,15 +166,7 @@ async fn memcached_foreign_deployment_is_left_alone_and_reported() {
         .unwrap();
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = Operator::new("memcached-e2e", client.clone())
-        .install_crds(vec![framework::crd::build::<Memcached>()])
-        .controller(
-            Controller::new("memcached", MemcachedReconciler)
-                .owns::<Deployment>()
-                .primary_watch(
-                    watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
-                ),
-        );
+    let operator = operator_in(ns.name(), &client, None);
     let running = tokio::spawn(operator.run_until(async move {
         let _ = stopped.await;
     }));
@@ -207,23 +208,6 @@ async fn memcached_foreign_deployment_is_left_alone_and_reported() {
     running.await.unwrap().unwrap();
 }
 
-fn operator_in(ns: &str, client: &kube::Client, identity: &str) -> Operator {
-    Operator::new("memcached-e2e", client.clone())
-        .install_crds(vec![framework::crd::build::<Memcached>()])
-        .leader_election(framework::LeaderElection::new(
-            "memcached-e2e",
-            ns,
-            identity,
-        ))
-        .controller(
-            Controller::new("memcached", MemcachedReconciler)
-                .owns::<Deployment>()
-                .primary_watch(
-                    watcher::Config::default().fields(&format!("metadata.namespace={ns}")),
-                ),
-        )
-}
-
 #[tokio::test]
 async fn memcached_leader_election_hands_over_on_shutdown() {
     use k8s_openapi::api::coordination::v1::Lease;
@@ -236,7 +220,7 @@ async fn memcached_leader_election_hands_over_on_shutdown() {
     let mut runs = std::collections::BTreeMap::new();
     for id in ["replica-a", "replica-b"] {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let op = operator_in(ns.name(), &client, id);
+        let op = operator_in(ns.name(), &client, Some(id));
         runs.insert(
             id,
             tokio::spawn(op.run_until(async move {
