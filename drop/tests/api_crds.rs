@@ -1,23 +1,23 @@
 //! The checked-in CRD YAML is what the code generates.
 
+/// Where the generated CRDs are checked in: the plain YAML, and the CRD chart's copy.
+const CRD_DIRS: &[&str] = &["deploy/crds", "deploy/charts/drop-crds/files"];
+
 #[test]
 fn api_checked_in_crds_are_current() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
     let files = drop::api::crd_files().unwrap();
     assert_eq!(files.len(), 4);
-    for (name, generated) in files {
-        let path = dir.join(&name);
-        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; run `cargo run -p drop -- crd --dir deploy/crds`",
-                path.display()
-            )
-        });
-        assert!(
-            on_disk == generated,
-            "{} is stale: run `cargo run -p drop -- crd --dir deploy/crds`",
-            path.display()
-        );
+    for dir in CRD_DIRS {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(dir);
+        for (name, generated) in &files {
+            let path = root.join(name);
+            let fix = format!("run `cargo run -p drop -- crd --dir {dir}`");
+            let on_disk = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}; {fix}", path.display()));
+            assert!(on_disk == *generated, "{} is stale: {fix}", path.display());
+        }
     }
 }
 

@@ -189,3 +189,19 @@ impl PodRecorder {
         all
     }
 }
+
+/// Path of a tool the harness built or fetched (`helm`, `kubectl`, …).
+pub fn tool(name: &str) -> std::path::PathBuf {
+    let cache = std::env::var_os("DROP_E2E_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/drop-e2e")
+        });
+    cache.join("bin").join(name)
+}
+
+/// The repository root.
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}

@@ -1,0 +1,394 @@
+//! The Helm charts: lint and render with the real helm binary, and install on the local control
+//! plane, where the operator runs with the chart's ServiceAccount to prove its RBAC is enough (and no
+//! wider than needed).
+
+use drop::api::{CachedImage, CachedImagePhase, CachedImageSpec, PullPolicy, PullPolicySpec};
+use e2e::{repo, tool};
+use framework::testing::{TestCluster, eventually};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, Config};
+use std::process::Command;
+use std::time::Duration;
+
+fn helm(args: &[&str], kubeconfig: Option<&std::path::Path>) -> (bool, String) {
+    let mut cmd = Command::new(tool("helm"));
+    cmd.args(args).current_dir(repo());
+    if let Some(kc) = kubeconfig {
+        cmd.env("KUBECONFIG", kc);
+    }
+    let out = cmd
+        .output()
+        .expect("run helm (built by tests/harness/tools.sh)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn helm_charts_lint_cleanly_with_every_option() {
+    for args in [
+        vec!["lint", "deploy/charts/drop-crds"],
+        vec!["lint", "deploy/charts/drop"],
+        vec![
+            "lint",
+            "deploy/charts/drop",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "dashboard.enabled=true",
+            "--set",
+            "replicaCount=2",
+        ],
+        vec![
+            "lint",
+            "deploy/charts/drop",
+            "--set",
+            "leaderElection.enabled=false",
+            "--set",
+            "podNamespace.create=false",
+            "--set",
+            "metrics.enabled=false",
+        ],
+    ] {
+        let (ok, out) = helm(&args, None);
+        assert!(
+            ok && out.contains("0 chart(s) failed"),
+            "helm {args:?}:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn helm_refuses_replicas_without_leader_election() {
+    let (ok, out) = helm(
+        &[
+            "template",
+            "r",
+            "deploy/charts/drop",
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "leaderElection.enabled=false",
+        ],
+        None,
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("replicaCount > 1 needs leaderElection.enabled=true"),
+        "{out}"
+    );
+}
+
+#[test]
+fn helm_rendered_crds_equal_the_generated_ones() {
+    let (ok, out) = helm(&["template", "r", "deploy/charts/drop-crds"], None);
+    assert!(ok, "{out}");
+    let mut rendered: Vec<CustomResourceDefinition> =
+        serde_saphyr::from_multiple::<serde_json::Value>(&out)
+            .unwrap()
+            .into_iter()
+            .filter(|d| !d.is_null())
+            .map(|d| serde_json::from_value(d).unwrap())
+            .collect();
+    for crd in &mut rendered {
+        let ann = crd.metadata.annotations.take().unwrap_or_default();
+        assert_eq!(
+            ann.get("helm.sh/resource-policy").map(String::as_str),
+            Some("keep"),
+            "CRDs survive uninstall"
+        );
+    }
+    rendered.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut generated = drop::api::crds();
+    generated.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    assert_eq!(
+        serde_json::to_value(&rendered).unwrap(),
+        serde_json::to_value(&generated).unwrap()
+    );
+}
+
+#[test]
+fn helm_operator_pod_is_locked_down() {
+    let (ok, out) = helm(
+        &[
+            "template",
+            "r",
+            "deploy/charts/drop",
+            "--set",
+            "replicaCount=2",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--leader-elect"), "{args:?}");
+    let ns = docs.iter().find(|d| d["kind"] == "Namespace").unwrap();
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
+}
+
+/// A client that authenticates as the ServiceAccount, with a short-lived token.
+async fn client_as(admin: &Client, cluster: &TestCluster, namespace: &str, sa: &str) -> Client {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    let token = sas
+        .create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let admin_kc: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(cluster.kubeconfig()).unwrap()).unwrap();
+    let kc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": admin_kc["clusters"],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": admin_kc["clusters"][0]["name"], "user": "sa"}}],
+        "current-context": "sa",
+    });
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&kc.to_string()).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+async fn allowed(
+    client: &Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> bool {
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                namespace: namespace.map(Into::into),
+                ..ResourceAttributes::default()
+            }),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    api.create(&PostParams::default(), &review)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .allowed
+}
+
+#[tokio::test]
+async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
+    framework::install_crypto_provider();
+    framework::testing::init_logging();
+    // A cluster of its own: the shared one has CRDs that Helm does not own.
+    let cluster = TestCluster::start(1).unwrap();
+    let kc = cluster.kubeconfig().to_path_buf();
+    let admin = cluster.client().await.unwrap();
+
+    let (ok, out) = helm(
+        &["install", "drop-crds", "deploy/charts/drop-crds", "--wait"],
+        Some(&kc),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = helm(
+        &[
+            "install",
+            "drop",
+            "deploy/charts/drop",
+            "-n",
+            "drop-operator",
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+        Some(&kc),
+    );
+    assert!(ok, "{out}");
+
+    // The operator, out of cluster, as the chart's ServiceAccount, configured as the chart runs it.
+    let sa_client = client_as(&admin, &cluster, "drop-operator", "drop").await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = drop::operator::Settings {
+        pod_namespace: "drop-system".into(),
+        pull_timeout: Duration::from_secs(120),
+        metrics_addr: None,
+        health_addr: None,
+        leader_election: Some(framework::LeaderElection::new(
+            "drop-leader",
+            "drop-operator",
+            "e2e-operator",
+        )),
+        install_crds: false,
+        watch_selector: None,
+    };
+    let running = tokio::spawn(drop::operator::run(
+        sa_client.clone(),
+        settings,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let policies: Api<PullPolicy> = Api::all(admin.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &PullPolicy::new("helm", PullPolicySpec::default()),
+        )
+        .await
+        .unwrap();
+    let images: Api<CachedImage> = Api::all(admin.clone());
+    let spec = CachedImageSpec {
+        image: "docker.io/library/nginx".into(),
+        tag: Some("1.27".into()),
+        policy_ref: Some(drop::api::PolicyReference {
+            name: "helm".into(),
+        }),
+        ..CachedImageSpec::default()
+    };
+    images
+        .create(
+            &PostParams::default(),
+            &CachedImage::new("helm-basic", spec),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "Ready with the chart's RBAC",
+        || async {
+            let ci = images.get("helm-basic").await.map_err(|e| e.to_string())?;
+            let status = ci.status.unwrap_or_default();
+            let recon =
+                framework::conditions::get(&status.conditions, framework::controller::RECONCILED)
+                    .map(|c| c.message.clone());
+            if status.phase == Some(CachedImagePhase::Ready) {
+                Ok(())
+            } else {
+                Err(format!("{:?} {recon:?}", status.phase))
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // Exactly what it uses: the needed rights are there, wider ones are not.
+    for (verb, group, resource, ns) in [
+        ("create", "", "pods", Some("drop-system")),
+        ("delete", "", "pods", Some("drop-system")),
+        ("patch", "drop.corewire.io", "cachedimages/status", None),
+        ("watch", "", "nodes", None),
+        ("create", "events.k8s.io", "events", Some("default")),
+        (
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            Some("drop-operator"),
+        ),
+    ] {
+        assert!(
+            allowed(&sa_client, verb, group, resource, ns).await,
+            "needs {verb} {resource} in {ns:?}"
+        );
+    }
+    for (verb, group, resource, ns) in [
+        ("create", "", "pods", Some("default")),
+        ("list", "", "pods", None),
+        ("get", "", "secrets", Some("kube-system")),
+        ("delete", "", "nodes", None),
+        ("update", "drop.corewire.io", "cachedimages", None),
+        (
+            "create",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+        ),
+        ("create", "events.k8s.io", "events", Some("kube-system")),
+        (
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            Some("kube-system"),
+        ),
+    ] {
+        assert!(
+            !allowed(&sa_client, verb, group, resource, ns).await,
+            "must not {verb} {resource} in {ns:?}"
+        );
+    }
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+
+    // Uninstall: nothing of the release is left; the CRDs (and so users' objects) stay.
+    let (ok, out) = helm(
+        &["uninstall", "drop", "-n", "drop-operator", "--wait"],
+        Some(&kc),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = helm(&["uninstall", "drop-crds", "--wait"], Some(&kc));
+    assert!(ok, "{out}");
+    let release = ListParams::default().labels("app.kubernetes.io/instance=drop");
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+    assert!(roles.list(&release).await.unwrap().items.is_empty());
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::all(admin.clone());
+    assert!(bindings.list(&release).await.unwrap().items.is_empty());
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::all(admin.clone());
+    assert!(deployments.list(&release).await.unwrap().items.is_empty());
+    let sas: Api<ServiceAccount> = Api::all(admin.clone());
+    assert!(sas.list(&release).await.unwrap().items.is_empty());
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    assert!(
+        crds.get_opt("cachedimages.drop.corewire.io")
+            .await
+            .unwrap()
+            .is_some(),
+        "CRDs stay"
+    );
+    assert!(
+        images.get_opt("helm-basic").await.unwrap().is_some(),
+        "and so do users' objects"
+    );
+}
