@@ -4,11 +4,13 @@
 //! - [`podbuilder`]: the pull Pod for one image on one node (pure);
 //! - [`pacing`]: which pulls may start now (pure);
 //! - [`cachedimage`]: the CachedImage controller;
+//! - [`cachedimageset`]: the CachedImageSet controller;
 //! - [`metrics`]: the `drop_*` metrics;
 //! - [`operator`]: wiring the controllers into one process.
 
 pub mod api;
 pub mod cachedimage;
+pub mod cachedimageset;
 pub mod metrics;
 pub mod operator;
 pub mod pacing;

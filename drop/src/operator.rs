@@ -1,7 +1,8 @@
 //! One process running Drop's controllers.
 
-use crate::api::{self, PullPolicy};
+use crate::api::{self, CachedImage, DiscoveryPolicy, PullPolicy};
 use crate::cachedimage::{self, CachedImageReconciler, pacer::Pacer};
+use crate::cachedimageset::{self, CachedImageSetReconciler};
 use crate::metrics::Metrics;
 use framework::{Controller, LeaderElection, Operator, OperatorError};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -67,7 +68,11 @@ pub async fn run(
     .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, cachedimage::all_images)
     .watches::<PullPolicy, _>(cachedimage::images_using)
     .trigger(wake);
-    operator = operator.controller(cachedimages);
+    let sets = Controller::new("cachedimageset", CachedImageSetReconciler)
+        .primary_watch(primary_watch(settings.watch_selector.as_deref()))
+        .owns::<CachedImage>()
+        .watches::<DiscoveryPolicy, _>(cachedimageset::sets_using);
+    operator = operator.controller(cachedimages).controller(sets);
     if let Some(addr) = settings.metrics_addr {
         operator = operator.metrics_addr(addr);
     }

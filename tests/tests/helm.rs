@@ -319,6 +319,9 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         ("create", "", "pods", Some("drop-system")),
         ("delete", "", "pods", Some("drop-system")),
         ("patch", "drop.corewire.io", "cachedimages/status", None),
+        ("patch", "drop.corewire.io", "cachedimagesets/status", None),
+        ("create", "drop.corewire.io", "cachedimages", None),
+        ("watch", "drop.corewire.io", "discoverypolicies", None),
         ("watch", "", "nodes", None),
         ("create", "events.k8s.io", "events", Some("default")),
         (
@@ -339,6 +342,13 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         ("get", "", "secrets", Some("kube-system")),
         ("delete", "", "nodes", None),
         ("update", "drop.corewire.io", "cachedimages", None),
+        ("delete", "drop.corewire.io", "cachedimagesets", None),
+        (
+            "patch",
+            "drop.corewire.io",
+            "discoverypolicies/status",
+            None,
+        ),
         (
             "create",
             "apiextensions.k8s.io",

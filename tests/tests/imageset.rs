@@ -1,0 +1,483 @@
+//! CachedImageSets on the local control plane: children follow the static list and the referenced
+//! DiscoveryPolicy's discovered images, carry the set's settings, roll up into the set's status, and
+//! go with the set whichever way it is deleted.
+
+use drop::api::{
+    CachedImage, CachedImageSet, CachedImageSetPhase, CachedImageSetSpec, DiscoveredImage,
+    DiscoveryPolicy, DiscoveryPolicyReference, DiscoveryPolicySpec, DiscoverySource,
+    IMAGESET_LABEL, ImageEntry, ImagePullPolicy, PolicyReference, PrometheusSource, PullPolicy,
+    PullPolicySpec, SourceType,
+};
+use drop::cachedimageset::plan::{Wanted, child_name};
+use e2e::{DropUnderTest, cluster};
+use framework::testing::eventually;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::{Client, ResourceExt};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const POOL: &str = "e2e.drop/pool";
+
+struct Scene {
+    client: Client,
+    drop: DropUnderTest,
+    ns: framework::testing::TestNamespace,
+    _nodes: framework::testing::TestNodes,
+    sets: Api<CachedImageSet>,
+    images: Api<CachedImage>,
+}
+
+async fn scene(id: &str) -> Scene {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, id).await.unwrap();
+    let pool = BTreeMap::from([(POOL.to_owned(), ns.name().to_owned())]);
+    let nodes = cluster
+        .add_nodes(&client, ns.name(), 2, &pool)
+        .await
+        .unwrap();
+    let drop = DropUnderTest::start(&client, ns.name(), ns.name()).await;
+    let s = Scene {
+        sets: Api::all(client.clone()),
+        images: Api::all(client.clone()),
+        client,
+        drop,
+        ns,
+        _nodes: nodes,
+    };
+    let policies: Api<PullPolicy> = Api::all(s.client.clone());
+    let mut fast = PullPolicy::new(
+        &s.name("fast"),
+        PullPolicySpec {
+            max_concurrent_nodes: 4,
+            min_delay_between_pulls: Some(Duration::ZERO.into()),
+            ..PullPolicySpec::default()
+        },
+    );
+    fast.metadata.labels = Some(s.drop.labels());
+    eventually(Duration::from_secs(30), "PullPolicy created", || async {
+        policies
+            .create(&PostParams::default(), &fast)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    s
+}
+
+impl Scene {
+    fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.ns.name())
+    }
+
+    fn spec(&self, images: &[(&str, &str)]) -> CachedImageSetSpec {
+        CachedImageSetSpec {
+            policy_ref: Some(PolicyReference {
+                name: self.name("fast"),
+            }),
+            node_selector: BTreeMap::from([(POOL.to_owned(), self.ns.name().to_owned())]),
+            images: images
+                .iter()
+                .map(|(i, t)| ImageEntry {
+                    image: i.to_string(),
+                    tag: Some(t.to_string()),
+                    digest: None,
+                })
+                .collect(),
+            ..CachedImageSetSpec::default()
+        }
+    }
+
+    async fn create_set(&self, suffix: &str, spec: CachedImageSetSpec) -> String {
+        let name = self.name(suffix);
+        let mut set = CachedImageSet::new(&name, spec);
+        set.metadata.labels = Some(self.drop.labels());
+        eventually(Duration::from_secs(30), "set created", || async {
+            self.sets
+                .create(&PostParams::default(), &set)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+        name
+    }
+
+    async fn children(&self, set: &str) -> Vec<CachedImage> {
+        let lp = ListParams::default().labels(&format!("{IMAGESET_LABEL}={set}"));
+        let mut items = self.images.list(&lp).await.unwrap().items;
+        items.sort_by_key(|c| c.name_any());
+        items
+    }
+
+    async fn wait_set(
+        &self,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&CachedImageSet) -> bool,
+    ) -> CachedImageSet {
+        eventually(Duration::from_secs(60), what, || async {
+            let s = self.sets.get(name).await.map_err(|e| e.to_string())?;
+            if ok(&s) {
+                Ok(s)
+            } else {
+                Err(format!("{:?}", s.status))
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn wait_children(&self, set: &str, want: &[String]) -> Vec<CachedImage> {
+        let mut want = want.to_vec();
+        want.sort();
+        eventually(
+            Duration::from_secs(60),
+            "children follow the set",
+            || async {
+                let got = self.children(set).await;
+                let names: Vec<String> = got.iter().map(ResourceExt::name_any).collect();
+                if names == want {
+                    Ok(got)
+                } else {
+                    Err(format!("{names:?}"))
+                }
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn finish(self) {
+        self.drop.stop().await;
+    }
+}
+
+fn ready_message(s: &CachedImageSet) -> (String, String) {
+    s.status
+        .as_ref()
+        .and_then(|st| framework::conditions::get(&st.conditions, "Ready"))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+fn child_of(set: &str, reference: &str) -> String {
+    child_name(set, &Wanted::parse(reference).unwrap())
+}
+
+#[tokio::test]
+async fn imageset_static_children_follow_the_list_and_settings() {
+    let s = scene("set-static").await;
+    let name = s
+        .create_set(
+            "tools",
+            s.spec(&[
+                ("docker.io/library/alpine", "3.19"),
+                ("docker.io/library/busybox", "1.36"),
+            ]),
+        )
+        .await;
+    let children = s
+        .wait_children(
+            &name,
+            &[
+                child_of(&name, "docker.io/library/alpine:3.19"),
+                child_of(&name, "docker.io/library/busybox:1.36"),
+            ],
+        )
+        .await;
+    let set = s.sets.get(&name).await.unwrap();
+    for c in &children {
+        let owner = &c.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("CachedImageSet", set.uid().unwrap().as_str(), Some(true))
+        );
+        assert_eq!(c.labels()[IMAGESET_LABEL], name);
+        assert_eq!(c.spec.policy_ref.as_ref().unwrap().name, s.name("fast"));
+        assert_eq!(c.spec.node_selector, s.spec(&[]).node_selector);
+    }
+    let set = s
+        .wait_set(&name, "Ready", |x| {
+            x.status.as_ref().and_then(|st| st.phase) == Some(CachedImageSetPhase::Ready)
+        })
+        .await;
+    assert_eq!(
+        ready_message(&set),
+        ("Ready".to_owned(), "All 2 images are cached".to_owned())
+    );
+    assert_eq!(
+        (
+            set.status.as_ref().unwrap().images_managed,
+            set.status.as_ref().unwrap().images_ready
+        ),
+        (2, 2)
+    );
+
+    // The list changes: one child added, one pruned.
+    let spec = s.spec(&[
+        ("docker.io/library/alpine", "3.19"),
+        ("docker.io/library/redis", "7-alpine"),
+    ]);
+    s.sets
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"images": spec.images}})),
+        )
+        .await
+        .unwrap();
+    s.wait_children(
+        &name,
+        &[
+            child_of(&name, "docker.io/library/alpine:3.19"),
+            child_of(&name, "docker.io/library/redis:7-alpine"),
+        ],
+    )
+    .await;
+
+    // A propagated field changes: every child follows.
+    s.sets
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"imagePullPolicy": "IfNotPresent"}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "children use IfNotPresent",
+        || async {
+            let cs = s.children(&name).await;
+            if cs.len() == 2
+                && cs
+                    .iter()
+                    .all(|c| c.spec.image_pull_policy == ImagePullPolicy::IfNotPresent)
+            {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn imageset_discovered_images_follow_the_policy_and_failures_show() {
+    let s = scene("set-disc").await;
+    let set_spec = CachedImageSetSpec {
+        discovery_policy_ref: Some(DiscoveryPolicyReference {
+            name: s.name("popular"),
+        }),
+        ..s.spec(&[("docker.io/library/alpine", "3.19")])
+    };
+    let name = s.create_set("found", set_spec).await;
+    let set = s
+        .wait_set(&name, "policy reported missing", |x| {
+            ready_message(x).0 == "DiscoveryPolicyNotFound"
+        })
+        .await;
+    assert_eq!(
+        set.status.unwrap().phase,
+        Some(CachedImageSetPhase::Degraded)
+    );
+
+    // The DiscoveryPolicy appears; its status is what its controller publishes.
+    let policies: Api<DiscoveryPolicy> = Api::all(s.client.clone());
+    let source = DiscoverySource {
+        type_: SourceType::Prometheus,
+        prometheus: Some(PrometheusSource {
+            endpoint: "http://prometheus:9090".into(),
+            query: "up".into(),
+            ..PrometheusSource::default()
+        }),
+        registry: None,
+        secret_ref: None,
+    };
+    let mut dp = DiscoveryPolicy::new(
+        &s.name("popular"),
+        DiscoveryPolicySpec {
+            sources: vec![source],
+            ..DiscoveryPolicySpec::default()
+        },
+    );
+    dp.metadata.labels = Some(s.drop.labels());
+    policies.create(&PostParams::default(), &dp).await.unwrap();
+    let publish = |images: &[&str], ready: bool, message: &str| {
+        let found: Vec<DiscoveredImage> = images
+            .iter()
+            .map(|i| DiscoveredImage {
+                image: i.to_string(),
+                score: 1,
+                source: "prometheus".into(),
+            })
+            .collect();
+        serde_json::json!({"status": {"discoveredImages": found, "imageCount": found.len(), "conditions": [{
+            "type": "Ready", "status": if ready { "True" } else { "False" },
+            "reason": if ready { "Synced" } else { "SourceError" }, "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
+    };
+    let pp = PatchParams::default();
+    policies
+        .patch_status(
+            &s.name("popular"),
+            &pp,
+            &Patch::Merge(publish(
+                &["docker.io/library/nginx:1.27", "alpine:3.19"],
+                true,
+                "Discovered 2 images",
+            )),
+        )
+        .await
+        .unwrap();
+    s.wait_children(
+        &name,
+        &[
+            child_of(&name, "docker.io/library/alpine:3.19"),
+            child_of(&name, "docker.io/library/nginx:1.27"),
+        ],
+    )
+    .await;
+    s.wait_set(&name, "Ready with static and discovered images", |x| {
+        ready_message(x).1 == "All 2 images are cached"
+    })
+    .await;
+
+    // The discovered list changes: the children follow.
+    policies
+        .patch_status(
+            &s.name("popular"),
+            &pp,
+            &Patch::Merge(publish(
+                &["docker.io/library/redis:7"],
+                true,
+                "Discovered 1 images",
+            )),
+        )
+        .await
+        .unwrap();
+    s.wait_children(
+        &name,
+        &[
+            child_of(&name, "docker.io/library/alpine:3.19"),
+            child_of(&name, "docker.io/library/redis:7"),
+        ],
+    )
+    .await;
+
+    // The policy breaks (it keeps its last good list): the set says so, and keeps its children.
+    policies
+        .patch_status(
+            &s.name("popular"),
+            &pp,
+            &Patch::Merge(publish(
+                &["docker.io/library/redis:7"],
+                false,
+                "prometheus: connection refused",
+            )),
+        )
+        .await
+        .unwrap();
+    let set = s
+        .wait_set(&name, "Degraded", |x| {
+            x.status.as_ref().and_then(|st| st.phase) == Some(CachedImageSetPhase::Degraded)
+        })
+        .await;
+    let (reason, message) = ready_message(&set);
+    assert_eq!(reason, "Degraded");
+    assert!(message.contains("connection refused"), "{message}");
+    assert_eq!(s.children(&name).await.len(), 2);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn imageset_deletion_leaves_no_children_or_pull_pods() {
+    let s = scene("set-delete").await;
+    let mut slow = s.spec(&[
+        ("docker.io/library/busybox", "slow-60s"),
+        ("docker.io/library/alpine", "slow-60s"),
+    ]);
+    slow.policy_ref = Some(PolicyReference {
+        name: s.name("fast"),
+    });
+    let background = s.create_set("bg", slow.clone()).await;
+    let foreground = s.create_set("fg", slow).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    eventually(
+        Duration::from_secs(60),
+        "pulls in flight for both sets",
+        || async {
+            let n = pods
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            if n >= 4 {
+                Ok(())
+            } else {
+                Err(format!("{n} pull Pods"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    s.sets
+        .delete(
+            &background,
+            &DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    s.sets
+        .delete(
+            &foreground,
+            &DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Foreground),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(90),
+        "sets, children and pull Pods gone",
+        || async {
+            let sets_left = [&background, &foreground].len()
+                - [
+                    s.sets.get_opt(&background).await,
+                    s.sets.get_opt(&foreground).await,
+                ]
+                .into_iter()
+                .filter(|r| matches!(r, Ok(None)))
+                .count();
+            let children =
+                s.children(&background).await.len() + s.children(&foreground).await.len();
+            let pulls = pods
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            if sets_left + children + pulls == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "sets {sets_left}, children {children}, pods {pulls}"
+                ))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    s.finish().await;
+}
