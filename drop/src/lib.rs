@@ -5,12 +5,16 @@
 //! - [`pacing`]: which pulls may start now (pure);
 //! - [`cachedimage`]: the CachedImage controller;
 //! - [`cachedimageset`]: the CachedImageSet controller;
+//! - [`discovery`]: the Prometheus and registry sources;
+//! - [`discoverypolicy`]: the DiscoveryPolicy controller;
 //! - [`metrics`]: the `drop_*` metrics;
 //! - [`operator`]: wiring the controllers into one process.
 
 pub mod api;
 pub mod cachedimage;
 pub mod cachedimageset;
+pub mod discovery;
+pub mod discoverypolicy;
 pub mod metrics;
 pub mod operator;
 pub mod pacing;

@@ -3,6 +3,7 @@
 use crate::api::{self, CachedImage, DiscoveryPolicy, PullPolicy};
 use crate::cachedimage::{self, CachedImageReconciler, pacer::Pacer};
 use crate::cachedimageset::{self, CachedImageSetReconciler};
+use crate::discoverypolicy::DiscoveryPolicyReconciler;
 use crate::metrics::Metrics;
 use framework::{Controller, LeaderElection, Operator, OperatorError};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -72,7 +73,15 @@ pub async fn run(
         .primary_watch(primary_watch(settings.watch_selector.as_deref()))
         .owns::<CachedImage>()
         .watches::<DiscoveryPolicy, _>(cachedimageset::sets_using);
-    operator = operator.controller(cachedimages).controller(sets);
+    let discovery = Controller::new(
+        "discoverypolicy",
+        DiscoveryPolicyReconciler::new(&settings.pod_namespace, metrics.clone()),
+    )
+    .primary_watch(primary_watch(settings.watch_selector.as_deref()));
+    operator = operator
+        .controller(cachedimages)
+        .controller(sets)
+        .controller(discovery);
     if let Some(addr) = settings.metrics_addr {
         operator = operator.metrics_addr(addr);
     }

@@ -2,13 +2,16 @@
 # Installs the Debian packages the harness and the e2e suites use, if any is missing.
 set -euo pipefail
 need=()
-for pair in openssl:openssl curl:curl python3:python3 flock:util-linux setsid:util-linux; do
+# prometheus (with promtool) and docker-registry are the real servers the discovery suites query.
+for pair in openssl:openssl curl:curl python3:python3 flock:util-linux setsid:util-linux \
+  prometheus:prometheus promtool:prometheus docker-registry:docker-registry; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
   echo "[deps] installing: ${need[*]}" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  mapfile -t need < <(printf "%s\n" "${need[@]}" | sort -u)
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v go >/dev/null || { echo "[deps] error: Go >= 1.26 is required to build the control-plane binaries" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "[deps] error: a Rust toolchain (cargo) is required" >&2; exit 1; }

@@ -322,6 +322,13 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         ("patch", "drop.corewire.io", "cachedimagesets/status", None),
         ("create", "drop.corewire.io", "cachedimages", None),
         ("watch", "drop.corewire.io", "discoverypolicies", None),
+        (
+            "patch",
+            "drop.corewire.io",
+            "discoverypolicies/status",
+            None,
+        ),
+        ("get", "", "secrets", Some("drop-system")),
         ("watch", "", "nodes", None),
         ("create", "events.k8s.io", "events", Some("default")),
         (
@@ -343,12 +350,7 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         ("delete", "", "nodes", None),
         ("update", "drop.corewire.io", "cachedimages", None),
         ("delete", "drop.corewire.io", "cachedimagesets", None),
-        (
-            "patch",
-            "drop.corewire.io",
-            "discoverypolicies/status",
-            None,
-        ),
+        ("list", "", "secrets", Some("drop-system")),
         (
             "create",
             "apiextensions.k8s.io",

@@ -1,0 +1,254 @@
+//! HTTP for discovery sources: credentials from a Secret, TLS with a custom CA and client
+//! certificates, bounded requests, and failure classification.
+
+use super::{FailureKind, SourceError};
+use k8s_openapi::ByteString;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Longest wait for one request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest response body read (bytes).
+pub const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// What a source's Secret provides. Its Debug output never shows secret values.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// Bearer token (`token`).
+    pub token: Option<String>,
+    /// Basic auth (`username`, `password`).
+    pub basic: Option<(String, String)>,
+    /// CA bundle to trust (`ca.crt`).
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key (`tls.crt`, `tls.key`).
+    pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
+    /// Extra headers (`headers.<name>`).
+    pub headers: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "basic",
+                &self.basic.as_ref().map(|(u, _)| (u, "<redacted>")),
+            )
+            .field("ca", &self.ca.is_some())
+            .field("client_cert", &self.client_cert.is_some())
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Reads the keys Drop understands from a Secret's data.
+    pub fn from_secret(
+        name: &str,
+        data: &BTreeMap<String, ByteString>,
+    ) -> Result<Self, SourceError> {
+        let text = |key: &str| -> Result<Option<String>, SourceError> {
+            data.get(key)
+                .map(|v| {
+                    String::from_utf8(v.0.clone())
+                        .map(|s| s.trim().to_owned())
+                        .map_err(|_| {
+                            SourceError::new(
+                                FailureKind::InvalidConfig,
+                                format!("Secret {name:?}: key {key:?} is not text"),
+                            )
+                        })
+                })
+                .transpose()
+        };
+        let bytes = |key: &str| data.get(key).map(|v| v.0.clone());
+        let basic = match (text("username")?, text("password")?) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => {
+                return Err(SourceError::new(
+                    FailureKind::InvalidConfig,
+                    format!("Secret {name:?} has only one of username and password"),
+                ));
+            }
+        };
+        let client_cert = match (bytes("tls.crt"), bytes("tls.key")) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(SourceError::new(
+                    FailureKind::InvalidConfig,
+                    format!("Secret {name:?} has only one of tls.crt and tls.key"),
+                ));
+            }
+        };
+        let mut headers = Vec::new();
+        for key in data.keys().filter(|k| k.starts_with("headers.")) {
+            if let Some(v) = text(key)? {
+                headers.push((key.trim_start_matches("headers.").to_owned(), v));
+            }
+        }
+        Ok(Self {
+            token: text("token")?,
+            basic,
+            ca: bytes("ca.crt"),
+            client_cert,
+            headers,
+        })
+    }
+
+    /// The HTTP client for a source using these credentials.
+    pub fn client(&self) -> Result<reqwest::Client, SourceError> {
+        let config = |what: &str, e: reqwest::Error| {
+            SourceError::new(FailureKind::InvalidConfig, format!("{what}: {e}"))
+        };
+        let mut b = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Credentials are not re-sent when a redirect leaves the host (reqwest drops them).
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("drop/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &self.ca {
+            for cert in
+                reqwest::Certificate::from_pem_bundle(ca).map_err(|e| config("ca.crt", e))?
+            {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            let mut pem = cert.clone();
+            pem.push(b'\n');
+            pem.extend_from_slice(key);
+            b = b.identity(
+                reqwest::Identity::from_pem(&pem).map_err(|e| config("tls.crt/tls.key", e))?,
+            );
+        }
+        b.build().map_err(|e| config("HTTP client", e))
+    }
+
+    /// Adds the source's auth and extra headers to a request (`bearer` overrides the Secret's token).
+    pub fn authorize(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        bearer: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        match (bearer.or(self.token.as_deref()), &self.basic) {
+            (Some(t), _) => req.bearer_auth(t),
+            (None, Some((u, p))) => req.basic_auth(u, Some(p)),
+            (None, None) => req,
+        }
+    }
+}
+
+/// Classifies a transport error (DNS, refused, timeout, TLS) into a reason and a message.
+pub fn classify(url: &str, e: &reqwest::Error) -> SourceError {
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    let lower = chain.to_lowercase();
+    let kind = if e.is_timeout() {
+        FailureKind::Timeout
+    } else if lower.contains("dns error")
+        || lower.contains("failed to lookup address")
+        || lower.contains("name or service not known")
+    {
+        FailureKind::DnsError
+    } else if lower.contains("connection refused") {
+        FailureKind::ConnectionRefused
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+    {
+        FailureKind::TlsError
+    } else {
+        FailureKind::SourceError
+    };
+    SourceError::new(kind, format!("{url}: {chain}"))
+}
+
+/// Classifies an HTTP error status.
+pub fn status_error(url: &str, status: reqwest::StatusCode, body: &[u8]) -> SourceError {
+    let kind = match status.as_u16() {
+        401 | 403 => FailureKind::Unauthorized,
+        404 => FailureKind::RepositoryNotFound,
+        _ => FailureKind::SourceError,
+    };
+    let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
+    SourceError::new(kind, format!("{url}: HTTP {status}: {}", snippet.trim()))
+}
+
+/// Sends a request and reads at most [`MAX_BODY`] bytes of the answer.
+pub async fn send(
+    url: &str,
+    req: reqwest::RequestBuilder,
+) -> Result<(reqwest::StatusCode, reqwest::header::HeaderMap, Vec<u8>), SourceError> {
+    let mut resp = req.send().await.map_err(|e| classify(url, &e))?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(url, &e))? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(SourceError::new(
+                FailureKind::ResponseTooLarge,
+                format!(
+                    "{url}: response larger than {} MiB",
+                    MAX_BODY / (1024 * 1024)
+                ),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, headers, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn discovery_credentials_read_the_documented_keys_and_never_print_secrets() {
+        let c = Credentials::from_secret(
+            "s",
+            &data(&[
+                ("token", "t0p"),
+                ("username", "u"),
+                ("password", "hunter2"),
+                ("headers.X-Org", "drop"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.token.as_deref(), Some("t0p"));
+        assert_eq!(c.headers, vec![("X-Org".to_owned(), "drop".to_owned())]);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("t0p") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn discovery_credentials_reject_half_pairs() {
+        let e = Credentials::from_secret("s", &data(&[("username", "u")])).unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidConfig);
+        assert!(e.message.contains("only one of username and password"));
+        let e = Credentials::from_secret("s", &data(&[("tls.crt", "x")])).unwrap_err();
+        assert!(e.message.contains("tls.crt and tls.key"));
+    }
+}

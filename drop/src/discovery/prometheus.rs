@@ -1,0 +1,113 @@
+//! Prometheus-compatible query APIs (Prometheus, Thanos, Mimir, VictoriaMetrics).
+//!
+//! Without `lookback`: an instant query (`/api/v1/query`), score = the sample value. With it: a range
+//! query (`/api/v1/query_range`, from now − lookback to now, at `step`), score = the sum of the values.
+//! Every result must carry an `image` label (its value is the image reference); results without one
+//! are skipped. The endpoint's path is kept (a Prometheus behind a proxy at `/prometheus` works).
+
+use super::client::{self, Credentials};
+use super::{FailureKind, Found, SourceError};
+use crate::api::PrometheusSource;
+use jiff::Timestamp;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Answer {
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    data: Option<Data>,
+}
+
+#[derive(Deserialize)]
+struct Data {
+    #[serde(rename = "resultType")]
+    result_type: String,
+    result: Vec<Series>,
+}
+
+#[derive(Deserialize)]
+struct Series {
+    metric: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    value: Option<(f64, String)>,
+    #[serde(default)]
+    values: Vec<(f64, String)>,
+}
+
+/// Queries one Prometheus source.
+pub async fn query(
+    src: &PrometheusSource,
+    creds: &Credentials,
+    now: Timestamp,
+) -> Result<Found, SourceError> {
+    let base = src.endpoint.trim_end_matches('/');
+    let http = creds.client()?;
+    let (url, params): (String, Vec<(&str, String)>) = match src.lookback {
+        None => (
+            format!("{base}/api/v1/query"),
+            vec![
+                ("query", src.query.clone()),
+                ("time", now.as_second().to_string()),
+            ],
+        ),
+        Some(lookback) => {
+            let secs = std::time::Duration::from(lookback).as_secs() as i64;
+            (
+                format!("{base}/api/v1/query_range"),
+                vec![
+                    ("query", src.query.clone()),
+                    ("start", (now.as_second() - secs).to_string()),
+                    ("end", now.as_second().to_string()),
+                    ("step", src.step.clone()),
+                ],
+            )
+        }
+    };
+    let req = creds.authorize(http.get(&url).query(&params), None);
+    let (status, _, body) = client::send(&url, req).await?;
+    if !status.is_success() {
+        return Err(client::status_error(&url, status, &body));
+    }
+    let answer: Answer = serde_json::from_slice(&body).map_err(|e| {
+        SourceError::new(
+            FailureKind::InvalidResponse,
+            format!("{url}: not a Prometheus API answer: {e}"),
+        )
+    })?;
+    if answer.status != "success" {
+        return Err(SourceError::new(
+            FailureKind::SourceError,
+            format!("{url}: query failed: {}", answer.error.unwrap_or_default()),
+        ));
+    }
+    let data = answer.data.ok_or_else(|| {
+        SourceError::new(
+            FailureKind::InvalidResponse,
+            format!("{url}: answer has no data"),
+        )
+    })?;
+    if !matches!(data.result_type.as_str(), "vector" | "matrix") {
+        return Err(SourceError::new(
+            FailureKind::InvalidConfig,
+            format!(
+                "{url}: the query returns a {}, not a vector of series with an image label",
+                data.result_type
+            ),
+        ));
+    }
+    let mut found = Found::new();
+    for s in data.result {
+        let Some(image) = s.metric.get("image").filter(|i| !i.is_empty()) else {
+            continue;
+        };
+        let samples = s.value.into_iter().chain(s.values);
+        let sum: f64 = samples
+            .filter_map(|(_, v)| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .sum();
+        *found.entry(image.clone()).or_default() += sum.round() as i64;
+    }
+    Ok(found)
+}

@@ -1,0 +1,405 @@
+//! Discovery against real servers: Debian's Prometheus (backfilled with known samples) and
+//! docker-registry (seeded through its HTTP API), both on loopback; and the DiscoveryPolicy controller
+//! on the local control plane.
+
+use drop::api::{
+    DiscoveryPolicy, DiscoveryPolicySpec, DiscoverySource, PrometheusSource, RegistrySource,
+    SourceType,
+};
+use drop::discovery::client::Credentials;
+use drop::discovery::{FailureKind, prometheus, registry};
+use e2e::fixtures::{Prometheus, Registry, closed_port};
+use e2e::{DropUnderTest, cluster};
+use framework::testing::eventually;
+use jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use std::time::Duration;
+
+const NGINX: &str = "docker.io/library/nginx:1.27";
+const REDIS: &str = "docker.io/library/redis:7";
+
+fn prom(url: &str, query: &str, lookback: Option<Duration>) -> PrometheusSource {
+    PrometheusSource {
+        endpoint: url.into(),
+        query: query.into(),
+        lookback: lookback.map(Into::into),
+        ..PrometheusSource::default()
+    }
+}
+
+fn reg(url: &str, repos: &[&str]) -> RegistrySource {
+    RegistrySource {
+        url: url.into(),
+        repositories: repos.iter().map(|r| r.to_string()).collect(),
+        ..RegistrySource::default()
+    }
+}
+
+#[tokio::test]
+async fn discovery_prometheus_instant_and_range_scores_are_exact() {
+    framework::install_crypto_provider();
+    let now = Timestamp::now().as_second() / 60 * 60;
+    let p = Prometheus::start(&[(NGINX, 3.0), (REDIS, 5.0)], now).await;
+    let at = Timestamp::from_second(now).unwrap();
+    let none = Credentials::default();
+
+    // Instant query: the value is the score. The endpoint's /prom base path is kept.
+    let instant = prometheus::query(&prom(&p.url, "drop_test_image_runs", None), &none, at)
+        .await
+        .unwrap();
+    assert_eq!(instant.get(NGINX), Some(&3));
+    assert_eq!(instant.get(REDIS), Some(&5));
+
+    // Range query over 1 h at the default 5 m step: 13 points, summed.
+    let range = prometheus::query(
+        &prom(
+            &p.url,
+            "drop_test_image_runs",
+            Some(Duration::from_secs(3600)),
+        ),
+        &none,
+        at,
+    )
+    .await
+    .unwrap();
+    assert_eq!(range.get(NGINX), Some(&39));
+    assert_eq!(range.get(REDIS), Some(&65));
+
+    // Aggregations keep the label; results without an image label are skipped.
+    let summed = prometheus::query(
+        &prom(&p.url, "sum by (image) (drop_test_image_runs) * 2", None),
+        &none,
+        at,
+    )
+    .await
+    .unwrap();
+    assert_eq!(summed.get(NGINX), Some(&6));
+    let unlabelled = prometheus::query(&prom(&p.url, "sum(drop_test_image_runs)", None), &none, at)
+        .await
+        .unwrap();
+    assert!(unlabelled.is_empty());
+
+    // A query error is reported as such.
+    let err = prometheus::query(&prom(&p.url, "sum(", None), &none, at)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("query failed") || err.message.contains("HTTP 400"),
+        "{err}"
+    );
+    // The wrong base path is a clear not-found.
+    let err = prometheus::query(
+        &prom(&p.url.replace("/prom", "/other"), "up", None),
+        &none,
+        at,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind, FailureKind::RepositoryNotFound, "{err}");
+}
+
+#[tokio::test]
+async fn discovery_registry_lists_tags_with_filter_topx_and_template() {
+    framework::install_crypto_provider();
+    let r = Registry::start().await;
+    for tag in ["v1.0.0", "v1.1.0", "v2.0.0", "edge"] {
+        r.push("test/myapp", tag).await;
+    }
+    r.push("test/other", "latest").await;
+    let none = Credentials::default();
+
+    let all = registry::list(&reg(&r.url, &["test/myapp", "test/other"]), &none)
+        .await
+        .unwrap();
+    let mut images: Vec<&String> = all.keys().collect();
+    images.sort();
+    let h = r.host();
+    assert_eq!(
+        images,
+        vec![
+            &format!("{h}/test/myapp:edge"),
+            &format!("{h}/test/myapp:v1.0.0"),
+            &format!("{h}/test/myapp:v1.1.0"),
+            &format!("{h}/test/myapp:v2.0.0"),
+            &format!("{h}/test/other:latest"),
+        ]
+    );
+
+    let mut src = reg(&r.url, &["test/myapp"]);
+    src.tag_filter = Some("^v".into());
+    src.top_x = Some(2);
+    src.image_template = Some("mirror.local/{{.Repository}}:{{.Tag}}".into());
+    let some = registry::list(&src, &none).await.unwrap();
+    assert_eq!(some.len(), 2, "the last 2 matching tags: {some:?}");
+    assert!(
+        some.keys()
+            .all(|i| i.starts_with("mirror.local/test/myapp:v")),
+        "{some:?}"
+    );
+    assert_eq!(
+        some.values()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [1, 2].into_iter().collect()
+    );
+
+    // A repository that does not exist.
+    let err = registry::list(&reg(&r.url, &["this/does-not-exist"]), &none)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FailureKind::RepositoryNotFound);
+    assert!(
+        err.message.contains("\"this/does-not-exist\" not found"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn discovery_failures_are_classified_against_real_conditions() {
+    framework::install_crypto_provider();
+    let none = Credentials::default();
+    let dns = registry::list(
+        &reg("http://nonexistent-registry.invalid:5000", &["a"]),
+        &none,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(dns.kind, FailureKind::DnsError, "{dns}");
+    let refused = registry::list(
+        &reg(&format!("http://127.0.0.1:{}", closed_port()), &["a"]),
+        &none,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.kind, FailureKind::ConnectionRefused, "{refused}");
+    let at = Timestamp::now();
+    let refused = prometheus::query(
+        &prom(&format!("http://127.0.0.1:{}", closed_port()), "up", None),
+        &none,
+        at,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.kind, FailureKind::ConnectionRefused, "{refused}");
+    // A server that answers with something that is not the API.
+    let r = Registry::start().await;
+    let wrong = prometheus::query(&prom(&format!("{}/v2", r.url), "up", None), &none, at)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            wrong.kind,
+            FailureKind::InvalidResponse | FailureKind::RepositoryNotFound
+        ),
+        "{wrong}"
+    );
+}
+
+fn source_prom(url: &str) -> DiscoverySource {
+    DiscoverySource {
+        type_: SourceType::Prometheus,
+        prometheus: Some(prom(url, "drop_test_image_runs", None)),
+        registry: None,
+        secret_ref: None,
+    }
+}
+
+fn source_reg(url: &str, repo: &str) -> DiscoverySource {
+    DiscoverySource {
+        type_: SourceType::Registry,
+        prometheus: None,
+        registry: Some(reg(url, &[repo])),
+        secret_ref: None,
+    }
+}
+
+fn ready(dp: &DiscoveryPolicy) -> (String, String) {
+    dp.status
+        .as_ref()
+        .and_then(|s| framework::conditions::get(&s.conditions, "Ready"))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "discovery").await.unwrap();
+    let p = Prometheus::start(&[(NGINX, 3.0), (REDIS, 5.0)], Timestamp::now().as_second()).await;
+    let r = Registry::start().await;
+    r.push("test/myapp", "v1").await;
+    let drop = DropUnderTest::start(&client, ns.name(), ns.name()).await;
+    let policies: Api<DiscoveryPolicy> = Api::all(client.clone());
+    let create = |name: String, sources: Vec<DiscoverySource>, max: i32| {
+        let mut dp = DiscoveryPolicy::new(
+            &name,
+            DiscoveryPolicySpec {
+                sources,
+                sync_interval: Some(Duration::from_secs(2).into()),
+                max_images: max,
+                ..DiscoveryPolicySpec::default()
+            },
+        );
+        dp.metadata.labels = Some(drop.labels());
+        dp
+    };
+    let good = format!("{}-good", ns.name());
+    let dp = create(
+        good.clone(),
+        vec![source_prom(&p.url), source_reg(&r.url, "test/myapp")],
+        10,
+    );
+    eventually(Duration::from_secs(30), "policy created", || async {
+        policies
+            .create(&PostParams::default(), &dp)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    let dp = eventually(Duration::from_secs(30), "Synced", || async {
+        let dp = policies.get(&good).await.map_err(|e| e.to_string())?;
+        if ready(&dp).0 == "Synced" {
+            Ok(dp)
+        } else {
+            Err(format!("{:?}", dp.status))
+        }
+    })
+    .await
+    .unwrap();
+    let st = dp.status.unwrap();
+    let images: Vec<(String, i64)> = st
+        .discovered_images
+        .iter()
+        .map(|d| (d.image.clone(), d.score))
+        .collect();
+    assert_eq!(
+        images,
+        vec![
+            (REDIS.into(), 5),
+            (NGINX.into(), 3),
+            (format!("{}/test/myapp:v1", r.host()), 1)
+        ]
+    );
+    assert_eq!((st.image_count, st.source_count), (3, 2));
+    assert!(st.last_sync_time.is_some());
+    assert_eq!(
+        ready(&policies.get(&good).await.unwrap()).1,
+        "Discovered 3 images"
+    );
+
+    // A new tag appears in the registry: the next sync (2 s) publishes it.
+    r.push("test/myapp", "v2").await;
+    eventually(
+        Duration::from_secs(30),
+        "refreshed on syncInterval",
+        || async {
+            let dp = policies.get(&good).await.map_err(|e| e.to_string())?;
+            let n = dp.status.map(|s| s.image_count).unwrap_or(0);
+            if n == 4 {
+                Ok(())
+            } else {
+                Err(format!("{n} images"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // One of two sources down: partial failure, the healthy source's images kept.
+    let partial = format!("{}-partial", ns.name());
+    let dead = format!("http://127.0.0.1:{}", closed_port());
+    policies
+        .create(
+            &PostParams::default(),
+            &create(
+                partial.clone(),
+                vec![source_prom(&p.url), source_reg(&dead, "x")],
+                10,
+            ),
+        )
+        .await
+        .unwrap();
+    let dp = eventually(Duration::from_secs(30), "PartiallyFailed", || async {
+        let dp = policies.get(&partial).await.map_err(|e| e.to_string())?;
+        if ready(&dp).0 == "PartiallyFailed" {
+            Ok(dp)
+        } else {
+            Err(format!("{:?}", dp.status))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(dp.status.as_ref().unwrap().image_count, 2);
+    assert_eq!(
+        ready(&dp).1,
+        "Discovered 2 images, but some sources failed: 1"
+    );
+    let health =
+        framework::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
+            .unwrap();
+    assert_eq!(health.reason, "ConnectionRefused");
+
+    // A policy whose only source does not resolve: SyncFailed, with DNSError as the source reason.
+    let broken = format!("{}-broken", ns.name());
+    policies
+        .create(
+            &PostParams::default(),
+            &create(
+                broken.clone(),
+                vec![source_reg(
+                    "http://nonexistent-registry.invalid:5000",
+                    "test/nope",
+                )],
+                10,
+            ),
+        )
+        .await
+        .unwrap();
+    let dp = eventually(Duration::from_secs(30), "SyncFailed", || async {
+        let dp = policies.get(&broken).await.map_err(|e| e.to_string())?;
+        if ready(&dp).0 == "SyncFailed" {
+            Ok(dp)
+        } else {
+            Err(format!("{:?}", dp.status))
+        }
+    })
+    .await
+    .unwrap();
+    let health =
+        framework::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
+            .unwrap();
+    assert_eq!(health.reason, "DNSError");
+
+    // maxImages caps the list, lowest scores dropped.
+    let capped = format!("{}-capped", ns.name());
+    policies
+        .create(
+            &PostParams::default(),
+            &create(capped.clone(), vec![source_prom(&p.url)], 1),
+        )
+        .await
+        .unwrap();
+    let dp = eventually(Duration::from_secs(30), "capped list", || async {
+        let dp = policies.get(&capped).await.map_err(|e| e.to_string())?;
+        if ready(&dp).0 == "Synced" {
+            Ok(dp)
+        } else {
+            Err(format!("{:?}", dp.status))
+        }
+    })
+    .await
+    .unwrap();
+    let only: Vec<String> = dp
+        .status
+        .unwrap()
+        .discovered_images
+        .into_iter()
+        .map(|d| d.image)
+        .collect();
+    assert_eq!(only, vec![REDIS.to_owned()]);
+    drop.stop().await;
+    for name in [good, partial, broken, capped] {
+        let _ = policies.delete(&name, &Default::default()).await;
+    }
+}
