@@ -4,7 +4,7 @@ set -euo pipefail
 need=()
 # prometheus (with promtool) and docker-registry are the real servers the discovery suites query.
 for pair in openssl:openssl curl:curl python3:python3 flock:util-linux setsid:util-linux \
-  prometheus:prometheus promtool:prometheus docker-registry:docker-registry; do
+  prometheus:prometheus promtool:prometheus docker-registry:docker-registry htpasswd:apache2-utils; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

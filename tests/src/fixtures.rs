@@ -42,8 +42,12 @@ async fn wait_http(url: &str, child: &mut Child, what: &str) {
 pub struct Registry {
     child: Child,
     _dir: tempfile::TempDir,
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (or `https://` when secured).
     pub url: String,
+    /// The client seeding a secured registry (trusting its CA, with a client certificate).
+    client: Option<reqwest::Client>,
+    /// Basic auth of a secured registry.
+    auth: Option<(String, String)>,
 }
 
 impl Registry {
@@ -73,18 +77,34 @@ impl Registry {
             child,
             _dir: dir,
             url,
+            client: None,
+            auth: None,
         }
     }
 
     /// Host and port, as image references name it.
     pub fn host(&self) -> &str {
-        self.url.trim_start_matches("http://")
+        self.url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
     }
 
-    async fn blob(&self, http: &reqwest::Client, repo: &str, data: &[u8]) -> String {
+    fn req(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let http = self.client.clone().unwrap_or_default();
+        let req = http.request(method, url);
+        match &self.auth {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        }
+    }
+
+    async fn blob(&self, repo: &str, data: &[u8]) -> String {
         let digest = format!("sha256:{:x}", Sha256::digest(data));
-        let start = http
-            .post(format!("{}/v2/{repo}/blobs/uploads/", self.url))
+        let start = self
+            .req(
+                reqwest::Method::POST,
+                format!("{}/v2/{repo}/blobs/uploads/", self.url),
+            )
             .send()
             .await
             .unwrap();
@@ -100,8 +120,11 @@ impl Registry {
             format!("{}{location}", self.url)
         };
         let sep = if location.contains('?') { '&' } else { '?' };
-        let put = http
-            .put(format!("{location}{sep}digest={digest}"))
+        let put = self
+            .req(
+                reqwest::Method::PUT,
+                format!("{location}{sep}digest={digest}"),
+            )
             .header("content-type", "application/octet-stream")
             .body(data.to_vec())
             .send()
@@ -113,19 +136,21 @@ impl Registry {
 
     /// Pushes a tiny image `repo:tag` through the registry's HTTP API.
     pub async fn push(&self, repo: &str, tag: &str) {
-        let http = reqwest::Client::new();
         let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");
         let layer = format!("layer of {repo}:{tag}");
-        let config_digest = self.blob(&http, repo, config.as_bytes()).await;
-        let layer_digest = self.blob(&http, repo, layer.as_bytes()).await;
+        let config_digest = self.blob(repo, config.as_bytes()).await;
+        let layer_digest = self.blob(repo, layer.as_bytes()).await;
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
             "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": config_digest},
             "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": layer.len(), "digest": layer_digest}],
         });
-        let resp = http
-            .put(format!("{}/v2/{repo}/manifests/{tag}", self.url))
+        let resp = self
+            .req(
+                reqwest::Method::PUT,
+                format!("{}/v2/{repo}/manifests/{tag}", self.url),
+            )
             .header(
                 "content-type",
                 "application/vnd.docker.distribution.manifest.v2+json",
@@ -216,5 +241,292 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A throw-away PKI made with openssl: a CA, a server certificate for 127.0.0.1, a client certificate.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// Generates the keys and certificates.
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = |script: &str| {
+            let out = Command::new("bash")
+                .arg("-ec")
+                .arg(script)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh(
+            "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=drop-test-ca 2>/dev/null",
+        );
+        for (name, eku, san) in [
+            (
+                "server",
+                "serverAuth",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            ),
+            ("client", "clientAuth", "subjectAltName=DNS:drop-client"),
+        ] {
+            sh(&format!(
+                "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null
+                 printf 'basicConstraints=CA:FALSE\\nkeyUsage=critical,digitalSignature,keyEncipherment\\nextendedKeyUsage={eku}\\n{san}\\n' > {name}.ext
+                 openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile {name}.ext -out {name}.crt 2>/dev/null"
+            ));
+        }
+        Self { dir }
+    }
+
+    /// A file of the PKI (`ca.crt`, `server.crt`, `server.key`, `client.crt`, `client.key`).
+    pub fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// The contents of a file of the PKI.
+    pub fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.path(file)).unwrap()
+    }
+}
+
+impl Registry {
+    /// Starts a registry behind TLS (certificate from `pki`), requiring client certificates signed by
+    /// the same CA, and basic auth for `user`/`password` (htpasswd, bcrypt).
+    pub async fn start_secured(pki: &Pki, user: &str, password: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .expect("htpasswd (apache2-utils)");
+        assert!(out.status.success());
+        std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n\
+                 auth:\n  htpasswd:\n    realm: drop-test\n    path: {htpasswd}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {crt}\n    key: {key}\n    clientcas:\n      - {ca}\n",
+                data = dir.path().join("data").display(),
+                htpasswd = dir.path().join("htpasswd").display(),
+                crt = pki.path("server.crt").display(),
+                key = pki.path("server.key").display(),
+                ca = pki.path("ca.crt").display(),
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{port}");
+        // Ready once the TLS port answers (401 without credentials is an answer).
+        let mut pem = pki.read("client.crt");
+        pem.extend_from_slice(&pki.read("client.key"));
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pki.read("ca.crt")).unwrap())
+            .identity(reqwest::Identity::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        for _ in 0..300 {
+            if http.get(format!("{url}/v2/")).send().await.is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("docker-registry exited: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            child,
+            _dir: dir,
+            url,
+            client: Some(http),
+            auth: Some((user.to_owned(), password.to_owned())),
+        }
+    }
+}
+
+/// How the in-process fake registry behaves.
+#[derive(Clone, Default)]
+pub struct FakeRegistryConfig {
+    /// Tags of every repository (`huge` answers 9 MiB instead; `slow` answers after 30 s).
+    pub tags: Vec<String>,
+    /// At most this many tags per page (0: no limit), with `Link` headers to the next page.
+    pub page_size: usize,
+    /// Require a bearer token, issued by `/token` to these basic credentials.
+    pub token_for: Option<(String, String)>,
+    /// Require this header (name, value) on tag listings.
+    pub required_header: Option<(String, String)>,
+}
+
+/// A small HTTP server speaking the parts of the distribution API Debian's registry does not:
+/// tag-list pagination and the bearer-token challenge. Stops when dropped.
+pub struct FakeRegistry {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeRegistry {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const TOKEN: &str = "fake-token-123";
+
+fn respond(
+    cfg: &FakeRegistryConfig,
+    base: &str,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use base64::Engine as _;
+    let reply = |code: u16, body: String, headers: Vec<(&str, String)>| {
+        let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+        for (k, v) in headers {
+            r.headers_mut().insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        r
+    };
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let path = req.uri().path().to_owned();
+    let query: std::collections::HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    if path == "/token" {
+        let Some((u, p)) = &cfg.token_for else {
+            return reply(404, String::new(), vec![]);
+        };
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        );
+        return if header("authorization").as_deref() == Some(expected.as_str()) {
+            reply(200, format!("{{\"token\":\"{TOKEN}\"}}"), vec![])
+        } else {
+            reply(
+                401,
+                "{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}".into(),
+                vec![],
+            )
+        };
+    }
+    let Some(repo) = path
+        .strip_prefix("/v2/")
+        .and_then(|p| p.strip_suffix("/tags/list"))
+    else {
+        return reply(404, String::new(), vec![]);
+    };
+    if cfg.token_for.is_some()
+        && header("authorization").as_deref() != Some(&format!("Bearer {TOKEN}"))
+    {
+        let challenge = format!(
+            "Bearer realm=\"{base}/token\",service=\"fake\",scope=\"repository:{repo}:pull,push\""
+        );
+        return reply(401, "{}".into(), vec![("www-authenticate", challenge)]);
+    }
+    if let Some((name, value)) = &cfg.required_header
+        && header(name).as_deref() != Some(value.as_str())
+    {
+        return reply(403, "{\"errors\":[{\"code\":\"DENIED\"}]}".into(), vec![]);
+    }
+    if repo == "huge" {
+        let tags: Vec<String> = (0..400_000).map(|i| format!("tag-{i:020}")).collect();
+        return reply(
+            200,
+            serde_json::json!({"name": repo, "tags": tags}).to_string(),
+            vec![],
+        );
+    }
+    let start = match query.get("last") {
+        Some(last) => cfg
+            .tags
+            .iter()
+            .position(|t| t == last)
+            .map_or(cfg.tags.len(), |i| i + 1),
+        None => 0,
+    };
+    let n = if cfg.page_size == 0 {
+        usize::MAX
+    } else {
+        cfg.page_size
+    };
+    let page: Vec<&String> = cfg.tags.iter().skip(start).take(n).collect();
+    let mut headers = vec![];
+    if start + page.len() < cfg.tags.len()
+        && let Some(last) = page.last()
+    {
+        headers.push((
+            "link",
+            format!("</v2/{repo}/tags/list?n={n}&last={last}>; rel=\"next\""),
+        ));
+    }
+    reply(
+        200,
+        serde_json::json!({"name": repo, "tags": page}).to_string(),
+        headers,
+    )
+}
+
+impl FakeRegistry {
+    /// Starts the fake on a free loopback port.
+    pub async fn start(cfg: FakeRegistryConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let base = url.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (cfg, base) = (cfg.clone(), base.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let slow = req.uri().path().starts_with("/v2/slow/");
+                        let resp = respond(&cfg, &base, &req);
+                        async move {
+                            if slow {
+                                // Longer than Drop's request timeout.
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { url, task }
     }
 }

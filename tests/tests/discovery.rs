@@ -403,3 +403,173 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         let _ = policies.delete(&name, &Default::default()).await;
     }
 }
+
+fn secret(pairs: &[(&str, Vec<u8>)]) -> Credentials {
+    let data = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.clone())))
+        .collect();
+    Credentials::from_secret("registry-creds", &data).unwrap()
+}
+
+#[tokio::test]
+async fn discovery_registry_with_custom_ca_client_certificate_and_basic_auth() {
+    framework::install_crypto_provider();
+    let pki = e2e::fixtures::Pki::generate();
+    let r = Registry::start_secured(&pki, "drop", "s3cret").await;
+    r.push("team/app", "v1").await;
+    let src = reg(&r.url, &["team/app"]);
+    let ca = ("ca.crt", pki.read("ca.crt"));
+    let cert = ("tls.crt", pki.read("client.crt"));
+    let key = ("tls.key", pki.read("client.key"));
+    let user = ("username", b"drop".to_vec());
+
+    // Everything right: CA trusted, client certificate presented, password accepted.
+    let ok = registry::list(
+        &src,
+        &secret(&[
+            ca.clone(),
+            cert.clone(),
+            key.clone(),
+            user.clone(),
+            ("password", b"s3cret".to_vec()),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ok.keys().collect::<Vec<_>>(),
+        vec![&format!("{}/team/app:v1", r.host())]
+    );
+
+    // The registry's CA is not trusted: a TLS failure.
+    let e = registry::list(&src, &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, FailureKind::TlsError, "{e}");
+    // Trusted, but no client certificate: the server refuses the handshake.
+    let e = registry::list(&src, &secret(std::slice::from_ref(&ca)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.kind, FailureKind::TlsError | FailureKind::SourceError),
+        "{e:?}"
+    );
+    // TLS right, wrong password: 401, an auth failure.
+    let e = registry::list(
+        &src,
+        &secret(&[ca, cert, key, user, ("password", b"wrong".to_vec())]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unauthorized, "{e}");
+}
+
+fn tags(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("t{i:02}")).collect()
+}
+
+#[tokio::test]
+async fn discovery_registry_follows_pagination_and_keeps_the_last_tags() {
+    framework::install_crypto_provider();
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    let f = FakeRegistry::start(FakeRegistryConfig {
+        tags: tags(8),
+        page_size: 3,
+        ..Default::default()
+    })
+    .await;
+    let host = f.url.trim_start_matches("http://").to_owned();
+    let all = registry::list(&reg(&f.url, &["team/app"]), &Credentials::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 8, "three pages followed: {all:?}");
+    let mut src = reg(&f.url, &["team/app"]);
+    src.top_x = Some(2);
+    let last: Vec<(String, i64)> = registry::list(&src, &Credentials::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        last,
+        vec![
+            (format!("{host}/team/app:t06"), 1),
+            (format!("{host}/team/app:t07"), 2)
+        ],
+        "the last 2 as returned, across pages"
+    );
+}
+
+#[tokio::test]
+async fn discovery_registry_bearer_token_flow_and_extra_headers() {
+    framework::install_crypto_provider();
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    let f = FakeRegistry::start(FakeRegistryConfig {
+        tags: tags(2),
+        token_for: Some(("robot".into(), "pw".into())),
+        required_header: Some(("x-org".into(), "drop".into())),
+        ..Default::default()
+    })
+    .await;
+    let src = reg(&f.url, &["team/app"]);
+    let good = secret(&[
+        ("username", b"robot".to_vec()),
+        ("password", b"pw".to_vec()),
+        ("headers.X-Org", b"drop".to_vec()),
+    ]);
+    assert_eq!(
+        registry::list(&src, &good).await.unwrap().len(),
+        2,
+        "challenge, token, retry"
+    );
+    let bad_pw = secret(&[
+        ("username", b"robot".to_vec()),
+        ("password", b"no".to_vec()),
+        ("headers.X-Org", b"drop".to_vec()),
+    ]);
+    let e = registry::list(&src, &bad_pw).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unauthorized, "{e}");
+    assert!(
+        e.message.contains("/token"),
+        "the token endpoint refused: {e}"
+    );
+    let no_header = secret(&[
+        ("username", b"robot".to_vec()),
+        ("password", b"pw".to_vec()),
+    ]);
+    let e = registry::list(&src, &no_header).await.unwrap_err();
+    assert_eq!(
+        e.kind,
+        FailureKind::Unauthorized,
+        "403 without the required header: {e}"
+    );
+}
+
+#[tokio::test]
+async fn discovery_huge_answers_are_cut_off() {
+    framework::install_crypto_provider();
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    let f = FakeRegistry::start(FakeRegistryConfig::default()).await;
+    let e = registry::list(&reg(&f.url, &["huge"]), &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, FailureKind::ResponseTooLarge, "{e}");
+}
+
+#[tokio::test]
+async fn discovery_slow_answers_time_out() {
+    framework::install_crypto_provider();
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    let f = FakeRegistry::start(FakeRegistryConfig {
+        tags: tags(1),
+        ..Default::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let e = registry::list(&reg(&f.url, &["slow"]), &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, FailureKind::Timeout, "{e}");
+    println!("timed out after {:.1}s", started.elapsed().as_secs_f64());
+}
