@@ -481,3 +481,72 @@ async fn imageset_deletion_leaves_no_children_or_pull_pods() {
     .unwrap();
     s.finish().await;
 }
+
+#[tokio::test]
+async fn imageset_follows_a_real_registry_through_its_discovery_policy() {
+    let s = scene("set-real").await;
+    let registry = e2e::fixtures::Registry::start().await;
+    registry.push("team/app", "v1").await;
+    let policies: Api<DiscoveryPolicy> = Api::all(s.client.clone());
+    let source = DiscoverySource {
+        type_: SourceType::Registry,
+        prometheus: None,
+        registry: Some(drop::api::RegistrySource {
+            url: registry.url.clone(),
+            repositories: vec!["team/app".into()],
+            ..Default::default()
+        }),
+        secret_ref: None,
+    };
+    let mut dp = DiscoveryPolicy::new(
+        &s.name("tags"),
+        DiscoveryPolicySpec {
+            sources: vec![source],
+            sync_interval: Some(Duration::from_secs(2).into()),
+            ..DiscoveryPolicySpec::default()
+        },
+    );
+    dp.metadata.labels = Some(s.drop.labels());
+    policies.create(&PostParams::default(), &dp).await.unwrap();
+    let set_spec = CachedImageSetSpec {
+        discovery_policy_ref: Some(DiscoveryPolicyReference {
+            name: s.name("tags"),
+        }),
+        ..s.spec(&[])
+    };
+    let name = s.create_set("tagged", set_spec).await;
+    let h = registry.host().to_owned();
+    s.wait_children(&name, &[child_of(&name, &format!("{h}/team/app:v1"))])
+        .await;
+
+    // A new tag is pushed: the policy finds it on its next sync, and the set gets a child for it.
+    registry.push("team/app", "v2").await;
+    s.wait_children(
+        &name,
+        &[
+            child_of(&name, &format!("{h}/team/app:v1")),
+            child_of(&name, &format!("{h}/team/app:v2")),
+        ],
+    )
+    .await;
+
+    // The registry goes away: the policy fails but keeps its list; the set says why and keeps its children.
+    drop(registry);
+    let set = s
+        .wait_set(&name, "Degraded by the failing policy", |x| {
+            ready_message(x).1.contains("DiscoveryPolicy")
+        })
+        .await;
+    let (reason, message) = ready_message(&set);
+    assert_eq!(reason, "Degraded");
+    assert!(
+        message.contains("connection refused") || message.contains("Connection refused"),
+        "{message}"
+    );
+    assert_eq!(
+        s.children(&name).await.len(),
+        2,
+        "children are kept through the outage"
+    );
+    s.finish().await;
+}
