@@ -398,8 +398,39 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         .map(|d| d.image)
         .collect();
     assert_eq!(only, vec![REDIS.to_owned()]);
+
+    // imageFilter keeps only matching references, across sources.
+    let filtered = format!("{}-filtered", ns.name());
+    let mut f = create(
+        filtered.clone(),
+        vec![source_prom(&p.url), source_reg(&r.url, "test/myapp")],
+        10,
+    );
+    f.spec.image_filter = Some("(nginx|myapp:v2)".into());
+    policies.create(&PostParams::default(), &f).await.unwrap();
+    let dp = eventually(Duration::from_secs(30), "filtered list", || async {
+        let dp = policies.get(&filtered).await.map_err(|e| e.to_string())?;
+        if ready(&dp).0 == "Synced" {
+            Ok(dp)
+        } else {
+            Err(format!("{:?}", dp.status))
+        }
+    })
+    .await
+    .unwrap();
+    let kept: Vec<String> = dp
+        .status
+        .unwrap()
+        .discovered_images
+        .into_iter()
+        .map(|d| d.image)
+        .collect();
+    assert_eq!(
+        kept,
+        vec![NGINX.to_owned(), format!("{}/test/myapp:v2", r.host())]
+    );
     drop.stop().await;
-    for name in [good, partial, broken, capped] {
+    for name in [good, partial, broken, capped, filtered] {
         let _ = policies.delete(&name, &Default::default()).await;
     }
 }
