@@ -114,8 +114,10 @@ where
 
     fn ready(&self) -> BoxFuture<'static, ()> {
         let store = self.store.clone();
+        let kind = self.kind.clone();
         async move {
             let _ = store.wait_until_ready().await;
+            tracing::debug!(%kind, "child cache synced");
         }
         .boxed()
     }
@@ -323,6 +325,7 @@ where
             let ready_store = reader.clone();
             let ready = async move {
                 let _ = ready_store.wait_until_ready().await;
+                tracing::debug!(kind = %O::kind(&()), "related cache synced");
             }
             .boxed();
             (
@@ -390,12 +393,19 @@ where
         // The primary watch is ours (not kube's default) so deletions can be handed to the reconciler.
         let (primary_reader, primary_writer) = reflector::store::<R::Resource>();
         let (deleted_tx, mut deleted_rx) = tokio::sync::mpsc::unbounded_channel::<R::Resource>();
+        // Readiness of the primary cache, from the stream itself: kube's applier already waits on the
+        // store's readiness, and that wait (a single oneshot receiver) wakes only one of two waiters.
+        let (primary_ready_tx, mut primary_ready_rx) = tokio::sync::watch::channel(false);
         let primary_stream = reflector::reflector(primary_writer, watcher(api, self.primary_watch))
             .default_backoff()
-            .inspect_ok(move |event| {
-                if let watcher::Event::Delete(obj) = event {
+            .inspect_ok(move |event| match event {
+                watcher::Event::Delete(obj) => {
                     let _ = deleted_tx.send(obj.clone());
                 }
+                watcher::Event::InitDone => {
+                    let _ = primary_ready_tx.send(true);
+                }
+                _ => {}
             })
             .touched_objects();
         let mut ctrl = KubeController::for_stream(primary_stream, primary_reader)
@@ -429,17 +439,17 @@ where
             .max_concurrent
             .with_label_values(&[&self.name])
             .set(i64::from(self.concurrency));
-        let primary_store = primaries.clone();
         ready.push(
             async move {
-                let _ = primary_store.wait_until_ready().await;
+                let _ = primary_ready_rx.wait_for(|ready| *ready).await;
             }
             .boxed(),
         );
         // Resolves once every cache has synced; reconciles wait for it, so a reconcile never sees a
         // half-filled cache of children or related objects (kube-runtime only waits for the primary's).
+        let synced_name = self.name.clone();
         let synced = futures::future::join_all(ready)
-            .map(|_| ())
+            .map(move |_| tracing::debug!(controller = %synced_name, "caches synced"))
             .boxed()
             .shared();
         let runtime = Arc::new(Runtime {

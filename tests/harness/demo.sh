@@ -29,24 +29,42 @@ for _ in $(seq 1 100); do curl -fsS 127.0.0.1:8081/readyz >/dev/null 2>&1 && bre
 curl -fsS 127.0.0.1:8081/readyz >/dev/null || { tail -20 "$DROP_E2E_STATE/logs/drop.log"; exit 1; }
 echo "[demo] drop is running (log: $DROP_E2E_STATE/logs/drop.log)" >&2
 
-# The seed's samples Drop acts on today: the PullPolicy and the CachedImages.
-k apply -f "$REPO/deploy/samples/cachedimages.yaml"
+# Real discovery sources on loopback stand in for the in-cluster services the samples name.
+eval "$("$HERE/demo-sources.sh" "$DROP_E2E_STATE")"
+echo "[demo] registry $REGISTRY_URL (test/myapp: 4 tags), prometheus $PROMETHEUS_URL (a day of CI runners)" >&2
 
-echo "[demo] pulls are paced by PullPolicy dev-conservative: one node at a time, 5 s apart" >&2
-deadline=$((SECONDS + 180))
-while :; do
-  sleep 5
-  echo; k get cachedimages
-  ready=$(k get cachedimages -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].reason}{" "}{end}')
-  [[ "$ready" == "Cached Cached PullFailed " ]] && break
-  (( SECONDS < deadline )) || { echo "[demo] not settled after 180 s" >&2; exit 1; }
+# Every sample of the seed. The broken ones stay broken on purpose, to show how Drop reports them.
+k apply -f "$REPO/deploy/samples/cachedimages.yaml"
+k apply -f "$REPO/deploy/samples/cachedimagesets.yaml"
+sed -e "s#http://prometheus.e2e-infra.svc.cluster.local:9090#$PROMETHEUS_URL#" \
+    -e "s#http://registry.e2e-infra.svc.cluster.local:5000#$REGISTRY_URL#" \
+    "$REPO/deploy/samples/discoverypolicies.yaml" | k apply -f -
+
+echo "[demo] every pull shares PullPolicy dev-conservative: one node at a time, 5 s apart" >&2
+reason() { k get "$1" "$2" -o jsonpath='{.status.conditions[?(@.type=="Ready")].reason}' 2>/dev/null; }
+settled() {
+  [[ "$(reason cachedimage dev-nginx)" == Cached && "$(reason cachedimage dev-redis)" == Cached &&
+     "$(reason cachedimage test-invalid-image)" == PullFailed && "$(reason cachedimageset dev-set)" == Ready &&
+     "$(reason cachedimageset dev-set-discovered)" == Ready ]]
+}
+deadline=$((SECONDS + 420))
+until settled; do
+  sleep 10
+  echo; k get cachedimagesets; k get cachedimages
+  (( SECONDS < deadline )) || { echo "[demo] not settled after 420 s" >&2; exit 1; }
 done
+echo
+k get discoverypolicies -o wide
+echo
+k get cachedimagesets
 echo
 k get cachedimages -o wide
 cat <<MSG
 
-dev-nginx and dev-redis are cached on every node; test-invalid-image cannot be pulled (its registry
-does not resolve), is retried with backoff, and says so in its status and Events.
+dev-nginx and dev-redis are cached on every node; dev-set's two images too; dev-set-discovered holds the
+last 3 tags the registry lists for test/myapp, found by DiscoveryPolicy dev-registry. test-invalid-image
+cannot be pulled (its registry does not resolve), is retried with backoff, and says so in its status
+and Events; the test-* DiscoveryPolicies show their DNSError and RepositoryNotFound failures.
 
   export KUBECONFIG=$KUBECONFIG PATH=$BIN:\$PATH
   kubectl get events -A --field-selector involvedObject.kind=CachedImage

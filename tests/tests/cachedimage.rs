@@ -822,3 +822,54 @@ async fn cachedimage_operator_without_crds_fails_with_a_clear_message() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn cachedimage_operator_reports_ready_every_time_it_starts() {
+    // Readiness once used a wait kube's applier also used on the same store, which wakes only one
+    // waiter: about every other start never became ready. Start several times to catch it.
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "ci-ready").await.unwrap();
+    let http = reqwest::Client::new();
+    for round in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = drop::operator::Settings {
+            pod_namespace: ns.name().to_owned(),
+            pull_timeout: Duration::from_secs(60),
+            metrics_addr: None,
+            health_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+            leader_election: None,
+            install_crds: true,
+            watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
+        };
+        let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
+            let _ = stopped.await;
+        }));
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        eventually(
+            Duration::from_secs(20),
+            &format!("ready on start {round}"),
+            || async {
+                let status = http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status();
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(status.to_string())
+                }
+            },
+        )
+        .await
+        .unwrap();
+        let _ = stop.send(());
+        running.await.unwrap().unwrap();
+    }
+}
