@@ -150,14 +150,13 @@ impl Credentials {
 
 /// Classifies a transport error (DNS, refused, timeout, TLS) into a reason and a message.
 pub fn classify(url: &str, e: &reqwest::Error) -> SourceError {
-    let mut chain = e.to_string();
+    let mut parts = vec![e.to_string()];
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
+        parts.push(s.to_string());
         source = s.source();
     }
-    let lower = chain.to_lowercase();
+    let lower = parts.join(": ").to_lowercase();
     let kind = if e.is_timeout() {
         FailureKind::Timeout
     } else if lower.contains("dns error")
@@ -173,7 +172,14 @@ pub fn classify(url: &str, e: &reqwest::Error) -> SourceError {
     } else {
         FailureKind::SourceError
     };
-    SourceError::new(kind, format!("{url}: {chain}"))
+    // The innermost cause says what went wrong; the outer ones repeat the URL.
+    let cause = if e.is_timeout() {
+        "timed out".to_owned()
+    } else {
+        parts.last().cloned().unwrap_or_default()
+    };
+    let url = url.split('?').next().unwrap_or(url);
+    SourceError::new(kind, format!("{url}: {cause}"))
 }
 
 /// Classifies an HTTP error status.
