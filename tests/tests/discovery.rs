@@ -221,6 +221,20 @@ fn ready(dp: &DiscoveryPolicy) -> (String, String) {
         .unwrap_or_default()
 }
 
+/// Waits until the policy's Ready condition has `reason`, and returns the policy.
+async fn wait_reason(policies: &Api<DiscoveryPolicy>, name: &str, reason: &str) -> DiscoveryPolicy {
+    eventually(Duration::from_secs(30), reason, || async {
+        let dp = policies.get(name).await.map_err(|e| e.to_string())?;
+        if ready(&dp).0 == reason {
+            Ok(dp)
+        } else {
+            Err(format!("{:?}", dp.status))
+        }
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() {
     let (cluster, client) = cluster().await.unwrap();
@@ -257,16 +271,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
     })
     .await
     .unwrap();
-    let dp = eventually(Duration::from_secs(30), "Synced", || async {
-        let dp = policies.get(&good).await.map_err(|e| e.to_string())?;
-        if ready(&dp).0 == "Synced" {
-            Ok(dp)
-        } else {
-            Err(format!("{:?}", dp.status))
-        }
-    })
-    .await
-    .unwrap();
+    let dp = wait_reason(&policies, &good, "Synced").await;
     let st = dp.status.unwrap();
     let images: Vec<(String, i64)> = st
         .discovered_images
@@ -320,16 +325,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         )
         .await
         .unwrap();
-    let dp = eventually(Duration::from_secs(30), "PartiallyFailed", || async {
-        let dp = policies.get(&partial).await.map_err(|e| e.to_string())?;
-        if ready(&dp).0 == "PartiallyFailed" {
-            Ok(dp)
-        } else {
-            Err(format!("{:?}", dp.status))
-        }
-    })
-    .await
-    .unwrap();
+    let dp = wait_reason(&policies, &partial, "PartiallyFailed").await;
     assert_eq!(dp.status.as_ref().unwrap().image_count, 2);
     assert_eq!(
         ready(&dp).1,
@@ -356,16 +352,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         )
         .await
         .unwrap();
-    let dp = eventually(Duration::from_secs(30), "SyncFailed", || async {
-        let dp = policies.get(&broken).await.map_err(|e| e.to_string())?;
-        if ready(&dp).0 == "SyncFailed" {
-            Ok(dp)
-        } else {
-            Err(format!("{:?}", dp.status))
-        }
-    })
-    .await
-    .unwrap();
+    let dp = wait_reason(&policies, &broken, "SyncFailed").await;
     let health =
         framework::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
             .unwrap();
@@ -380,16 +367,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         )
         .await
         .unwrap();
-    let dp = eventually(Duration::from_secs(30), "capped list", || async {
-        let dp = policies.get(&capped).await.map_err(|e| e.to_string())?;
-        if ready(&dp).0 == "Synced" {
-            Ok(dp)
-        } else {
-            Err(format!("{:?}", dp.status))
-        }
-    })
-    .await
-    .unwrap();
+    let dp = wait_reason(&policies, &capped, "Synced").await;
     let only: Vec<String> = dp
         .status
         .unwrap()
@@ -408,16 +386,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
     );
     f.spec.image_filter = Some("(nginx|myapp:v2)".into());
     policies.create(&PostParams::default(), &f).await.unwrap();
-    let dp = eventually(Duration::from_secs(30), "filtered list", || async {
-        let dp = policies.get(&filtered).await.map_err(|e| e.to_string())?;
-        if ready(&dp).0 == "Synced" {
-            Ok(dp)
-        } else {
-            Err(format!("{:?}", dp.status))
-        }
-    })
-    .await
-    .unwrap();
+    let dp = wait_reason(&policies, &filtered, "Synced").await;
     let kept: Vec<String> = dp
         .status
         .unwrap()

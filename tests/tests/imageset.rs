@@ -299,14 +299,15 @@ async fn imageset_discovered_images_follow_the_policy_and_failures_show() {
         registry: None,
         secret_ref: None,
     };
-    let mut dp = DiscoveryPolicy::new(
+    let dp = DiscoveryPolicy::new(
         &s.name("popular"),
         DiscoveryPolicySpec {
             sources: vec![source],
             ..DiscoveryPolicySpec::default()
         },
     );
-    dp.metadata.labels = Some(s.drop.labels());
+    // Not labelled for this test's Drop: its status is written below, as a DiscoveryPolicy
+    // controller would; the set controller reads every DiscoveryPolicy.
     policies.create(&PostParams::default(), &dp).await.unwrap();
     let publish = |images: &[&str], ready: bool, message: &str| {
         let found: Vec<DiscoveredImage> = images
@@ -323,18 +324,22 @@ async fn imageset_discovered_images_follow_the_policy_and_failures_show() {
             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
     };
     let pp = PatchParams::default();
-    policies
-        .patch_status(
-            &s.name("popular"),
-            &pp,
-            &Patch::Merge(publish(
-                &["docker.io/library/nginx:1.27", "alpine:3.19"],
-                true,
-                "Discovered 2 images",
-            )),
-        )
-        .await
-        .unwrap();
+    let set_status = |images: &'static [&'static str], ready: bool, message: &'static str| {
+        let body = publish(images, ready, message);
+        let (policies, name, pp) = (policies.clone(), s.name("popular"), pp.clone());
+        async move {
+            policies
+                .patch_status(&name, &pp, &Patch::Merge(body))
+                .await
+                .unwrap()
+        }
+    };
+    set_status(
+        &["docker.io/library/nginx:1.27", "alpine:3.19"],
+        true,
+        "Discovered 2 images",
+    )
+    .await;
     s.wait_children(
         &name,
         &[
@@ -349,18 +354,7 @@ async fn imageset_discovered_images_follow_the_policy_and_failures_show() {
     .await;
 
     // The discovered list changes: the children follow.
-    policies
-        .patch_status(
-            &s.name("popular"),
-            &pp,
-            &Patch::Merge(publish(
-                &["docker.io/library/redis:7"],
-                true,
-                "Discovered 1 images",
-            )),
-        )
-        .await
-        .unwrap();
+    set_status(&["docker.io/library/redis:7"], true, "Discovered 1 images").await;
     s.wait_children(
         &name,
         &[
@@ -371,18 +365,12 @@ async fn imageset_discovered_images_follow_the_policy_and_failures_show() {
     .await;
 
     // The policy breaks (it keeps its last good list): the set says so, and keeps its children.
-    policies
-        .patch_status(
-            &s.name("popular"),
-            &pp,
-            &Patch::Merge(publish(
-                &["docker.io/library/redis:7"],
-                false,
-                "prometheus: connection refused",
-            )),
-        )
-        .await
-        .unwrap();
+    set_status(
+        &["docker.io/library/redis:7"],
+        false,
+        "prometheus: connection refused",
+    )
+    .await;
     let set = s
         .wait_set(&name, "Degraded", |x| {
             x.status.as_ref().and_then(|st| st.phase) == Some(CachedImageSetPhase::Degraded)
