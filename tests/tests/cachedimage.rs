@@ -873,3 +873,114 @@ async fn cachedimage_operator_reports_ready_every_time_it_starts() {
         running.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test]
+async fn cachedimage_metrics_count_pulls_and_forget_deleted_images() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "ci-metrics").await.unwrap();
+    let pool = BTreeMap::from([(POOL.to_owned(), ns.name().to_owned())]);
+    let _nodes = cluster
+        .add_nodes(&client, ns.name(), 2, &pool)
+        .await
+        .unwrap();
+    e2e::restrict_namespace(&client, ns.name()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = drop::operator::Settings {
+        pod_namespace: ns.name().to_owned(),
+        pull_timeout: Duration::from_secs(60),
+        metrics_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+        health_addr: None,
+        leader_election: None,
+        install_crds: true,
+        watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
+    };
+    let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
+        let _ = stopped.await;
+    }));
+    let images: Api<CachedImage> = Api::all(client.clone());
+    let name = format!("{}-m", ns.name());
+    let mut ci = CachedImage::new(
+        &name,
+        CachedImageSpec {
+            image: "docker.io/library/nginx".into(),
+            tag: Some("1.27".into()),
+            node_selector: pool.clone(),
+            ..Default::default()
+        },
+    );
+    ci.metadata.labels = Some(BTreeMap::from([(
+        e2e::TEST_LABEL.to_owned(),
+        ns.name().to_owned(),
+    )]));
+    eventually(Duration::from_secs(30), "created", || async {
+        images
+            .create(&PostParams::default(), &ci)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let metrics = || async {
+        http.get(&url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let label = format!("{{cachedimage=\"{name}\"}}");
+    let text = eventually(Duration::from_secs(60), "both pulls counted", || async {
+        let text = metrics().await?;
+        if text.contains(&format!("drop_images_cached_total{label} 2")) {
+            Ok(text)
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await
+    .unwrap();
+    for line in [
+        format!("drop_nodes_targeted{label} 2"),
+        format!("drop_nodes_cached{label} 2"),
+        format!("drop_consecutive_failures{label} 0"),
+    ] {
+        assert!(text.contains(&line), "missing {line:?}");
+    }
+    assert!(
+        text.contains("drop_pull_duration_seconds_count 2"),
+        "two pull durations observed"
+    );
+    assert!(
+        text.contains("controller_runtime_reconcile_total{controller=\"cachedimage\",result="),
+        "framework metrics served too"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("drop_") && l.contains("node=\"")),
+        "no per-node labels"
+    );
+
+    // Deleting the image removes its series.
+    images.delete(&name, &Default::default()).await.unwrap();
+    eventually(Duration::from_secs(30), "series removed", || async {
+        let text = metrics().await?;
+        if text.contains(&label) {
+            Err("still there".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
