@@ -186,6 +186,26 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts Prometheus with `series` (image, value), sampled around `anchor` (unix seconds).
     pub async fn start(series: &[(&str, f64)], anchor: i64) -> Self {
+        Self::start_with(series, anchor, None).await
+    }
+
+    /// Like [`Prometheus::start`], behind TLS (certificate from `pki`), requiring client certificates
+    /// signed by the same CA, and basic auth for `user`/`password`.
+    pub async fn start_secured(
+        series: &[(&str, f64)],
+        anchor: i64,
+        pki: &Pki,
+        user: &str,
+        password: &str,
+    ) -> Self {
+        Self::start_with(series, anchor, Some((pki, user, password))).await
+    }
+
+    async fn start_with(
+        series: &[(&str, f64)],
+        anchor: i64,
+        secured: Option<(&Pki, &str, &str)>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let metrics = dir.path().join("samples.om");
@@ -216,19 +236,66 @@ impl Prometheus {
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, "global:\n  scrape_interval: 1h\n").unwrap();
         let port = free_port();
-        let mut child = Command::new("prometheus")
+        let scheme = if secured.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new("prometheus");
+        if let Some((pki, user, password)) = secured {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (apache2-utils)");
+            let hash = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .split_once(':')
+                .map(|(_, h)| h.to_owned())
+                .unwrap_or_default();
+            let web = dir.path().join("web.yml");
+            std::fs::write(
+                &web,
+                format!(
+                    "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\nbasic_auth_users:\n  {user}: {hash}\n",
+                    pki.path("server.crt").display(),
+                    pki.path("server.key").display(),
+                    pki.path("ca.crt").display(),
+                ),
+            )
+            .unwrap();
+            cmd.arg(format!("--web.config.file={}", web.display()));
+        }
+        let mut child = cmd
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", data.display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg(format!("--web.external-url=http://127.0.0.1:{port}/prom/"))
+            .arg(format!(
+                "--web.external-url={scheme}://127.0.0.1:{port}/prom/"
+            ))
             .arg("--web.route-prefix=/prom")
             .arg("--storage.tsdb.retention.time=30d")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus (Debian package prometheus; make test installs it)");
-        let url = format!("http://127.0.0.1:{port}/prom");
-        wait_http(&format!("{url}/-/ready"), &mut child, "prometheus").await;
+        let url = format!("{scheme}://127.0.0.1:{port}/prom");
+        match secured {
+            None => wait_http(&format!("{url}/-/ready"), &mut child, "prometheus").await,
+            // Ready once the TLS port accepts connections (without credentials the answer is 401).
+            Some((pki, _, _)) => {
+                let mut pem = pki.read("client.crt");
+                pem.extend_from_slice(&pki.read("client.key"));
+                let http = reqwest::Client::builder()
+                    .add_root_certificate(
+                        reqwest::Certificate::from_pem(&pki.read("ca.crt")).unwrap(),
+                    )
+                    .identity(reqwest::Identity::from_pem(&pem).unwrap())
+                    .build()
+                    .unwrap();
+                for _ in 0..300 {
+                    if http.get(format!("{url}/-/ready")).send().await.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         Self {
             child,
             _dir: dir,

@@ -573,3 +573,46 @@ async fn discovery_slow_answers_time_out() {
     assert_eq!(e.kind, FailureKind::Timeout, "{e}");
     println!("timed out after {:.1}s", started.elapsed().as_secs_f64());
 }
+
+#[tokio::test]
+async fn discovery_prometheus_with_custom_ca_client_certificate_and_basic_auth() {
+    framework::install_crypto_provider();
+    let pki = e2e::fixtures::Pki::generate();
+    let now = Timestamp::now().as_second() / 60 * 60;
+    let p = Prometheus::start_secured(&[(NGINX, 4.0)], now, &pki, "drop", "s3cret").await;
+    let src = prom(&p.url, "drop_test_image_runs", None);
+    let at = Timestamp::from_second(now).unwrap();
+    let (ca, cert, key) = (
+        ("ca.crt", pki.read("ca.crt")),
+        ("tls.crt", pki.read("client.crt")),
+        ("tls.key", pki.read("client.key")),
+    );
+    let user = ("username", b"drop".to_vec());
+
+    let ok = prometheus::query(
+        &src,
+        &secret(&[
+            ca.clone(),
+            cert.clone(),
+            key.clone(),
+            user.clone(),
+            ("password", b"s3cret".to_vec()),
+        ]),
+        at,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.get(NGINX), Some(&4));
+    let e = prometheus::query(&src, &Credentials::default(), at)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, FailureKind::TlsError, "untrusted CA: {e}");
+    let e = prometheus::query(
+        &src,
+        &secret(&[ca, cert, key, user, ("password", b"wrong".to_vec())]),
+        at,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unauthorized, "{e}");
+}
