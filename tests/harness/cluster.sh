@@ -35,7 +35,8 @@ alive() {
   local pid; pid=$(pid_of "$1")
   [[ -n "$pid" ]] || return 1
   local exe; exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
-  [[ "$exe" == "$(cat "$STATE/pids/$1.exe" 2>/dev/null)" ]]
+  # A binary rebuilt while its process runs reads as "<path> (deleted)": still ours.
+  [[ "${exe% (deleted)}" == "$(cat "$STATE/pids/$1.exe" 2>/dev/null)" ]]
 }
 
 free_port() {

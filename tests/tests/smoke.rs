@@ -297,3 +297,34 @@ async fn smoke_a_second_process_reuses_the_running_cluster() {
         );
     }
 }
+
+#[test]
+fn smoke_down_stops_a_joined_process_whose_binary_was_rebuilt() {
+    // A process that joined the cluster (the demo's operator), whose binary was rebuilt since: its
+    // /proc/PID/exe reads "<path> (deleted)", and `down` must still recognise and stop it.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("operator");
+    std::fs::copy("/bin/sleep", &bin).unwrap();
+    let mut child = std::process::Command::new(&bin).arg("300").spawn().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("pids")).unwrap();
+    std::fs::write(state.join("pids/operator"), child.id().to_string()).unwrap();
+    std::fs::write(state.join("pids/operator.exe"), bin.display().to_string()).unwrap();
+    let rebuilt = dir.path().join("operator.new");
+    std::fs::copy("/bin/sleep", &rebuilt).unwrap();
+    std::fs::rename(&rebuilt, &bin).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/cluster.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("down")
+        .env("DROP_E2E_STATE", &state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "stopped by a signal, not left running");
+}
