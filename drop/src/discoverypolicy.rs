@@ -12,7 +12,7 @@ use crate::discovery::{self, FailureKind, Found, SourceError, prometheus, regist
 use crate::metrics::Metrics;
 use framework::conditions::{self, Cond};
 use framework::{Context, Plan, Reconciler};
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{Api, ResourceExt};
@@ -61,13 +61,6 @@ pub fn source_id(src: &DiscoverySource) -> String {
         (SourceType::Registry, _, Some(r)) => format!("registry {}", r.url),
         (t, _, _) => format!("{t:?}").to_lowercase(),
     }
-}
-
-fn add(t: Timestamp, d: Duration) -> Timestamp {
-    SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
 }
 
 async fn credentials(
@@ -146,7 +139,7 @@ impl Reconciler for DiscoveryPolicyReconciler {
         if let Some(due) = [last_attempt, last_sync]
             .into_iter()
             .flatten()
-            .map(|(at, every)| add(at, every))
+            .map(|(at, every)| crate::pacing::after(at, every))
             .max()
             && due > now
         {

@@ -6,6 +6,11 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// `reason` label of `drop_pull_errors_total` for a pull that outlived its timeout.
+const PULL_TIMEOUT: &str = "PullTimeout";
+/// `reason` label of `drop_pull_errors_total` for any failure that is not a kubelet pull error.
+const POD_FAILED: &str = "PodFailed";
+
 /// Drop's metric families.
 #[derive(Clone)]
 pub struct Metrics {
@@ -126,6 +131,17 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Counts a failed pull. The `reason` label stays a small set: a kubelet pull-error reason,
+    /// `PullTimeout`, or `PodFailed` for anything else (node rejections carry open-ended reasons).
+    pub fn count_pull_error(&self, image: &str, reason: &str) {
+        let label = if crate::podbuilder::PULL_ERRORS.contains(&reason) || reason == PULL_TIMEOUT {
+            reason
+        } else {
+            POD_FAILED
+        };
+        self.pull_errors.with_label_values(&[image, label]).inc();
+    }
+
     /// Removes the series of a deleted CachedImage.
     pub fn forget_image(&self, name: &str) {
         let _ = self.images_cached.remove_label_values(&[name]);
@@ -134,7 +150,7 @@ impl Metrics {
         let _ = self.consecutive_failures.remove_label_values(&[name]);
         for reason in crate::podbuilder::PULL_ERRORS
             .iter()
-            .chain(["PullTimeout", "PodFailed"].iter())
+            .chain([PULL_TIMEOUT, POD_FAILED].iter())
         {
             let _ = self.pull_errors.remove_label_values(&[name, reason]);
         }

@@ -17,7 +17,7 @@
 
 use crate::api::{PullPolicySpec, defaults};
 use crate::podbuilder;
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -140,17 +140,11 @@ impl InFlight {
     /// Reads a pull back from its Pod (after a restart): who, under which policy, since when.
     /// `None` for a Pod that is not a pull Pod.
     pub fn from_pod(pod: &Pod) -> Option<Self> {
-        let ann = pod.metadata.annotations.as_ref()?;
-        let image = ann.get(podbuilder::IMAGE_ANNOTATION)?;
-        let node = ann.get(podbuilder::NODE_ANNOTATION)?;
-        let policy = ann
-            .get(podbuilder::POLICY_ANNOTATION)
-            .filter(|p| !p.is_empty())
-            .cloned();
+        let view = podbuilder::PullPodView::of(pod)?;
         Some(Self {
-            key: PullKey::new(image, node),
-            policy,
-            started: pod.metadata.creation_timestamp.as_ref()?.0,
+            key: PullKey::new(&view.image, &view.node),
+            policy: view.policy,
+            started: view.created,
         })
     }
 }
@@ -190,11 +184,9 @@ enum Need {
     Refresh,
 }
 
-fn add(t: Timestamp, d: Duration) -> Timestamp {
-    SignedDuration::try_from(d)
-        .ok()
-        .and_then(|sd| t.checked_add(sd).ok())
-        .unwrap_or(Timestamp::MAX)
+/// `t + d`, saturating at the end of time.
+pub fn after(t: Timestamp, d: Duration) -> Timestamp {
+    t.saturating_add(d).unwrap_or(Timestamp::MAX)
 }
 
 /// When a target not in flight is due, and why; `None` if it needs nothing (cached, no re-pull).
@@ -206,11 +198,11 @@ fn due(h: &History, pace: &Pace, now: Timestamp) -> Option<(Timestamp, Need)> {
     };
     if h.consecutive_failures > 0 {
         let since = h.last_failure.or(h.last_start).unwrap_or(now);
-        return Some((add(since, pace.retry_delay(h.consecutive_failures)), need));
+        return Some((after(since, pace.retry_delay(h.consecutive_failures)), need));
     }
     match (h.last_success, pace.repull_interval) {
         (None, _) => Some((now, Need::Missing)),
-        (Some(ok), Some(every)) => Some((add(ok, every), Need::Refresh)),
+        (Some(ok), Some(every)) => Some((after(ok, every), Need::Refresh)),
         (Some(_), None) => None,
     }
 }
@@ -242,7 +234,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
     for f in &flying {
         *count.entry(&f.policy).or_default() += 1;
         note_start(&mut last_start, &f.policy, f.started);
-        let deadline = add(f.started, input.pull_timeout);
+        let deadline = after(f.started, input.pull_timeout);
         if deadline <= now {
             decision.timed_out.push(f.key.clone());
         } else {
@@ -277,7 +269,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
             continue; // a pull ending (a Pod event) re-runs the decision
         }
         if let Some(last) = last_start.get(&t.policy) {
-            let next = add(*last, pace.min_delay);
+            let next = after(*last, pace.min_delay);
             if next > now {
                 wake_at(next);
                 continue;

@@ -232,6 +232,54 @@ pub fn label_value(value: &str) -> String {
     format!("{}-{}", head(value, 52), short_hash(&[value], 10))
 }
 
+/// A pull Pod read back from the cluster: who it pulls for, where, what, and how it is going. The one
+/// place that reads the annotations [`build`] writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PullPodView {
+    /// Pod name.
+    pub name: String,
+    /// Pod UID (empty for a Pod not read from the API server).
+    pub uid: String,
+    /// The CachedImage it pulls for.
+    pub image: String,
+    /// The node it pulls on.
+    pub node: String,
+    /// The reference it pulls.
+    pub reference: String,
+    /// Its attempt number.
+    pub attempt: u32,
+    /// The PullPolicy pacing it (`None`: the built-in pace).
+    pub policy: Option<String>,
+    /// When it was created (the pull's start).
+    pub created: jiff::Timestamp,
+    /// What it says about the pull.
+    pub outcome: PullOutcome,
+}
+
+impl PullPodView {
+    /// Reads a pull Pod; `None` for a Pod that is not one, or has no creation time yet.
+    pub fn of(pod: &Pod) -> Option<Self> {
+        let ann = pod.metadata.annotations.as_ref()?;
+        Some(Self {
+            name: pod.metadata.name.clone()?,
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            image: ann.get(IMAGE_ANNOTATION)?.clone(),
+            node: ann.get(NODE_ANNOTATION)?.clone(),
+            reference: ann.get(REFERENCE_ANNOTATION)?.clone(),
+            attempt: ann
+                .get(ATTEMPT_ANNOTATION)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1),
+            policy: ann
+                .get(POLICY_ANNOTATION)
+                .filter(|p| !p.is_empty())
+                .cloned(),
+            created: pod.metadata.creation_timestamp.as_ref()?.0,
+            outcome: outcome(pod),
+        })
+    }
+}
+
 /// What a pull Pod says about its pull.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PullOutcome {

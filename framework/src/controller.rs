@@ -63,12 +63,13 @@ pub enum ExecError {
 trait ChildStore: Send + Sync {
     fn owned_by(&self, label_key: &str, owner_uid: &str) -> Vec<Existing>;
     fn ready(&self) -> BoxFuture<'static, ()>;
+    /// The kind's endpoint, for deleting a child this store reported.
+    fn resource(&self) -> &ApiResource;
 }
 
 pub(crate) struct TypedStore<C: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<C>,
-    api_version: String,
-    kind: String,
+    resource: ApiResource,
 }
 
 impl<C> TypedStore<C>
@@ -82,8 +83,8 @@ where
     fn existing(&self, c: &C) -> Option<Existing> {
         Some(Existing {
             key: ChildKey {
-                api_version: self.api_version.clone(),
-                kind: self.kind.clone(),
+                api_version: self.resource.api_version.clone(),
+                kind: self.resource.kind.clone(),
                 namespace: c.meta().namespace.clone(),
                 name: c.meta().name.clone()?,
             },
@@ -114,12 +115,16 @@ where
 
     fn ready(&self) -> BoxFuture<'static, ()> {
         let store = self.store.clone();
-        let kind = self.kind.clone();
+        let kind = self.resource.kind.clone();
         async move {
             let _ = store.wait_until_ready().await;
             tracing::debug!(%kind, "child cache synced");
         }
         .boxed()
+    }
+
+    fn resource(&self) -> &ApiResource {
+        &self.resource
     }
 }
 
@@ -249,8 +254,7 @@ where
             .touched_objects();
             let typed = Arc::new(TypedStore {
                 store: reader,
-                api_version: C::api_version(&()).to_string(),
-                kind: C::kind(&()).to_string(),
+                resource: ApiResource::erase::<C>(&()),
             });
             let store: Arc<dyn ChildStore> = typed.clone();
             (
@@ -715,9 +719,13 @@ where
             }
         }
         for key in &diff.delete {
-            let ar = self.resource_of(key, planned);
-            let Some(ar) = ar else { continue };
-            let api = dynamic_api(&self.client, &ar, key.namespace.as_deref());
+            // Deleted children were reported by a store, which knows their endpoint exactly.
+            let Some(store) = self.stores.iter().find(|s| {
+                s.resource().api_version == key.api_version && s.resource().kind == key.kind
+            }) else {
+                continue;
+            };
+            let api = dynamic_api(&self.client, store.resource(), key.namespace.as_deref());
             let dp = DeleteParams {
                 propagation_policy: Some(PropagationPolicy::Background),
                 ..DeleteParams::default()
@@ -735,22 +743,6 @@ where
             }
         }
         Ok(conflicts)
-    }
-
-    fn resource_of(&self, key: &ChildKey, planned: &[Child]) -> Option<ApiResource> {
-        planned
-            .iter()
-            .find(|c| c.key().kind == key.kind && c.key().api_version == key.api_version)
-            .map(|c| c.resource.clone())
-            .or_else(|| {
-                let (group, version) = match key.api_version.split_once('/') {
-                    Some((g, v)) => (g.to_owned(), v.to_owned()),
-                    None => (String::new(), key.api_version.clone()),
-                };
-                Some(ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-                    &group, &version, &key.kind,
-                )))
-            })
     }
 
     async fn get_dynamic(&self, child: &Child) -> Result<Option<Existing>, ExecError> {

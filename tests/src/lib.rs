@@ -145,7 +145,7 @@ impl PodRecorder {
                     watcher::Event::Delete(p) => (p, true),
                     _ => continue,
                 };
-                let Some(view) = drop::cachedimage::pacer::PodView::of(&pod) else {
+                let Some(view) = drop::podbuilder::PullPodView::of(&pod) else {
                     continue;
                 };
                 let ended = gone || !matches!(view.outcome, drop::podbuilder::PullOutcome::Pulling);
@@ -159,12 +159,7 @@ impl PodRecorder {
                     None => all.push(PodRecord {
                         name: view.name.clone(),
                         node: view.node.clone(),
-                        image: pod
-                            .metadata
-                            .annotations
-                            .as_ref()
-                            .and_then(|a| a.get(drop::podbuilder::IMAGE_ANNOTATION).cloned())
-                            .unwrap_or_default(),
+                        image: view.image.clone(),
                         created: view.created,
                         seen: jiff::Timestamp::now(),
                         ended: ended.then(jiff::Timestamp::now),

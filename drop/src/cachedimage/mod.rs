@@ -12,12 +12,12 @@ pub mod targets;
 use crate::api::{CachedImage, PullPolicy};
 use crate::metrics::Metrics;
 use crate::pacing::Pace;
-use crate::podbuilder::{self, PullPod};
+use crate::podbuilder::{self, PullPod, PullPodView};
 use framework::{Child, Context, Plan, Reconciler};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
-use pacer::{Ended, Pacer, PodView, Step};
+use pacer::{Ended, Pacer, Step};
 use status::Blocked;
 use std::sync::Arc;
 
@@ -92,7 +92,7 @@ impl Reconciler for CachedImageReconciler {
         let target_nodes =
             targets::targets(nodes.iter().map(AsRef::as_ref), &image.spec, policy_spec);
         let pods = ctx.owned::<Pod>();
-        let views: Vec<PodView> = pods.iter().filter_map(|p| PodView::of(p)).collect();
+        let views: Vec<PullPodView> = pods.iter().filter_map(|p| PullPodView::of(p)).collect();
         let known: Vec<(String, Option<String>)> = ctx
             .cached::<CachedImage>()
             .iter()
@@ -119,19 +119,7 @@ impl Reconciler for CachedImageReconciler {
                     self.metrics.images_cached.with_label_values(&[&name]).inc();
                     self.metrics.pull_duration.observe(took.as_secs_f64());
                 }
-                Ended::Failed(reason) => {
-                    let bounded = if podbuilder::PULL_ERRORS.contains(&reason.as_str())
-                        || reason == "PullTimeout"
-                    {
-                        reason.as_str()
-                    } else {
-                        "PodFailed"
-                    };
-                    self.metrics
-                        .pull_errors
-                        .with_label_values(&[&name, bounded])
-                        .inc();
-                }
+                Ended::Failed(reason) => self.metrics.count_pull_error(&name, reason),
             }
         }
 

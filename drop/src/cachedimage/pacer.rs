@@ -10,9 +10,8 @@
 use super::status::{Blocked, NodeState, Observed};
 use crate::api::{CachedImage, CachedImageStatus};
 use crate::pacing::{self, History, InFlight, Pace, PolicyKey, PullKey, Target};
-use crate::podbuilder::{self, PullOutcome};
-use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::Pod;
+use crate::podbuilder::{PullOutcome, PullPodView};
+use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,44 +21,6 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// How long a pull just started may stay unseen in the Pod cache before it counts as gone.
 const CREATION_GRACE: Duration = Duration::from_secs(30);
-
-/// One pull Pod as the pacer sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodView {
-    /// Pod name.
-    pub name: String,
-    /// Pod UID (outcomes are recorded once per Pod).
-    pub uid: String,
-    /// The node it pulls on.
-    pub node: String,
-    /// The reference it pulls.
-    pub reference: String,
-    /// Its attempt number.
-    pub attempt: u32,
-    /// When it was created (the pull's start).
-    pub created: Timestamp,
-    /// What it says about the pull.
-    pub outcome: PullOutcome,
-}
-
-impl PodView {
-    /// Reads a pull Pod; `None` for a Pod that is not one (or not from the API server).
-    pub fn of(pod: &Pod) -> Option<Self> {
-        let ann = pod.metadata.annotations.as_ref()?;
-        Some(Self {
-            name: pod.metadata.name.clone()?,
-            uid: pod.metadata.uid.clone()?,
-            node: ann.get(podbuilder::NODE_ANNOTATION)?.clone(),
-            reference: ann.get(podbuilder::REFERENCE_ANNOTATION)?.clone(),
-            attempt: ann
-                .get(podbuilder::ATTEMPT_ANNOTATION)
-                .and_then(|a| a.parse().ok())
-                .unwrap_or(1),
-            created: pod.metadata.creation_timestamp.as_ref()?.0,
-            outcome: podbuilder::outcome(pod),
-        })
-    }
-}
 
 /// What one reconcile of an image hands in.
 #[derive(Clone, Debug)]
@@ -73,7 +34,7 @@ pub struct Step<'a> {
     /// Its policy's pace, or why it has none.
     pub pace: Result<(PolicyKey, Pace), Blocked>,
     /// Its pull Pods.
-    pub pods: &'a [PodView],
+    pub pods: &'a [PullPodView],
     /// Every CachedImage that exists, with the policy it names. No pull starts under a policy until
     /// every image using that policy has told the pacer its targets, so the first image to reconcile
     /// (after a start, or after its policy appears) cannot jump the queue.
@@ -134,13 +95,6 @@ pub struct Pacer {
     state: Mutex<State>,
     wake: UnboundedSender<ObjectRef<CachedImage>>,
     pull_timeout: Duration,
-}
-
-fn add(t: Timestamp, d: Duration) -> Timestamp {
-    SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
 }
 
 impl Pacer {
@@ -297,7 +251,8 @@ impl Pacer {
         st.in_flight.retain(|k, f| {
             k.image != name
                 || observed_keys.contains(k)
-                || (targets.contains(k.node.as_str()) && add(f.started, CREATION_GRACE) > now)
+                || (targets.contains(k.node.as_str())
+                    && pacing::after(f.started, CREATION_GRACE) > now)
         });
 
         // Decide over every image.

@@ -1,4 +1,5 @@
 use super::*;
+use jiff::SignedDuration;
 use proptest::prelude::*;
 
 fn at(secs: i64) -> Timestamp {
@@ -97,7 +98,7 @@ impl Sim {
                     *a += 1;
                     *a
                 };
-                let end = add(self.now, Duration::from_secs(duration(key, attempt)));
+                let end = after(self.now, Duration::from_secs(duration(key, attempt)));
                 self.flying.push((
                     InFlight {
                         key: key.clone(),
