@@ -54,8 +54,17 @@ start() {
   # The lock descriptors (8: cluster, 9: tools) must not leak into long-lived components, or the
   # lock would stay held for as long as the cluster runs.
   setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null 8>&- 9>&- &
-  echo $! >"$STATE/pids/$name"
+  local pid=$!
+  echo "$pid" >"$STATE/pids/$name"
   echo "$exe" >"$STATE/pids/$name.exe"
+  # Until the forked shell has exec'd setsid and then the component, /proc/PID/exe names bash or
+  # setsid and `alive` would read the new process as dead. Wait for the exec (or for an early exit).
+  local deadline=$(( $(now_ms) + 10000 ))
+  until alive "$name"; do
+    readlink "/proc/$pid/exe" >/dev/null 2>&1 || break
+    (( $(now_ms) < deadline )) || break
+    sleep 0.05
+  done
 }
 
 # wait_for NAME SECONDS CHECK...: poll CHECK until it succeeds; if the process dies or time runs out, show its log.
