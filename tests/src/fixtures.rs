@@ -19,15 +19,31 @@ pub fn closed_port() -> u16 {
     free_port()
 }
 
-async fn wait_http(url: &str, child: &mut Child, what: &str) {
-    let http = reqwest::Client::new();
+/// What a starting server must answer before a test may use it.
+#[derive(Clone, Copy)]
+enum Ready {
+    /// A 2xx answer (an anonymous readiness endpoint).
+    Success,
+    /// Any HTTP answer: a server requiring credentials says 401 once it listens.
+    Answer,
+}
+
+/// Polls `url` with `http` until the server answers as `ready` asks; panics with `what` if the
+/// process exits first or 30 s pass.
+async fn wait_ready(
+    http: &reqwest::Client,
+    url: &str,
+    ready: Ready,
+    child: &mut Child,
+    what: &str,
+) {
     for _ in 0..300 {
-        if http
-            .get(url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
+        let answer = http.get(url).send().await;
+        let ok = match ready {
+            Ready::Success => answer.is_ok_and(|r| r.status().is_success()),
+            Ready::Answer => answer.is_ok(),
+        };
+        if ok {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -36,6 +52,20 @@ async fn wait_http(url: &str, child: &mut Child, what: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{what} not ready at {url} after 30 s");
+}
+
+/// `user:<bcrypt hash>`, as htpasswd files (registry) and web configs (Prometheus) want it.
+fn htpasswd(user: &str, password: &str) -> String {
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", user, password])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    assert!(
+        out.status.success(),
+        "htpasswd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A running docker-registry (distribution 2.8), anonymous access.
@@ -72,7 +102,14 @@ impl Registry {
             .spawn()
             .expect("docker-registry (Debian package docker-registry; make test installs it)");
         let url = format!("http://127.0.0.1:{port}");
-        wait_http(&format!("{url}/v2/"), &mut child, "docker-registry").await;
+        wait_ready(
+            &reqwest::Client::new(),
+            &format!("{url}/v2/"),
+            Ready::Success,
+            &mut child,
+            "docker-registry",
+        )
+        .await;
         Self {
             child,
             _dir: dir,
@@ -239,15 +276,8 @@ impl Prometheus {
         let scheme = if secured.is_some() { "https" } else { "http" };
         let mut cmd = Command::new("prometheus");
         if let Some((pki, user, password)) = secured {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", user, password])
-                .output()
-                .expect("htpasswd (apache2-utils)");
-            let hash = String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .split_once(':')
-                .map(|(_, h)| h.to_owned())
-                .unwrap_or_default();
+            let line = htpasswd(user, password);
+            let hash = line.split_once(':').map_or("", |(_, h)| h);
             let web = dir.path().join("web.yml");
             std::fs::write(
                 &web,
@@ -275,27 +305,18 @@ impl Prometheus {
             .spawn()
             .expect("prometheus (Debian package prometheus; make test installs it)");
         let url = format!("{scheme}://127.0.0.1:{port}/prom");
-        match secured {
-            None => wait_http(&format!("{url}/-/ready"), &mut child, "prometheus").await,
-            // Ready once the TLS port accepts connections (without credentials the answer is 401).
-            Some((pki, _, _)) => {
-                let mut pem = pki.read("client.crt");
-                pem.extend_from_slice(&pki.read("client.key"));
-                let http = reqwest::Client::builder()
-                    .add_root_certificate(
-                        reqwest::Certificate::from_pem(&pki.read("ca.crt")).unwrap(),
-                    )
-                    .identity(reqwest::Identity::from_pem(&pem).unwrap())
-                    .build()
-                    .unwrap();
-                for _ in 0..300 {
-                    if http.get(format!("{url}/-/ready")).send().await.is_ok() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        let (http, ready) = match secured {
+            None => (reqwest::Client::new(), Ready::Success),
+            Some((pki, _, _)) => (pki.client(), Ready::Answer),
+        };
+        wait_ready(
+            &http,
+            &format!("{url}/-/ready"),
+            ready,
+            &mut child,
+            "prometheus",
+        )
+        .await;
         Self {
             child,
             _dir: dir,
@@ -362,6 +383,17 @@ impl Pki {
     pub fn read(&self, file: &str) -> Vec<u8> {
         std::fs::read(self.path(file)).unwrap()
     }
+
+    /// An HTTP client trusting the CA and presenting the client certificate.
+    pub fn client(&self) -> reqwest::Client {
+        let mut pem = self.read("client.crt");
+        pem.extend_from_slice(&self.read("client.key"));
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.read("ca.crt")).unwrap())
+            .identity(reqwest::Identity::from_pem(&pem).unwrap())
+            .build()
+            .unwrap()
+    }
 }
 
 impl Registry {
@@ -369,12 +401,7 @@ impl Registry {
     /// the same CA, and basic auth for `user`/`password` (htpasswd, bcrypt).
     pub async fn start_secured(pki: &Pki, user: &str, password: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", user, password])
-            .output()
-            .expect("htpasswd (apache2-utils)");
-        assert!(out.status.success());
-        std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+        std::fs::write(dir.path().join("htpasswd"), htpasswd(user, password)).unwrap();
         let port = free_port();
         let config = dir.path().join("config.yml");
         std::fs::write(
@@ -399,23 +426,15 @@ impl Registry {
             .spawn()
             .unwrap();
         let url = format!("https://127.0.0.1:{port}");
-        // Ready once the TLS port answers (401 without credentials is an answer).
-        let mut pem = pki.read("client.crt");
-        pem.extend_from_slice(&pki.read("client.key"));
-        let http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&pki.read("ca.crt")).unwrap())
-            .identity(reqwest::Identity::from_pem(&pem).unwrap())
-            .build()
-            .unwrap();
-        for _ in 0..300 {
-            if http.get(format!("{url}/v2/")).send().await.is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("docker-registry exited: {status}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let http = pki.client();
+        wait_ready(
+            &http,
+            &format!("{url}/v2/"),
+            Ready::Answer,
+            &mut child,
+            "docker-registry",
+        )
+        .await;
         Self {
             child,
             _dir: dir,
