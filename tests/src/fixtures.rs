@@ -83,29 +83,61 @@ pub struct Registry {
 impl Registry {
     /// Starts an empty registry.
     pub async fn start() -> Self {
+        Self::launch(None).await
+    }
+
+    /// Starts a registry behind TLS (certificate from `pki`), requiring client certificates signed by
+    /// the same CA, and basic auth for `user`/`password` (htpasswd, bcrypt).
+    pub async fn start_secured(pki: &Pki, user: &str, password: &str) -> Self {
+        Self::launch(Some((pki, user, password))).await
+    }
+
+    async fn launch(secured: Option<(&Pki, &str, &str)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((pki, user, password)) = secured {
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, htpasswd(user, password)).unwrap();
+            config.push_str(&format!(
+                "  tls:\n    certificate: {crt}\n    key: {key}\n    clientcas:\n      - {ca}\n\
+                 auth:\n  htpasswd:\n    realm: drop-test\n    path: {file}\n",
+                crt = pki.path("server.crt").display(),
+                key = pki.path("server.key").display(),
+                ca = pki.path("ca.crt").display(),
+                file = file.display(),
+            ));
+        }
+        let path = dir.path().join("config.yml");
+        std::fs::write(&path, config).unwrap();
         let mut child = Command::new("docker-registry")
             .arg("serve")
-            .arg(&config)
+            .arg(&path)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("docker-registry (Debian package docker-registry; make test installs it)");
-        let url = format!("http://127.0.0.1:{port}");
+        let (url, http, ready) = match secured {
+            None => (
+                format!("http://127.0.0.1:{port}"),
+                reqwest::Client::new(),
+                Ready::Success,
+            ),
+            // A 401 without credentials means the TLS listener is up.
+            Some((pki, _, _)) => (
+                format!("https://127.0.0.1:{port}"),
+                pki.client(),
+                Ready::Answer,
+            ),
+        };
         wait_ready(
-            &reqwest::Client::new(),
+            &http,
             &format!("{url}/v2/"),
-            Ready::Success,
+            ready,
             &mut child,
             "docker-registry",
         )
@@ -114,8 +146,8 @@ impl Registry {
             child,
             _dir: dir,
             url,
-            client: None,
-            auth: None,
+            auth: secured.map(|(_, u, p)| (u.to_owned(), p.to_owned())),
+            client: secured.map(|_| http),
         }
     }
 
@@ -393,55 +425,6 @@ impl Pki {
             .identity(reqwest::Identity::from_pem(&pem).unwrap())
             .build()
             .unwrap()
-    }
-}
-
-impl Registry {
-    /// Starts a registry behind TLS (certificate from `pki`), requiring client certificates signed by
-    /// the same CA, and basic auth for `user`/`password` (htpasswd, bcrypt).
-    pub async fn start_secured(pki: &Pki, user: &str, password: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("htpasswd"), htpasswd(user, password)).unwrap();
-        let port = free_port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n\
-                 auth:\n  htpasswd:\n    realm: drop-test\n    path: {htpasswd}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {crt}\n    key: {key}\n    clientcas:\n      - {ca}\n",
-                data = dir.path().join("data").display(),
-                htpasswd = dir.path().join("htpasswd").display(),
-                crt = pki.path("server.crt").display(),
-                key = pki.path("server.key").display(),
-                ca = pki.path("ca.crt").display(),
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("https://127.0.0.1:{port}");
-        let http = pki.client();
-        wait_ready(
-            &http,
-            &format!("{url}/v2/"),
-            Ready::Answer,
-            &mut child,
-            "docker-registry",
-        )
-        .await;
-        Self {
-            child,
-            _dir: dir,
-            url,
-            client: Some(http),
-            auth: Some((user.to_owned(), password.to_owned())),
-        }
     }
 }
 
