@@ -19,7 +19,7 @@ use crate::api::{PullPolicySpec, defaults};
 use crate::podbuilder;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// The PullPolicy pacing a pull: its name, or `None` for the built-in pace.
@@ -156,8 +156,13 @@ pub struct Input<'a> {
     pub now: Timestamp,
     /// The pace of each policy in use; a policy missing here paces with [`Pace::builtin`].
     pub paces: &'a BTreeMap<PolicyKey, Pace>,
-    /// Every (image, node) that should hold the image.
+    /// The (image, node) pairs that should hold their image. A caller may leave out targets it
+    /// knows are not due before `now` (cached with no re-pull due, waiting out a backoff), provided
+    /// it reports their latest start per policy in `earlier_starts`.
     pub targets: &'a [Target],
+    /// The latest pull start under each policy among targets left out of `targets`; they still
+    /// space the next start.
+    pub earlier_starts: &'a BTreeMap<PolicyKey, Timestamp>,
     /// Pulls under way.
     pub in_flight: &'a [InFlight],
     /// Past pulls, per (image, node).
@@ -187,6 +192,13 @@ enum Need {
 /// `t + d`, saturating at the end of time.
 pub fn after(t: Timestamp, d: Duration) -> Timestamp {
     t.saturating_add(d).unwrap_or(Timestamp::MAX)
+}
+
+/// When a target not in flight is next due under `pace`; `None` if it needs nothing (cached, no
+/// re-pull). A caller can keep this per target between decisions and leave out of
+/// [`Input::targets`] what is not due yet.
+pub fn next_due(h: &History, pace: &Pace, now: Timestamp) -> Option<Timestamp> {
+    due(h, pace, now).map(|(at, _)| at)
 }
 
 /// When a target not in flight is due, and why; `None` if it needs nothing (cached, no re-pull).
@@ -229,8 +241,12 @@ pub fn decide(input: &Input<'_>) -> Decision {
 
     let mut count: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
     let mut last_start: BTreeMap<&PolicyKey, Timestamp> = BTreeMap::new();
+    for (policy, at) in input.earlier_starts {
+        note_start(&mut last_start, policy, *at);
+    }
     let mut flying: Vec<&InFlight> = input.in_flight.iter().collect();
     flying.sort_by(|a, b| a.key.cmp(&b.key));
+    let flying_keys: BTreeSet<&PullKey> = flying.iter().map(|f| &f.key).collect();
     for f in &flying {
         *count.entry(&f.policy).or_default() += 1;
         note_start(&mut last_start, &f.policy, f.started);
@@ -241,19 +257,17 @@ pub fn decide(input: &Input<'_>) -> Decision {
             wake_at(deadline);
         }
     }
-    for t in input.targets {
-        if let Some(s) = input.history.get(&t.key).and_then(|h| h.last_start) {
-            note_start(&mut last_start, &t.policy, s);
-        }
-    }
-
+    let never = History::default();
     let mut due_now: Vec<(Need, i32, &Target)> = Vec::new();
     for t in input.targets {
-        if flying.iter().any(|f| f.key == t.key) {
+        let h = input.history.get(&t.key).unwrap_or(&never);
+        if let Some(s) = h.last_start {
+            note_start(&mut last_start, &t.policy, s);
+        }
+        if flying_keys.contains(&t.key) {
             continue;
         }
-        let h = input.history.get(&t.key).cloned().unwrap_or_default();
-        match due(&h, pace_of(&t.policy), now) {
+        match due(h, pace_of(&t.policy), now) {
             Some((at, need)) if at <= now => due_now.push((need, t.priority, t)),
             Some((at, _)) => wake_at(at),
             None => {}

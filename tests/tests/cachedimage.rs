@@ -447,6 +447,7 @@ fn ideal_makespan(pace: &drop::pacing::Pace, nodes: usize, secs: i64) -> i64 {
             now: t(now),
             paces: &paces,
             targets: &targets,
+            earlier_starts: &BTreeMap::new(),
             in_flight: &in_flight,
             history: &history,
             pull_timeout: Duration::from_secs(3600),

@@ -78,6 +78,18 @@ struct ImageMemory {
     consecutive_failures: u32,
     seen: BTreeSet<String>,
     digest: Option<String>,
+    /// Written by the image's own reconcile; `None` until its first.
+    due: Option<DueSummary>,
+}
+
+/// What the other images' decisions need to know of an image until it reconciles again. Only its
+/// own reconcile changes its history and its pulls in flight, so this stays true until then.
+#[derive(Clone, Copy)]
+struct DueSummary {
+    /// When its earliest target not in flight is next due (`None`: none will be by itself).
+    next: Option<Timestamp>,
+    /// Its latest pull start.
+    last_start: Option<Timestamp>,
 }
 
 #[derive(Default)]
@@ -255,13 +267,29 @@ impl Pacer {
                     && pacing::after(f.started, CREATION_GRACE) > now)
         });
 
-        // Decide over every image.
-        let all_targets: Vec<Target> = st.targets.values().flatten().cloned().collect();
+        // Decide over every image that may have a pull due now; the others (in a settled fleet,
+        // nearly all) only space the starts of their policy. This keeps a reconcile's cost near its
+        // own targets' instead of the whole fleet's.
+        let mut due_targets: Vec<Target> = Vec::new();
+        let mut earlier_starts: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
+        for (image, targets) in &st.targets {
+            let summary = st.images.get(image).and_then(|m| m.due);
+            match summary {
+                Some(due) if *image != name && due.next.is_none_or(|t| t > now) => {
+                    if let (Some(at), Some(t)) = (due.last_start, targets.first()) {
+                        let latest = earlier_starts.entry(t.policy.clone()).or_insert(at);
+                        *latest = (*latest).max(at);
+                    }
+                }
+                _ => due_targets.extend(targets.iter().cloned()),
+            }
+        }
         let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
         let decision = pacing::decide(&pacing::Input {
             now,
             paces: &st.paces,
-            targets: &all_targets,
+            targets: &due_targets,
+            earlier_starts: &earlier_starts,
             in_flight: &in_flight,
             history: &st.history,
             pull_timeout: self.pull_timeout,
@@ -278,8 +306,8 @@ impl Pacer {
         }
         let mut decision = decision;
         decision.start.retain(|k| {
-            let policy = all_targets.iter().find(|t| &t.key == k).map(|t| &t.policy);
-            policy.is_none_or(|p| !held.contains(p))
+            let policy = st.targets.get(&k.image).and_then(|ts| ts.first());
+            policy.is_none_or(|t| !held.contains(&t.policy))
         });
         for k in &decision.timed_out {
             if k.image == name {
@@ -321,6 +349,12 @@ impl Pacer {
         for image in wake {
             let _ = self.wake.send(ObjectRef::new(&image));
         }
+        let due = step
+            .pace
+            .as_ref()
+            .ok()
+            .map(|(_, pace)| summarise(st, &name, &targets, pace, now));
+        st.images.entry(name.clone()).or_default().due = due;
 
         let observed = observe(st, &name, step, &reference);
         Outcome {
@@ -331,6 +365,33 @@ impl Pacer {
             observed,
         }
     }
+}
+
+/// The image's [`DueSummary`] after its reconcile.
+fn summarise(
+    st: &State,
+    name: &str,
+    targets: &BTreeSet<&str>,
+    pace: &Pace,
+    now: Timestamp,
+) -> DueSummary {
+    let never = History::default();
+    let mut summary = DueSummary {
+        next: None,
+        last_start: None,
+    };
+    for node in targets {
+        let k = PullKey::new(name, node);
+        let h = st.history.get(&k).unwrap_or(&never);
+        summary.last_start = summary.last_start.max(h.last_start);
+        if st.in_flight.contains_key(&k) {
+            continue;
+        }
+        if let Some(at) = pacing::next_due(h, pace, now) {
+            summary.next = Some(summary.next.map_or(at, |n| n.min(at)));
+        }
+    }
+    summary
 }
 
 fn record_failure(st: &mut State, k: &PullKey, now: Timestamp, reason: &str, message: &str) {

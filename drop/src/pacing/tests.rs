@@ -83,6 +83,7 @@ impl Sim {
                 targets: &self.targets,
                 in_flight: &in_flight,
                 history: &self.history,
+                earlier_starts: &BTreeMap::new(),
                 pull_timeout: Duration::from_secs(86_400),
             });
             for key in &decision.start {
@@ -260,6 +261,7 @@ fn pacing_new_nodes_go_before_refreshes_whatever_the_priority() {
         targets: &targets,
         in_flight: &[],
         history: &history,
+        earlier_starts: &BTreeMap::new(),
         pull_timeout: Duration::from_secs(600),
     });
     assert_eq!(
@@ -279,6 +281,7 @@ fn pacing_several_pulls_start_in_one_decision_when_limits_allow() {
         targets: &targets,
         in_flight: &[],
         history: &BTreeMap::new(),
+        earlier_starts: &BTreeMap::new(),
         pull_timeout: Duration::from_secs(600),
     });
     assert_eq!(d.start.len(), 3);
@@ -302,6 +305,7 @@ fn pacing_policies_are_separate_budgets() {
         targets: &targets,
         in_flight: &[],
         history: &BTreeMap::new(),
+        earlier_starts: &BTreeMap::new(),
         pull_timeout: Duration::from_secs(600),
     });
     assert_eq!(
@@ -320,12 +324,14 @@ fn pacing_reports_pulls_past_the_timeout() {
     }];
     let paces = BTreeMap::new();
     let history = BTreeMap::new();
+    let earlier_starts = BTreeMap::new();
     let input = |now| Input {
         now,
         paces: &paces,
         targets: &targets,
         in_flight: &in_flight,
         history: &history,
+        earlier_starts: &earlier_starts,
         pull_timeout: Duration::from_secs(600),
     };
     let before = decide(&input(at(599)));
@@ -528,7 +534,8 @@ proptest! {
         let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 2, seed).is_multiple_of(5))
             .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(0) }).collect();
         let input = Input { now: at(now), paces: &paces, targets: &targets, in_flight: &in_flight,
-            history: &history, pull_timeout: Duration::from_secs(600) };
+            history: &history,
+        earlier_starts: &BTreeMap::new(), pull_timeout: Duration::from_secs(600) };
         let a = decide(&input);
         prop_assert_eq!(&a, &decide(&input));
         let mut shuffled = targets.clone();
@@ -538,4 +545,67 @@ proptest! {
         let b = decide(&Input { targets: &shuffled, in_flight: &flying, ..input });
         prop_assert_eq!(a, b, "the order of the inputs does not matter");
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The contract a caller relies on to skip settled images: leaving out targets that are in flight
+    /// or not due yet, while reporting their starts, changes no start and no timeout.
+    #[test]
+    fn pacing_leaving_out_targets_not_due_changes_no_start(
+        (paces, targets, _, seed) in arb_world(),
+        now in 0i64..2000,
+    ) {
+        let history: BTreeMap<PullKey, History> = targets.iter()
+            .filter(|t| !hashy(&t.key, 0, seed).is_multiple_of(4))
+            .map(|t| {
+                let start = at((hashy(&t.key, 1, seed) % 1500) as i64);
+                let failures = (hashy(&t.key, 2, seed) % 3) as u32;
+                let end = Some(pacing_end(start, &t.key, seed));
+                (t.key.clone(), History {
+                    last_start: Some(start),
+                    last_success: if failures == 0 { end } else { None },
+                    last_failure: if failures > 0 { end } else { None },
+                    consecutive_failures: failures,
+                })
+            })
+            .collect();
+        let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 3, seed).is_multiple_of(6))
+            .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(now / 2) }).collect();
+        let builtin = Pace::builtin();
+        let none = BTreeMap::new();
+        let full = Input { now: at(now), paces: &paces, targets: &targets, earlier_starts: &none,
+            in_flight: &in_flight, history: &history, pull_timeout: Duration::from_secs(600) };
+
+        let mut kept = Vec::new();
+        let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
+        for t in &targets {
+            let h = history.get(&t.key).cloned().unwrap_or_default();
+            let flying = in_flight.iter().any(|f| f.key == t.key);
+            let pace = paces.get(&t.policy).unwrap_or(&builtin);
+            let settled = flying || next_due(&h, pace, at(now)).is_none_or(|d| d > at(now));
+            if settled && hashy(&t.key, 4, seed).is_multiple_of(2) {
+                if let Some(s) = h.last_start {
+                    let e = earlier.entry(t.policy.clone()).or_insert(s);
+                    *e = (*e).max(s);
+                }
+            } else {
+                kept.push(t.clone());
+            }
+        }
+        let a = decide(&full);
+        let b = decide(&Input { targets: &kept, earlier_starts: &earlier, ..full.clone() });
+        prop_assert_eq!(a.start, b.start);
+        prop_assert_eq!(a.timed_out, b.timed_out);
+        // Only the left-out targets' own due times can be missing from the wake-up.
+        if let (Some(wa), Some(wb)) = (a.wake_at, b.wake_at) {
+            prop_assert!(wa <= wb);
+        }
+    }
+}
+
+/// When a pull started at `start` ended, in a test world.
+fn pacing_end(start: Timestamp, k: &PullKey, seed: u64) -> Timestamp {
+    after(start, Duration::from_secs(hashy(k, 5, seed) % 120))
 }
