@@ -1,13 +1,15 @@
 //! What one CachedImage reconcile costs in the pacer, as the fleet grows.
 //!
 //! Every reconcile of one image hands its targets to the shared pacer, which decides over all
-//! images (the start order is global). Deciding over every target of the fleet on every reconcile
-//! makes a full resync cost images × targets; the pacer leaves out images with nothing due. This
-//! prints, for growing fleets and in two regimes, the cost of one reconcile beside the baseline of
-//! one engine decision over the whole fleet (what a reconcile cost before images were left out), and
-//! their ratio:
-//! - settled, where a CI fleet spends its life: everything cached, no re-pull due;
-//! - rollout: nothing cached yet, the pace's one pull slot taken, every other pull waiting.
+//! images (the start order is global). Handing the engine every target of the fleet on every
+//! reconcile would make a full resync cost images × targets; the pacer leaves out images with nothing
+//! due and images whose policy has no free slot. This prints, for growing fleets and in two regimes,
+//! the cost of one reconcile beside a baseline measured in the same run: one engine decision over
+//! every target of the fleet, handed in as they are. Regimes:
+//! - settled, where a CI fleet spends its life: everything cached, no re-pull due (the baseline is
+//!   what a reconcile cost before the pacer left settled images out);
+//! - rollout: nothing cached yet, the pace's one pull slot taken, every other pull waiting (the
+//!   engine itself skips a saturated policy, so here the ratio shows the pacer's own bookkeeping).
 //!
 //! Run: `cargo bench -p drop --bench pacer`.
 

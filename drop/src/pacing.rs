@@ -230,6 +230,25 @@ fn note_start<'a>(
         .or_insert(at);
 }
 
+/// The policies with every pull slot taken by `in_flight`: nothing starts under them until a pull
+/// ends, and a pull ending re-runs the decision, so their waiting targets need no look (a caller may
+/// leave them out of [`Input::targets`]).
+pub fn saturated<'a>(
+    paces: &BTreeMap<PolicyKey, Pace>,
+    in_flight: &'a [InFlight],
+) -> BTreeSet<&'a PolicyKey> {
+    let mut count: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
+    for f in in_flight {
+        *count.entry(&f.policy).or_default() += 1;
+    }
+    let builtin = Pace::builtin();
+    count
+        .into_iter()
+        .filter(|(p, n)| *n >= paces.get(*p).unwrap_or(&builtin).max_concurrent)
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// Decides which pulls start now.
 pub fn decide(input: &Input<'_>) -> Decision {
     let builtin = Pace::builtin();
@@ -257,9 +276,13 @@ pub fn decide(input: &Input<'_>) -> Decision {
             wake_at(deadline);
         }
     }
+    let full = saturated(input.paces, input.in_flight);
     let never = History::default();
     let mut due_now: Vec<(Need, i32, &Target)> = Vec::new();
     for t in input.targets {
+        if full.contains(&t.policy) {
+            continue;
+        }
         let h = input.history.get(&t.key).unwrap_or(&never);
         if let Some(s) = h.last_start {
             note_start(&mut last_start, &t.policy, s);

@@ -267,12 +267,18 @@ impl Pacer {
                     && pacing::after(f.started, CREATION_GRACE) > now)
         });
 
-        // Decide over every image that may have a pull due now; the others (in a settled fleet,
-        // nearly all) only space the starts of their policy. This keeps a reconcile's cost near its
-        // own targets' instead of the whole fleet's.
+        // Decide over the images that may start a pull now: not those whose policy has every slot
+        // taken (in a rollout, most of the time), and not those with nothing due (in a settled
+        // fleet, nearly all), which only space the starts of their policy. This keeps a
+        // reconcile's cost near its own targets' instead of the whole fleet's.
+        let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
+        let full = pacing::saturated(&st.paces, &in_flight);
         let mut due_targets: Vec<Target> = Vec::new();
         let mut earlier_starts: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
         for (image, targets) in &st.targets {
+            if targets.first().is_some_and(|t| full.contains(&t.policy)) {
+                continue;
+            }
             let summary = st.images.get(image).and_then(|m| m.due);
             match summary {
                 Some(due) if *image != name && due.next.is_none_or(|t| t > now) => {
@@ -284,7 +290,6 @@ impl Pacer {
                 _ => due_targets.extend(targets.iter().cloned()),
             }
         }
-        let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
         let decision = pacing::decide(&pacing::Input {
             now,
             paces: &st.paces,
