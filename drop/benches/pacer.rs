@@ -6,10 +6,11 @@
 //! due and images whose policy has no free slot. This prints, for growing fleets and in two regimes,
 //! the cost of one reconcile beside a baseline measured in the same run: one engine decision over
 //! every target of the fleet, handed in as they are. Regimes:
-//! - settled, where a CI fleet spends its life: everything cached, no re-pull due (the baseline is
-//!   what a reconcile cost before the pacer left settled images out);
-//! - rollout: nothing cached yet, the pace's one pull slot taken, every other pull waiting (the
-//!   engine itself skips a saturated policy, so here the ratio shows the pacer's own bookkeeping).
+//! - settled, where a CI fleet spends its life: everything cached, no re-pull due;
+//! - rollout: nothing cached yet, the pace's one pull slot taken, every other pull waiting.
+//!
+//! The baseline is close to what a reconcile cost before the pacer left images out (it also cloned
+//! every target, so it cost more).
 //!
 //! Run: `cargo bench -p drop --bench pacer`.
 

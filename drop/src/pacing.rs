@@ -231,8 +231,9 @@ fn note_start<'a>(
 }
 
 /// The policies with every pull slot taken by `in_flight`: nothing starts under them until a pull
-/// ends, and a pull ending re-runs the decision, so their waiting targets need no look (a caller may
-/// leave them out of [`Input::targets`]).
+/// ends, and a pull ending re-runs the decision. A caller may leave their targets out of
+/// [`Input::targets`], at the price of their wake-ups: a caller deciding for one image should keep
+/// that image's own targets, so that it still wakes when a backoff or re-pull falls due.
 pub fn saturated<'a>(
     paces: &BTreeMap<PolicyKey, Pace>,
     in_flight: &'a [InFlight],
@@ -276,13 +277,9 @@ pub fn decide(input: &Input<'_>) -> Decision {
             wake_at(deadline);
         }
     }
-    let full = saturated(input.paces, input.in_flight);
     let never = History::default();
     let mut due_now: Vec<(Need, i32, &Target)> = Vec::new();
     for t in input.targets {
-        if full.contains(&t.policy) {
-            continue;
-        }
         let h = input.history.get(&t.key).unwrap_or(&never);
         if let Some(s) = h.last_start {
             note_start(&mut last_start, &t.policy, s);

@@ -267,16 +267,17 @@ impl Pacer {
                     && pacing::after(f.started, CREATION_GRACE) > now)
         });
 
-        // Decide over the images that may start a pull now: not those whose policy has every slot
-        // taken (in a rollout, most of the time), and not those with nothing due (in a settled
-        // fleet, nearly all), which only space the starts of their policy. This keeps a
-        // reconcile's cost near its own targets' instead of the whole fleet's.
+        // Decide over this image (its wake-up needs its own targets) and the other images that may
+        // start a pull now: not those whose policy has every slot taken (in a rollout, most of the
+        // time), and not those with nothing due (in a settled fleet, nearly all), which only space
+        // the starts of their policy. Each left-out image's own reconcile woke it for its next due
+        // time. This keeps a reconcile's cost near its own targets' instead of the whole fleet's.
         let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
         let full = pacing::saturated(&st.paces, &in_flight);
         let mut due_targets: Vec<Target> = Vec::new();
         let mut earlier_starts: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
         for (image, targets) in &st.targets {
-            if targets.first().is_some_and(|t| full.contains(&t.policy)) {
+            if *image != name && targets.first().is_some_and(|t| full.contains(&t.policy)) {
                 continue;
             }
             let summary = st.images.get(image).and_then(|m| m.due);
@@ -478,3 +479,6 @@ fn observe(st: &State, name: &str, step: &Step<'_>, reference: &str) -> Observed
         resolved_digest: image.and_then(|i| i.digest.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,126 @@
+use super::*;
+use crate::api::CachedImageSpec;
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+fn image(name: &str) -> CachedImage {
+    CachedImage::new(
+        name,
+        CachedImageSpec {
+            image: format!("registry.example.com/{name}"),
+            tag: Some("1".into()),
+            digest: None,
+            image_pull_policy: Default::default(),
+            image_pull_secrets: Vec::new(),
+            node_selector: Default::default(),
+            tolerations: Vec::new(),
+            priority: None,
+            policy_ref: None,
+        },
+    )
+}
+
+fn pod(
+    ci: &CachedImage,
+    node: &str,
+    attempt: u32,
+    created: i64,
+    outcome: PullOutcome,
+) -> PullPodView {
+    PullPodView {
+        name: format!("{}-{node}-{attempt}", ci.name_any()),
+        uid: format!("uid-{}-{node}-{attempt}", ci.name_any()),
+        image: ci.name_any(),
+        node: node.to_owned(),
+        reference: ci.spec.reference(),
+        attempt,
+        policy: None,
+        created: at(created),
+        outcome,
+    }
+}
+
+/// Images on one node under the built-in pace (one pull at a time, 10 s apart, retries after 30 s),
+/// reconciled one step at a time.
+struct World {
+    pacer: Pacer,
+    images: Vec<CachedImage>,
+    known: Vec<(String, PolicyKey)>,
+    nodes: Vec<String>,
+}
+
+impl World {
+    fn new(names: &[&str]) -> Self {
+        let (wake, _) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            pacer: Pacer::new(wake, Duration::from_secs(600)),
+            images: names.iter().map(|n| image(n)).collect(),
+            known: names.iter().map(|n| ((*n).to_owned(), None)).collect(),
+            nodes: vec!["n1".to_owned()],
+        }
+    }
+
+    fn step(&self, i: usize, now: i64, pods: &[PullPodView]) -> Outcome {
+        self.pacer.step(&Step {
+            now: at(now),
+            image: &self.images[i],
+            targets: &self.nodes,
+            pace: Ok((None, Pace::builtin())),
+            pods,
+            known_images: &self.known,
+        })
+    }
+}
+
+fn starts(out: &Outcome) -> Vec<(&str, u32)> {
+    out.start.iter().map(|(n, a)| (n.as_str(), *a)).collect()
+}
+
+#[test]
+fn pacing_an_image_waiting_out_a_backoff_wakes_even_while_others_fill_the_policy() {
+    let w = World::new(&["a", "b"]);
+    let (a, b) = (&w.images[0], &w.images[1]);
+    // Nothing starts until both images told their targets; then a goes first (name order), and
+    // fails at 1 s: its retry is due at 31 s.
+    assert!(w.step(1, 0, &[]).start.is_empty());
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    let failed = PullOutcome::Failed {
+        reason: "ErrImagePull".into(),
+        message: "no such host".into(),
+    };
+    w.step(0, 1, &[pod(a, "n1", 1, 0, failed)]);
+    // b starts once the 10 s spacing allows, and takes the policy's only slot.
+    assert_eq!(w.step(1, 2, &[]).wake_at, Some(at(10)));
+    assert_eq!(starts(&w.step(1, 10, &[])), [("n1", 1)]);
+    // a reconciles while the slot is taken: it must still learn when its retry falls due.
+    let out = w.step(0, 11, &[]);
+    assert!(out.start.is_empty());
+    assert_eq!(out.wake_at, Some(at(31)));
+    // b's pull ends before a's retry is due: b's reconcile starts nothing for a...
+    let pulled = PullOutcome::Pulled { digest: None };
+    assert!(
+        w.step(1, 20, &[pod(b, "n1", 1, 10, pulled)])
+            .start
+            .is_empty()
+    );
+    // ...and a, woken at 31 s, retries.
+    assert_eq!(starts(&w.step(0, 31, &[])), [("n1", 2)]);
+}
+
+#[test]
+fn pacing_a_settled_image_still_spaces_the_next_start() {
+    let w = World::new(&["a", "b"]);
+    let a = &w.images[0];
+    assert!(w.step(1, 0, &[]).start.is_empty());
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    // a is cached at 2 s and has nothing due: later decisions leave it out, but its start at 0 s
+    // still holds b back until 10 s.
+    let pulled = PullOutcome::Pulled { digest: None };
+    assert!(w.step(0, 2, &[pod(a, "n1", 1, 0, pulled)]).start.is_empty());
+    let out = w.step(1, 3, &[]);
+    assert!(out.start.is_empty());
+    assert_eq!(out.wake_at, Some(at(10)));
+    assert_eq!(starts(&w.step(1, 10, &[])), [("n1", 1)]);
+}
