@@ -14,7 +14,7 @@
 //!
 //! Run: `cargo bench -p drop --bench pacer`.
 
-use drop::api::{CachedImage, CachedImageSpec, CachedImageStatus, ImagePullPolicy};
+use drop::api::{CachedImage, CachedImageSpec, CachedImageStatus};
 use drop::cachedimage::pacer::{Pacer, Step};
 use drop::pacing::{self, History, InFlight, Pace, PolicyKey, PullKey, Target};
 use jiff::Timestamp;
@@ -29,13 +29,7 @@ fn image(i: usize, nodes: &[String], cached: bool) -> CachedImage {
         CachedImageSpec {
             image: format!("registry.example.com/team/app-{i}"),
             tag: Some("v1".into()),
-            digest: None,
-            image_pull_policy: ImagePullPolicy::default(),
-            image_pull_secrets: Vec::new(),
-            node_selector: Default::default(),
-            tolerations: Vec::new(),
-            priority: None,
-            policy_ref: None,
+            ..CachedImageSpec::default()
         },
     );
     if cached {

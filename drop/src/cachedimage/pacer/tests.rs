@@ -11,13 +11,7 @@ fn image(name: &str) -> CachedImage {
         CachedImageSpec {
             image: format!("registry.example.com/{name}"),
             tag: Some("1".into()),
-            digest: None,
-            image_pull_policy: Default::default(),
-            image_pull_secrets: Vec::new(),
-            node_selector: Default::default(),
-            tolerations: Vec::new(),
-            priority: None,
-            policy_ref: None,
+            ..CachedImageSpec::default()
         },
     )
 }
