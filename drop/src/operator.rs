@@ -67,6 +67,7 @@ pub async fn run(
     .primary_watch(primary_watch(settings.watch_selector.as_deref()))
     .owns_in::<Pod>(&settings.pod_namespace)
     .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, cachedimage::all_images)
+    .trim_cached::<Node>(cachedimage::targets::trim)
     .watches::<PullPolicy, _>(cachedimage::images_using)
     .trigger(wake);
     let sets = Controller::new("cachedimageset", CachedImageSetReconciler)

@@ -7,6 +7,7 @@ use crate::conditions::{self, Cond};
 use crate::metrics::Metrics;
 use crate::plan::{EventKind, PlannedEvent};
 use crate::reconciler::{Caches, Context, Reconciler};
+use crate::trim::{Trims, trimmed};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::Timestamp;
@@ -136,7 +137,7 @@ type Owned<K> = (
     TypeId,
     Arc<dyn Any + Send + Sync>,
 );
-type OwnFn<K> = Box<dyn FnOnce(Client, KubeController<K>, &str) -> Owned<K> + Send>;
+type OwnFn<K> = Box<dyn FnOnce(Client, KubeController<K>, &str, &Trims) -> Owned<K> + Send>;
 /// A declared related kind, once its watch is built: the controller, its cache for `Context::cached`,
 /// and a future resolving when that cache has synced.
 type Related<K> = (
@@ -145,7 +146,7 @@ type Related<K> = (
     Arc<dyn Any + Send + Sync>,
     BoxFuture<'static, ()>,
 );
-type WatchFn<K> = Box<dyn FnOnce(Client, KubeController<K>, Store<K>) -> Related<K> + Send>;
+type WatchFn<K> = Box<dyn FnOnce(Client, KubeController<K>, Store<K>, &Trims) -> Related<K> + Send>;
 
 /// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
 ///
@@ -183,6 +184,7 @@ where
     backoff: Backoff,
     primary_watch: watcher::Config,
     triggers: Vec<futures::stream::BoxStream<'static, ObjectRef<R::Resource>>>,
+    trims: Trims,
 }
 
 impl<R: Reconciler> Controller<R>
@@ -202,6 +204,7 @@ where
             backoff: Backoff::default(),
             primary_watch: watcher::Config::default(),
             triggers: Vec::new(),
+            trims: Trims::default(),
         }
     }
 
@@ -243,27 +246,31 @@ where
     where
         C: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     {
-        self.owned.push(Box::new(move |client, ctrl, label_key| {
-            let api = make_api(client);
-            let (reader, writer) = reflector::store::<C>();
-            let stream = reflector::reflector(
-                writer,
-                watcher(api, watcher::Config::default().labels(label_key)),
-            )
-            .default_backoff()
-            .touched_objects();
-            let typed = Arc::new(TypedStore {
-                store: reader,
-                resource: ApiResource::erase::<C>(&()),
-            });
-            let store: Arc<dyn ChildStore> = typed.clone();
-            (
-                ctrl.owns_stream(stream),
-                store,
-                TypeId::of::<C>(),
-                typed as Arc<dyn Any + Send + Sync>,
-            )
-        }));
+        self.owned
+            .push(Box::new(move |client, ctrl, label_key, trims| {
+                let api = make_api(client);
+                let (reader, writer) = reflector::store::<C>();
+                let stream = reflector::reflector(
+                    writer,
+                    trimmed(
+                        watcher(api, watcher::Config::default().labels(label_key)),
+                        trims.get::<C>(),
+                    ),
+                )
+                .default_backoff()
+                .touched_objects();
+                let typed = Arc::new(TypedStore {
+                    store: reader,
+                    resource: ApiResource::erase::<C>(&()),
+                });
+                let store: Arc<dyn ChildStore> = typed.clone();
+                (
+                    ctrl.owns_stream(stream),
+                    store,
+                    TypeId::of::<C>(),
+                    typed as Arc<dyn Any + Send + Sync>,
+                )
+            }));
         self
     }
 
@@ -303,42 +310,48 @@ where
         K: Fn(&O) -> u64 + Send + Sync + 'static,
         F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
     {
-        self.watches.push(Box::new(move |client, ctrl, primaries| {
-            let api: Api<O> = Api::all(client);
-            let (reader, writer) = reflector::store::<O>();
-            let mut last: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-            let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-                .default_backoff()
-                .try_filter(move |event| {
-                    let relevant = match (&key, event) {
-                        (None, _) => true,
-                        (Some(key), watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                            let id = o.meta().uid.clone().unwrap_or_default();
-                            let now = key(o);
-                            last.insert(id, now) != Some(now)
-                        }
-                        (Some(_), watcher::Event::Delete(o)) => {
-                            last.remove(&o.meta().uid.clone().unwrap_or_default());
-                            true
-                        }
-                        (Some(_), _) => true,
-                    };
-                    futures::future::ready(relevant)
-                })
-                .touched_objects();
-            let ready_store = reader.clone();
-            let ready = async move {
-                let _ = ready_store.wait_until_ready().await;
-                tracing::debug!(kind = %O::kind(&()), "related cache synced");
-            }
-            .boxed();
-            (
-                ctrl.watches_stream(stream, move |o: O| mapper(&o, &primaries.state())),
-                TypeId::of::<O>(),
-                Arc::new(reader) as Arc<dyn Any + Send + Sync>,
-                ready,
-            )
-        }));
+        self.watches
+            .push(Box::new(move |client, ctrl, primaries, trims| {
+                let api: Api<O> = Api::all(client);
+                let (reader, writer) = reflector::store::<O>();
+                let mut last: std::collections::HashMap<String, u64> =
+                    std::collections::HashMap::new();
+                let events = trimmed(watcher(api, watcher::Config::default()), trims.get::<O>());
+                let stream = reflector::reflector(writer, events)
+                    .default_backoff()
+                    .try_filter(move |event| {
+                        let relevant = match (&key, event) {
+                            (None, _) => true,
+                            (
+                                Some(key),
+                                watcher::Event::Apply(o) | watcher::Event::InitApply(o),
+                            ) => {
+                                let id = o.meta().uid.clone().unwrap_or_default();
+                                let now = key(o);
+                                last.insert(id, now) != Some(now)
+                            }
+                            (Some(_), watcher::Event::Delete(o)) => {
+                                last.remove(&o.meta().uid.clone().unwrap_or_default());
+                                true
+                            }
+                            (Some(_), _) => true,
+                        };
+                        futures::future::ready(relevant)
+                    })
+                    .touched_objects();
+                let ready_store = reader.clone();
+                let ready = async move {
+                    let _ = ready_store.wait_until_ready().await;
+                    tracing::debug!(kind = %O::kind(&()), "related cache synced");
+                }
+                .boxed();
+                (
+                    ctrl.watches_stream(stream, move |o: O| mapper(&o, &primaries.state())),
+                    TypeId::of::<O>(),
+                    Arc::new(reader) as Arc<dyn Any + Send + Sync>,
+                    ready,
+                )
+            }));
         self
     }
 
@@ -363,6 +376,39 @@ where
     /// Backoff after failed reconciles (default 1 s doubling to 5 min), per object, reset on success.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// Trims every cached object of kind `O` (primary, child or related) before it is stored: drop
+    /// what no reconcile reads, so that a large cluster's objects cost less memory. Reconcilers and
+    /// mappers see the trimmed objects. Managed fields are always dropped; see [`crate::trim`].
+    ///
+    /// ```
+    /// # use framework::{Context, Controller, Plan, Reconciler};
+    /// # use k8s_openapi::api::core::v1::Node;
+    /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
+    /// # #[kube(group = "example.com", version = "v1", kind = "App", status = "AppStatus")]
+    /// # struct AppSpec {}
+    /// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+    /// # struct AppStatus {}
+    /// # struct MyReconciler;
+    /// # impl Reconciler for MyReconciler {
+    /// #     type Resource = App;
+    /// #     type Error = std::convert::Infallible;
+    /// #     async fn reconcile(&self, _: &App, _: &Context) -> Result<Plan<App>, Self::Error> { Ok(Plan::new()) }
+    /// # }
+    /// // This operator places work by node labels only: a Node's status (images, conditions,
+    /// // addresses) is never read, so it is not kept.
+    /// let controller = Controller::new("app", MyReconciler)
+    ///     .watches::<Node, _>(|_node, _apps| Vec::new())
+    ///     .trim_cached::<Node>(|node| node.status = None);
+    /// # let _ = controller;
+    /// ```
+    pub fn trim_cached<O>(mut self, trim: impl Fn(&mut O) + Send + Sync + 'static) -> Self
+    where
+        O: Resource + 'static,
+    {
+        self.trims.insert::<O>(Arc::new(trim));
         self
     }
 
@@ -400,7 +446,11 @@ where
         // Readiness of the primary cache, from the stream itself: kube's applier already waits on the
         // store's readiness, and that wait (a single oneshot receiver) wakes only one of two waiters.
         let (primary_ready_tx, mut primary_ready_rx) = tokio::sync::watch::channel(false);
-        let primary_stream = reflector::reflector(primary_writer, watcher(api, self.primary_watch))
+        let primary_events = trimmed(
+            watcher(api, self.primary_watch),
+            self.trims.get::<R::Resource>(),
+        );
+        let primary_stream = reflector::reflector(primary_writer, primary_events)
             .default_backoff()
             .inspect_ok(move |event| match event {
                 watcher::Event::Delete(obj) => {
@@ -422,14 +472,14 @@ where
         let mut caches = Caches::default();
         let mut ready: Vec<BoxFuture<'static, ()>> = Vec::new();
         for own in self.owned {
-            let (c, s, type_id, any) = own(client.clone(), ctrl, &label_key);
+            let (c, s, type_id, any) = own(client.clone(), ctrl, &label_key, &self.trims);
             ctrl = c;
             ready.push(s.ready());
             stores.push(s);
             caches.owned.insert(type_id, any);
         }
         for w in self.watches {
-            let (c, type_id, any, synced) = w(client.clone(), ctrl, primaries.clone());
+            let (c, type_id, any, synced) = w(client.clone(), ctrl, primaries.clone(), &self.trims);
             ctrl = c;
             caches.related.insert(type_id, any);
             ready.push(synced);

@@ -8,6 +8,7 @@
 //!   with owner references, pruning of children no longer planned, status writes only on change),
 //!   retries failures with per-object backoff, and reports them as a condition and an Event;
 //! - [`conditions`]: `metav1.Condition` helpers with correct transition times;
+//! - [`trim`]: cached objects lose their managed fields, and per kind what no reconcile reads;
 //! - [`Operator`]: several controllers in one process, `/metrics`, `/healthz`, `/readyz`, Lease leader
 //!   election, graceful shutdown, CRD install or check at start;
 //! - derives: [`macro@PrinterColumns`] (columns declared on fields) and [`macro@Status`] (status
@@ -36,6 +37,7 @@ pub mod reconciler;
 pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trim;
 
 pub use children::Child;
 pub use columns::{Column, PrinterColumns};

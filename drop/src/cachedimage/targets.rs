@@ -110,6 +110,13 @@ pub fn relevance(node: &Node) -> Relevance {
     )
 }
 
+/// What the operator keeps of a Node: its metadata and spec. Targeting reads only labels, taints and
+/// the deletion mark; the status (images, conditions, addresses, capacity) is the bulk of a real
+/// Node and changes with every kubelet report, so it is dropped before the Node is cached.
+pub fn trim(node: &mut Node) {
+    node.status = None;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +274,29 @@ mod tests {
         assert_eq!(relevance(&a), relevance(&b));
         let c = node("a", &[("pool", "web")], &[]);
         assert_ne!(relevance(&a), relevance(&c));
+    }
+
+    #[test]
+    fn cachedimage_targets_read_nothing_the_cache_trim_drops() {
+        use k8s_openapi::api::core::v1::{ContainerImage, NodeStatus};
+        let mut full = node("a", &[("pool", "ci")], &[("dedicated", "ci", "NoSchedule")]);
+        full.status = Some(NodeStatus {
+            images: Some(vec![ContainerImage {
+                names: Some(vec!["docker.io/library/nginx:1.27".into()]),
+                size_bytes: Some(1 << 20),
+            }]),
+            ..NodeStatus::default()
+        });
+        let mut trimmed = full.clone();
+        trim(&mut trimmed);
+        assert_eq!(trimmed.status, None);
+        assert_eq!(relevance(&trimmed), relevance(&full));
+        let tolerating = spec(
+            &[("pool", "ci")],
+            vec![tol(Some("dedicated"), "Equal", Some("ci"), None)],
+        );
+        for s in [spec(&[("pool", "ci")], vec![]), tolerating] {
+            assert_eq!(is_target(&trimmed, &s, None), is_target(&full, &s, None));
+        }
     }
 }
