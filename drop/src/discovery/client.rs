@@ -193,6 +193,20 @@ pub fn status_error(url: &str, status: reqwest::StatusCode, body: &[u8]) -> Sour
     SourceError::new(kind, format!("{url}: HTTP {status}: {}", snippet.trim()))
 }
 
+/// Decodes a JSON answer from `url`; `what` names what it should have been ("a tag list").
+pub fn decode<T: serde::de::DeserializeOwned>(
+    url: &str,
+    body: &[u8],
+    what: &str,
+) -> Result<T, SourceError> {
+    serde_json::from_slice(body).map_err(|e| {
+        SourceError::new(
+            FailureKind::InvalidResponse,
+            format!("{url}: not {what}: {e}"),
+        )
+    })
+}
+
 /// Sends a request and reads at most [`MAX_BODY`] bytes of the answer.
 pub async fn send(
     url: &str,

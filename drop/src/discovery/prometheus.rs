@@ -70,12 +70,7 @@ pub async fn query(
     if !status.is_success() {
         return Err(client::status_error(&url, status, &body));
     }
-    let answer: Answer = serde_json::from_slice(&body).map_err(|e| {
-        SourceError::new(
-            FailureKind::InvalidResponse,
-            format!("{url}: not a Prometheus API answer: {e}"),
-        )
-    })?;
+    let answer: Answer = client::decode(&url, &body, "a Prometheus API answer")?;
     if answer.status != "success" {
         return Err(SourceError::new(
             FailureKind::SourceError,

@@ -132,12 +132,7 @@ async fn tags(
             if !st.is_success() {
                 return Err(client::status_error(&realm, st, &tb));
             }
-            let t: Token = serde_json::from_slice(&tb).map_err(|e| {
-                SourceError::new(
-                    FailureKind::InvalidResponse,
-                    format!("{realm}: not a token answer: {e}"),
-                )
-            })?;
+            let t: Token = client::decode(&realm, &tb, "a token answer")?;
             bearer = t.token.or(t.access_token);
             if bearer.is_none() {
                 return Err(SourceError::new(
@@ -155,12 +150,7 @@ async fn tags(
             }
             return Err(e);
         }
-        let page: TagList = serde_json::from_slice(&body).map_err(|e| {
-            SourceError::new(
-                FailureKind::InvalidResponse,
-                format!("{url}: not a tag list: {e}"),
-            )
-        })?;
+        let page: TagList = client::decode(&url, &body, "a tag list")?;
         all.extend(page.tags.unwrap_or_default());
         match next_link(base, &headers) {
             Some(next) => url = next,
