@@ -56,16 +56,12 @@ async fn wait_ready(
 
 /// `user:<bcrypt hash>`, as htpasswd files (registry) and web configs (Prometheus) want it.
 fn htpasswd(user: &str, password: &str) -> String {
-    let out = Command::new("htpasswd")
-        .args(["-Bbn", user, password])
-        .output()
-        .expect("htpasswd (apache2-utils)");
-    assert!(
-        out.status.success(),
-        "htpasswd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    crate::run_ok(
+        Command::new("htpasswd").args(["-Bbn", user, password]),
+        "htpasswd (apache2-utils)",
+    )
+    .trim()
+    .to_owned()
 }
 
 /// A running docker-registry (distribution 2.8), anonymous access.
@@ -291,16 +287,12 @@ impl Prometheus {
             }
             writeln!(f, "# EOF").unwrap();
         }
-        let out = Command::new("promtool")
-            .args(["tsdb", "create-blocks-from", "openmetrics"])
-            .arg(&metrics)
-            .arg(&data)
-            .output()
-            .expect("promtool (Debian package prometheus)");
-        assert!(
-            out.status.success(),
-            "promtool: {}",
-            String::from_utf8_lossy(&out.stderr)
+        crate::run_ok(
+            Command::new("promtool")
+                .args(["tsdb", "create-blocks-from", "openmetrics"])
+                .arg(&metrics)
+                .arg(&data),
+            "promtool (Debian package prometheus)",
         );
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, "global:\n  scrape_interval: 1h\n").unwrap();
@@ -374,16 +366,12 @@ impl Pki {
     pub fn generate() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sh = |script: &str| {
-            let out = Command::new("bash")
-                .arg("-ec")
-                .arg(script)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+            crate::run_ok(
+                Command::new("bash")
+                    .arg("-ec")
+                    .arg(script)
+                    .current_dir(dir.path()),
+                "openssl",
             );
         };
         sh(

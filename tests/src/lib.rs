@@ -187,6 +187,20 @@ impl PodRecorder {
     }
 }
 
+/// Runs `cmd` and returns its standard output; panics with its standard error unless it succeeds.
+/// `what` names the program (and where it comes from, for a missing one).
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Path of a tool the harness built or fetched (`helm`, `kubectl`, …).
 pub fn tool(name: &str) -> std::path::PathBuf {
     let cache = std::env::var_os("DROP_E2E_CACHE")

@@ -237,20 +237,16 @@ async fn cachedimage_basic_caches_on_every_matching_node() {
     // kubectl wait understands the Ready condition.
     let bin = std::env::var("HOME").unwrap() + "/.cache/drop-e2e/bin/kubectl";
     let cluster = TestCluster::shared().unwrap();
-    let out = std::process::Command::new(bin)
-        .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
-        .args([
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=10s",
-            &format!("cachedimage/{name}"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    e2e::run_ok(
+        std::process::Command::new(bin)
+            .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
+            .args([
+                "wait",
+                "--for=condition=Ready",
+                "--timeout=10s",
+                &format!("cachedimage/{name}"),
+            ]),
+        "kubectl wait",
     );
     s.finish().await;
 }

@@ -278,18 +278,13 @@ async fn smoke_a_second_process_reuses_the_running_cluster() {
     // Another process (a second test binary, a developer's shell) asks for the cluster: it must get
     // the running one at once, not wait on a lock the running components hold.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/cluster.sh");
-    let out = std::process::Command::new("timeout")
-        .args(["30", "bash"])
-        .arg(&script)
-        .arg("ensure")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let line = e2e::run_ok(
+        std::process::Command::new("timeout")
+            .args(["30", "bash"])
+            .arg(&script)
+            .arg("ensure"),
+        "cluster.sh ensure",
     );
-    let line = String::from_utf8_lossy(&out.stdout);
     if std::env::var_os("KUBECONFIG").is_none() {
         assert!(
             line.contains(&cluster.kubeconfig().display().to_string()),
@@ -314,16 +309,12 @@ fn smoke_down_stops_a_joined_process_whose_binary_was_rebuilt() {
     std::fs::copy("/bin/sleep", &rebuilt).unwrap();
     std::fs::rename(&rebuilt, &bin).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/cluster.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .arg("down")
-        .env("DROP_E2E_STATE", &state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    e2e::run_ok(
+        std::process::Command::new("bash")
+            .arg(&script)
+            .arg("down")
+            .env("DROP_E2E_STATE", &state),
+        "cluster.sh down",
     );
     let status = child.wait().unwrap();
     assert!(!status.success(), "stopped by a signal, not left running");
