@@ -127,19 +127,20 @@ impl<K: HasStatus> Plan<K> {
 
     /// Publishes a Normal Event.
     pub fn event(self, reason: &str, message: impl Into<String>) -> Self {
-        self.push_event(EventKind::Normal, reason, message.into())
+        self.emit(EventKind::Normal, reason, message)
     }
 
     /// Publishes a Warning Event.
     pub fn warning(self, reason: &str, message: impl Into<String>) -> Self {
-        self.push_event(EventKind::Warning, reason, message.into())
+        self.emit(EventKind::Warning, reason, message)
     }
 
-    fn push_event(mut self, kind: EventKind, reason: &str, message: String) -> Self {
+    /// Publishes an Event of `kind` (for a reconciler that decides the severity elsewhere).
+    pub fn emit(mut self, kind: EventKind, reason: &str, message: impl Into<String>) -> Self {
         self.events.push(PlannedEvent {
             kind,
             reason: reason.to_owned(),
-            message,
+            message: message.into(),
             action: "Reconcile".to_owned(),
         });
         self

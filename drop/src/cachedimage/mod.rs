@@ -162,10 +162,7 @@ impl Reconciler for CachedImageReconciler {
         if let Some((kind, reason, message)) =
             status::transition_event(before, &new_status, &image.spec.reference())
         {
-            plan = match kind {
-                framework::plan::EventKind::Normal => plan.event(reason, message),
-                framework::plan::EventKind::Warning => plan.warning(reason, message),
-            };
+            plan = plan.emit(kind, reason, message);
         }
         if let Some(at) = out.wake_at {
             let wait = at.duration_since(ctx.now()).unsigned_abs();
