@@ -142,7 +142,21 @@ impl Metrics {
         self.pull_errors.with_label_values(&[image, label]).inc();
     }
 
-    /// Removes the series of a deleted CachedImage.
+    /// Sets an image's per-image gauges from the status it is about to record.
+    pub fn record_image(&self, name: &str, status: &crate::api::CachedImageStatus) {
+        self.nodes_targeted
+            .with_label_values(&[name])
+            .set(i64::from(status.nodes_targeted));
+        self.nodes_cached
+            .with_label_values(&[name])
+            .set(i64::from(status.nodes_ready));
+        self.consecutive_failures
+            .with_label_values(&[name])
+            .set(i64::from(status.consecutive_failures));
+    }
+
+    /// Removes every series of a deleted image (the gauges [`Metrics::record_image`] sets, its pull
+    /// counters and errors).
     pub fn forget_image(&self, name: &str) {
         let _ = self.images_cached.remove_label_values(&[name]);
         let _ = self.nodes_targeted.remove_label_values(&[name]);

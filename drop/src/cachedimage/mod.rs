@@ -142,18 +142,7 @@ impl Reconciler for CachedImageReconciler {
         }
 
         let new_status = status::compute(image.status.as_ref(), &out.observed, ctx.now());
-        self.metrics
-            .nodes_targeted
-            .with_label_values(&[&name])
-            .set(i64::from(new_status.nodes_targeted));
-        self.metrics
-            .nodes_cached
-            .with_label_values(&[&name])
-            .set(i64::from(new_status.nodes_ready));
-        self.metrics
-            .consecutive_failures
-            .with_label_values(&[&name])
-            .set(i64::from(new_status.consecutive_failures));
+        self.metrics.record_image(&name, &new_status);
         self.metrics
             .active_pulls
             .set(i64::try_from(self.pacer.active_pulls()).unwrap_or(i64::MAX));
