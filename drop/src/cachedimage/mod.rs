@@ -63,6 +63,15 @@ pub fn all_images(_: &Node, images: &[Arc<CachedImage>]) -> Vec<ObjectRef<Cached
         .collect()
 }
 
+impl CachedImageReconciler {
+    /// `drop_active_pulls`: the pulls in flight across every image.
+    fn publish_active_pulls(&self) {
+        self.metrics
+            .active_pulls
+            .set(i64::try_from(self.pacer.active_pulls()).unwrap_or(i64::MAX));
+    }
+}
+
 impl Reconciler for CachedImageReconciler {
     type Resource = CachedImage;
     type Error = Error;
@@ -143,9 +152,7 @@ impl Reconciler for CachedImageReconciler {
 
         let new_status = status::compute(image.status.as_ref(), &out.observed, ctx.now());
         self.metrics.record_image(&name, &new_status);
-        self.metrics
-            .active_pulls
-            .set(i64::try_from(self.pacer.active_pulls()).unwrap_or(i64::MAX));
+        self.publish_active_pulls();
 
         let before = image.status.as_ref().and_then(|s| s.phase);
         if let Some((kind, reason, message)) =
@@ -164,8 +171,6 @@ impl Reconciler for CachedImageReconciler {
         let name = image.name_any();
         self.pacer.forget(&name);
         self.metrics.forget_image(&name);
-        self.metrics
-            .active_pulls
-            .set(i64::try_from(self.pacer.active_pulls()).unwrap_or(i64::MAX));
+        self.publish_active_pulls();
     }
 }
