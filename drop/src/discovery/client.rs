@@ -67,26 +67,18 @@ impl Credentials {
                 .transpose()
         };
         let bytes = |key: &str| data.get(key).map(|v| v.0.clone());
-        let basic = match (text("username")?, text("password")?) {
-            (Some(u), Some(p)) => Some((u, p)),
-            (None, None) => None,
-            _ => {
-                return Err(SourceError::new(
-                    FailureKind::InvalidConfig,
-                    format!("Secret {name:?} has only one of username and password"),
-                ));
-            }
-        };
-        let client_cert = match (bytes("tls.crt"), bytes("tls.key")) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            _ => {
-                return Err(SourceError::new(
-                    FailureKind::InvalidConfig,
-                    format!("Secret {name:?} has only one of tls.crt and tls.key"),
-                ));
-            }
-        };
+        let basic = both(
+            name,
+            text("username")?,
+            text("password")?,
+            "username and password",
+        )?;
+        let client_cert = both(
+            name,
+            bytes("tls.crt"),
+            bytes("tls.key"),
+            "tls.crt and tls.key",
+        )?;
         let mut headers = Vec::new();
         for key in data.keys().filter(|k| k.starts_with("headers.")) {
             if let Some(v) = text(key)? {
@@ -180,6 +172,23 @@ pub fn classify(url: &str, e: &reqwest::Error) -> SourceError {
     };
     let url = url.split('?').next().unwrap_or(url);
     SourceError::new(kind, format!("{url}: {cause}"))
+}
+
+/// Two Secret keys that only make sense together: both or neither.
+fn both<T>(
+    secret: &str,
+    a: Option<T>,
+    b: Option<T>,
+    keys: &str,
+) -> Result<Option<(T, T)>, SourceError> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        (None, None) => Ok(None),
+        _ => Err(SourceError::new(
+            FailureKind::InvalidConfig,
+            format!("Secret {secret:?} has only one of {keys}"),
+        )),
+    }
 }
 
 /// Classifies an HTTP error status.
