@@ -165,6 +165,8 @@ pub struct Existing {
     pub key: ChildKey,
     /// UID of its controller owner reference, if it has one.
     pub controller_uid: Option<String>,
+    /// Whether it is being deleted already (it is not deleted again).
+    pub deleting: bool,
 }
 
 impl Existing {
@@ -178,6 +180,7 @@ impl Existing {
                 name: obj.metadata.name.clone()?,
             },
             controller_uid: controller_uid(&obj.metadata.owner_references),
+            deleting: obj.metadata.deletion_timestamp.is_some(),
         })
     }
 }
@@ -226,7 +229,8 @@ pub struct ChildDiff {
 /// Decides what to apply, delete and leave alone.
 ///
 /// `existing` holds what is known of the objects at the planned keys and of every object labelled as a
-/// child of `owner_uid`. Only objects whose controller is `owner_uid` are ever deleted.
+/// child of `owner_uid`. Only objects whose controller is `owner_uid` are ever deleted, and never one
+/// that is being deleted already.
 pub fn diff(owner_uid: &str, planned: &[ChildKey], existing: &[Existing]) -> ChildDiff {
     let planned_set: BTreeSet<&ChildKey> = planned.iter().collect();
     let mut out = ChildDiff::default();
@@ -242,7 +246,10 @@ pub fn diff(owner_uid: &str, planned: &[ChildKey], existing: &[Existing]) -> Chi
         }
     }
     for e in existing {
-        if e.controller_uid.as_deref() == Some(owner_uid) && !planned_set.contains(&e.key) {
+        if e.controller_uid.as_deref() == Some(owner_uid)
+            && !e.deleting
+            && !planned_set.contains(&e.key)
+        {
             out.delete.push(e.key.clone());
         }
     }
@@ -268,6 +275,7 @@ mod tests {
         Existing {
             key: key(name),
             controller_uid: controller.map(Into::into),
+            deleting: false,
         }
     }
 
@@ -312,6 +320,14 @@ mod tests {
         let d = diff("me", &[key("a")], &[existing("a", None)]);
         assert!(d.apply.is_empty());
         assert_eq!(d.conflicts[0].controller_uid, None);
+    }
+
+    #[test]
+    fn children_child_being_deleted_is_not_deleted_again() {
+        let mut going = existing("a", Some("me"));
+        going.deleting = true;
+        let d = diff("me", &[], &[going, existing("b", Some("me"))]);
+        assert_eq!(d.delete, vec![key("b")]);
     }
 
     #[test]

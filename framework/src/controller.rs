@@ -2,16 +2,17 @@
 
 use crate::ObjectStatus;
 use crate::backoff::{Backoff, BackoffTracker};
-use crate::children::{self, Child, ChildKey, Conflict, Existing};
 use crate::conditions::{self, Cond};
+use crate::executor::{Executor, dynamic_api};
 use crate::metrics::Metrics;
+use crate::owned::{ChildStore, OwnedView, TypedStore};
 use crate::plan::{EventKind, PlannedEvent};
 use crate::reconciler::{Caches, Context, Reconciler};
 use crate::trim::{Trims, trimmed};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, Patch, PatchParams};
 use kube::core::object::HasStatus;
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller as KubeController};
@@ -22,7 +23,6 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::{Any, TypeId};
-use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,83 +60,9 @@ pub enum ExecError {
     },
 }
 
-/// A view of the children of one kind, backed by the framework's watch of that kind.
-trait ChildStore: Send + Sync {
-    fn owned_by(&self, label_key: &str, owner_uid: &str) -> Vec<Existing>;
-    fn ready(&self) -> BoxFuture<'static, ()>;
-    /// The kind's endpoint, for deleting a child this store reported.
-    fn resource(&self) -> &ApiResource;
-}
-
-pub(crate) struct TypedStore<C: Resource<DynamicType = ()> + Clone + 'static> {
-    store: Store<C>,
-    resource: ApiResource,
-}
-
-impl<C> TypedStore<C>
-where
-    C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
-{
-    pub(crate) fn objects(&self) -> Vec<Arc<C>> {
-        self.store.state()
-    }
-
-    fn existing(&self, c: &C) -> Option<Existing> {
-        Some(Existing {
-            key: ChildKey {
-                api_version: self.resource.api_version.clone(),
-                kind: self.resource.kind.clone(),
-                namespace: c.meta().namespace.clone(),
-                name: c.meta().name.clone()?,
-            },
-            controller_uid: children::controller_uid(&c.meta().owner_references),
-        })
-    }
-}
-
-impl<C> ChildStore for TypedStore<C>
-where
-    C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
-{
-    fn owned_by(&self, label_key: &str, owner_uid: &str) -> Vec<Existing> {
-        self.store
-            .state()
-            .iter()
-            .filter(|c| {
-                c.meta()
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(label_key))
-                    .map(String::as_str)
-                    == Some(owner_uid)
-            })
-            .filter_map(|c| self.existing(c))
-            .collect()
-    }
-
-    fn ready(&self) -> BoxFuture<'static, ()> {
-        let store = self.store.clone();
-        let kind = self.resource.kind.clone();
-        async move {
-            let _ = store.wait_until_ready().await;
-            tracing::debug!(%kind, "child cache synced");
-        }
-        .boxed()
-    }
-
-    fn resource(&self) -> &ApiResource {
-        &self.resource
-    }
-}
-
-/// A declared child kind, once its watch is built: the controller, the store as the executor sees it,
-/// and the same store for `Context::owned`.
-type Owned<K> = (
-    KubeController<K>,
-    Arc<dyn ChildStore>,
-    TypeId,
-    Arc<dyn Any + Send + Sync>,
-);
+/// A declared child kind, once its watch is built: the controller, and the store that reconciles
+/// take their view of children from.
+type Owned<K> = (KubeController<K>, Arc<dyn ChildStore>);
 type OwnFn<K> = Box<dyn FnOnce(Client, KubeController<K>, &str, &Trims) -> Owned<K> + Send>;
 /// A declared related kind, once its watch is built: the controller, its cache for `Context::cached`,
 /// and a future resolving when that cache has synced.
@@ -259,17 +185,11 @@ where
                 )
                 .default_backoff()
                 .touched_objects();
-                let typed = Arc::new(TypedStore {
+                let store: Arc<dyn ChildStore> = Arc::new(TypedStore {
                     store: reader,
                     resource: ApiResource::erase::<C>(&()),
                 });
-                let store: Arc<dyn ChildStore> = typed.clone();
-                (
-                    ctrl.owns_stream(stream),
-                    store,
-                    TypeId::of::<C>(),
-                    typed as Arc<dyn Any + Send + Sync>,
-                )
+                (ctrl.owns_stream(stream), store)
             }));
         self
     }
@@ -472,11 +392,10 @@ where
         let mut caches = Caches::default();
         let mut ready: Vec<BoxFuture<'static, ()>> = Vec::new();
         for own in self.owned {
-            let (c, s, type_id, any) = own(client.clone(), ctrl, &label_key, &self.trims);
+            let (c, s) = own(client.clone(), ctrl, &label_key, &self.trims);
             ctrl = c;
             ready.push(s.ready());
             stores.push(s);
-            caches.owned.insert(type_id, any);
         }
         for w in self.watches {
             let (c, type_id, any, synced) = w(client.clone(), ctrl, primaries.clone(), &self.trims);
@@ -510,12 +429,16 @@ where
             synced: synced.clone(),
             name: self.name.clone(),
             reconciler: self.reconciler,
+            executor: Executor {
+                client: client.clone(),
+                manager: self.name.clone(),
+                label_key,
+                stores,
+            },
             client,
             recorder,
             metrics,
-            label_key,
             finalizer: self.finalizer,
-            stores,
             caches: Arc::new(caches),
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
         });
@@ -570,9 +493,8 @@ where
     client: Client,
     recorder: Recorder,
     metrics: Metrics,
-    label_key: String,
     finalizer: Option<String>,
-    stores: Vec<Arc<dyn ChildStore>>,
+    executor: Executor,
     caches: Arc<Caches>,
     backoff: Mutex<BackoffTracker>,
     synced: futures::future::Shared<BoxFuture<'static, ()>>,
@@ -638,10 +560,15 @@ where
 
     /// Runs one reconcile; the error is a message for users (the error and its causes).
     async fn reconcile_inner(&self, obj: &Arc<R::Resource>) -> Result<Option<Duration>, String> {
+        // The children this reconcile sees: the reconciler reads them, and only they can be pruned.
+        let owned = match obj.uid() {
+            Some(uid) => OwnedView::take(&self.executor.stores, &self.executor.label_key, &uid),
+            None => OwnedView::default(),
+        };
         let ctx = Context::new(self.client.clone(), Timestamp::now()).with_caches(
             self.caches.clone(),
             obj.uid(),
-            &self.label_key,
+            owned.clone(),
         );
         if obj.meta().deletion_timestamp.is_some() {
             // Going away: children are garbage-collected; only our own finalizer needs work.
@@ -668,8 +595,12 @@ where
             .reconcile(obj, &ctx)
             .await
             .map_err(|e| chain(&e))?;
+        let owner = obj
+            .controller_owner_ref(&())
+            .ok_or_else(|| chain(&ExecError::NoUid(obj.name_any())))?;
         let conflicts = self
-            .execute_children(obj, &plan.children, &plan.kept)
+            .executor
+            .run(&owner, owned.existing(), &plan.children, &plan.kept)
             .await
             .map_err(|e| chain(&e))?;
 
@@ -710,103 +641,6 @@ where
         }
         self.publish(obj, &events).await;
         Ok(plan.requeue)
-    }
-
-    async fn execute_children(
-        &self,
-        obj: &R::Resource,
-        planned: &[Child],
-        kept: &[ChildKey],
-    ) -> Result<Vec<Conflict>, ExecError> {
-        let uid = obj.uid().ok_or_else(|| ExecError::NoUid(obj.name_any()))?;
-        let owner = obj
-            .controller_owner_ref(&())
-            .ok_or_else(|| ExecError::NoUid(obj.name_any()))?;
-        let mut existing: Vec<Existing> = self
-            .stores
-            .iter()
-            .flat_map(|s| s.owned_by(&self.label_key, &uid))
-            .collect();
-        let known: HashSet<ChildKey> = existing.iter().map(|e| e.key.clone()).collect();
-        for child in planned {
-            if known.contains(child.key()) {
-                continue;
-            }
-            // Not known as ours: it may exist under someone else's control, or none. The caches only
-            // hold objects carrying our owner label, so ask the API server.
-            if let Some(e) = self.get_dynamic(child).await? {
-                existing.push(e);
-            }
-        }
-        let mut keys: Vec<ChildKey> = planned.iter().map(|c| c.key().clone()).collect();
-        keys.extend(kept.iter().cloned());
-        let diff = children::diff(&uid, &keys, &existing);
-        let params = PatchParams::apply(&self.name).force();
-        let mut conflicts = diff.conflicts;
-        for key in &diff.apply {
-            // Kept children have no object in the plan: they stay as they are.
-            let Some(child) = planned.iter().find(|c| c.key() == key) else {
-                continue;
-            };
-            let body = child.owned_by(&owner, &self.label_key);
-            let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
-            if let Err(source) = api.patch(&key.name, &params, &Patch::Apply(&body)).await {
-                // A child created by someone else between our look and our apply shows up as a 409 or
-                // 422 (two controllers); report it rather than fight over it.
-                if is_conflict(&source) {
-                    tracing::info!(controller = %self.name, child = %key, error = %source, "child apply conflict");
-                    conflicts.push(Conflict {
-                        key: key.clone(),
-                        controller_uid: None,
-                    });
-                    continue;
-                }
-                return Err(ExecError::Api {
-                    action: "applying",
-                    target: key.to_string(),
-                    source,
-                });
-            }
-        }
-        for key in &diff.delete {
-            // Deleted children were reported by a store, which knows their endpoint exactly.
-            let Some(store) = self.stores.iter().find(|s| {
-                s.resource().api_version == key.api_version && s.resource().kind == key.kind
-            }) else {
-                continue;
-            };
-            let api = dynamic_api(&self.client, store.resource(), key.namespace.as_deref());
-            let dp = DeleteParams {
-                propagation_policy: Some(PropagationPolicy::Background),
-                ..DeleteParams::default()
-            };
-            match api.delete(&key.name, &dp).await {
-                Ok(_) => tracing::debug!(controller = %self.name, child = %key, "deleted child"),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => {
-                    return Err(ExecError::Api {
-                        action: "deleting",
-                        target: key.to_string(),
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(conflicts)
-    }
-
-    async fn get_dynamic(&self, child: &Child) -> Result<Option<Existing>, ExecError> {
-        let key = child.key();
-        let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
-        let found = api
-            .get_opt(&key.name)
-            .await
-            .map_err(|source| ExecError::Api {
-                action: "reading",
-                target: key.to_string(),
-                source,
-            })?;
-        Ok(found.and_then(|o| Existing::of(&o, &key.api_version, &key.kind)))
     }
 
     async fn set_finalizer(&self, obj: &R::Resource, present: bool) -> Result<(), ExecError> {
@@ -929,19 +763,6 @@ where
             }
         }
     }
-}
-
-fn dynamic_api(client: &Client, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
-    match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
-        None => Api::all_with(client.clone(), ar),
-    }
-}
-
-/// A refusal caused by someone else's control of the object: a field conflict, or a second controller
-/// owner reference.
-fn is_conflict(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 409 || (s.code == 422 && s.message.contains("Controller")))
 }
 
 /// An error and its causes, joined, as users should read it.

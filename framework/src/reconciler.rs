@@ -1,5 +1,6 @@
 //! The one trait an operator author implements.
 
+use crate::owned::OwnedView;
 use crate::{ObjectStatus, Plan};
 use jiff::Timestamp;
 use kube::core::object::HasStatus;
@@ -44,11 +45,10 @@ where
 {
 }
 
-/// The caches a controller keeps: its children by kind, and the related kinds it watches.
+/// The caches of the related kinds a controller watches (its children are read through the
+/// reconcile's [`OwnedView`]).
 #[derive(Default)]
 pub(crate) struct Caches {
-    /// Per child kind: a `TypedStore<C>` (as `Any`).
-    pub(crate) owned: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
     /// Per related kind: a `Store<O>` (as `Any`).
     pub(crate) related: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
 }
@@ -60,7 +60,7 @@ pub struct Context {
     now: Timestamp,
     caches: Arc<Caches>,
     owner_uid: Option<String>,
-    label_key: String,
+    owned: OwnedView,
 }
 
 impl Context {
@@ -72,7 +72,7 @@ impl Context {
             now,
             caches: Arc::default(),
             owner_uid: None,
-            label_key: String::new(),
+            owned: OwnedView::default(),
         }
     }
 
@@ -80,43 +80,34 @@ impl Context {
         mut self,
         caches: Arc<Caches>,
         owner_uid: Option<String>,
-        label_key: &str,
+        owned: OwnedView,
     ) -> Self {
         self.caches = caches;
         self.owner_uid = owner_uid;
-        self.label_key = label_key.to_owned();
+        self.owned = owned;
         self
     }
 
     /// The children of kind `C` of the object being reconciled (those carrying its owner label and
-    /// controlled by it), from the controller's watch cache. Empty unless the controller declared
-    /// `owns::<C>()`.
+    /// controlled by it), as the controller's watch cache held them when this reconcile began. Empty
+    /// unless the controller declared `owns::<C>()`.
+    ///
+    /// The view does not change while the reconcile runs, and it is what the framework prunes from:
+    /// an owned child is deleted only if it is in this view and the plan neither applies nor keeps
+    /// it. A child applied moments ago that the cache has not caught up with is not here, and is
+    /// not pruned; the next reconcile sees it.
     pub fn owned<C>(&self) -> Vec<Arc<C>>
     where
         C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
     {
-        let (Some(uid), Some(store)) = (
-            self.owner_uid.as_deref(),
-            self.caches.owned.get(&TypeId::of::<C>()).and_then(|s| {
-                s.clone()
-                    .downcast::<crate::controller::TypedStore<C>>()
-                    .ok()
-            }),
-        ) else {
+        let Some(uid) = self.owner_uid.as_deref() else {
             return Vec::new();
         };
-        store
-            .objects()
+        self.owned
+            .objects::<C>()
             .into_iter()
             .filter(|c| {
-                c.meta()
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(&self.label_key))
-                    .map(String::as_str)
-                    == Some(uid)
-                    && crate::children::controller_uid(&c.meta().owner_references).as_deref()
-                        == Some(uid)
+                crate::children::controller_uid(&c.meta().owner_references).as_deref() == Some(uid)
             })
             .collect()
     }

@@ -1,0 +1,160 @@
+//! Carries out the children part of a plan: apply what is planned, delete what the reconcile saw and
+//! no longer plans, leave alone what someone else controls.
+
+use crate::children::{self, Child, ChildKey, Conflict, Existing};
+use crate::controller::ExecError;
+use crate::owned::ChildStore;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::core::{ApiResource, DynamicObject};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Applies and prunes one controller's children.
+pub(crate) struct Executor {
+    pub(crate) client: Client,
+    /// Field manager of every apply.
+    pub(crate) manager: String,
+    pub(crate) label_key: String,
+    pub(crate) stores: Vec<Arc<dyn ChildStore>>,
+}
+
+impl Executor {
+    /// Applies `planned`, keeps `kept`, and deletes the children in `seen` (the view the reconciler
+    /// was given) that are neither. Returns the planned children left alone because someone else
+    /// controls them.
+    pub(crate) async fn run(
+        &self,
+        owner: &OwnerReference,
+        seen: &[Existing],
+        planned: &[Child],
+        kept: &[ChildKey],
+    ) -> Result<Vec<Conflict>, ExecError> {
+        let mut existing: Vec<Existing> = seen.to_vec();
+        let known: HashSet<ChildKey> = existing.iter().map(|e| e.key.clone()).collect();
+        for child in planned {
+            if known.contains(child.key()) {
+                continue;
+            }
+            // Not in the view: the cache may have caught up since; else, as the caches only hold
+            // objects carrying our owner label, ask the API server whether someone else has it.
+            let found = match self.lookup(child.key()) {
+                Some(e) => Some(e),
+                None => self.get(child).await?,
+            };
+            existing.extend(found);
+        }
+        let mut keys: Vec<ChildKey> = planned.iter().map(|c| c.key().clone()).collect();
+        keys.extend(kept.iter().cloned());
+        let diff = children::diff(&owner.uid, &keys, &existing);
+        let mut conflicts = diff.conflicts;
+        for key in &diff.apply {
+            // Kept children have no object in the plan: they stay as they are.
+            let Some(child) = planned.iter().find(|c| c.key() == key) else {
+                continue;
+            };
+            if let Some(conflict) = self.apply(owner, child).await? {
+                conflicts.push(conflict);
+            }
+        }
+        for key in &diff.delete {
+            self.delete(key).await?;
+        }
+        Ok(conflicts)
+    }
+
+    fn store_of(&self, key: &ChildKey) -> Option<&Arc<dyn ChildStore>> {
+        self.stores
+            .iter()
+            .find(|s| s.resource().api_version == key.api_version && s.resource().kind == key.kind)
+    }
+
+    fn lookup(&self, key: &ChildKey) -> Option<Existing> {
+        self.store_of(key).and_then(|s| s.lookup(key))
+    }
+
+    async fn get(&self, child: &Child) -> Result<Option<Existing>, ExecError> {
+        let key = child.key();
+        let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
+        let found = api
+            .get_opt(&key.name)
+            .await
+            .map_err(|source| ExecError::Api {
+                action: "reading",
+                target: key.to_string(),
+                source,
+            })?;
+        Ok(found.and_then(|o| Existing::of(&o, &key.api_version, &key.kind)))
+    }
+
+    async fn apply(
+        &self,
+        owner: &OwnerReference,
+        child: &Child,
+    ) -> Result<Option<Conflict>, ExecError> {
+        let key = child.key();
+        let body = child.owned_by(owner, &self.label_key);
+        let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
+        let params = PatchParams::apply(&self.manager).force();
+        match api.patch(&key.name, &params, &Patch::Apply(&body)).await {
+            Ok(_) => Ok(None),
+            // A child created by someone else between our look and our apply shows up as a 409 or
+            // 422 (two controllers); report it rather than fight over it.
+            Err(source) if is_conflict(&source) => {
+                tracing::info!(controller = %self.manager, child = %key, error = %source, "child apply conflict");
+                Ok(Some(Conflict {
+                    key: key.clone(),
+                    controller_uid: None,
+                }))
+            }
+            Err(source) => Err(ExecError::Api {
+                action: "applying",
+                target: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn delete(&self, key: &ChildKey) -> Result<(), ExecError> {
+        // Deleted children were reported by a store, which knows their endpoint exactly.
+        let Some(store) = self.store_of(key) else {
+            return Ok(());
+        };
+        let api = dynamic_api(&self.client, store.resource(), key.namespace.as_deref());
+        let dp = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        match api.delete(&key.name, &dp).await {
+            Ok(_) => {
+                tracing::debug!(controller = %self.manager, child = %key, "deleted child");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(source) => Err(ExecError::Api {
+                action: "deleting",
+                target: key.to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The endpoint of kind `ar` in `namespace` (or cluster-wide).
+pub(crate) fn dynamic_api(
+    client: &Client,
+    ar: &ApiResource,
+    namespace: Option<&str>,
+) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    }
+}
+
+/// A refusal caused by someone else's control of the object: a field conflict, or a second controller
+/// owner reference.
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || (s.code == 422 && s.message.contains("Controller")))
+}

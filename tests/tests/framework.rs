@@ -1,0 +1,237 @@
+//! The framework's own guarantees, on the local control plane, with reconcilers written for the test.
+
+use e2e::cluster;
+use framework::testing::eventually;
+use framework::{Child, Context, Controller, Operator, Plan, PrinterColumns, Reconciler, Status};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, CustomResource};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// An object whose reconciler applies one ConfigMap once, then keeps whatever children it is shown.
+#[derive(
+    CustomResource,
+    PrinterColumns,
+    Serialize,
+    Deserialize,
+    Clone,
+    Debug,
+    Default,
+    schemars::JsonSchema,
+)]
+#[kube(
+    group = "framework.e2e.example",
+    version = "v1",
+    kind = "Holder",
+    namespaced,
+    status = "HolderStatus"
+)]
+pub struct HolderSpec {}
+
+#[derive(
+    Status, PrinterColumns, Serialize, Deserialize, Clone, Debug, Default, schemars::JsonSchema,
+)]
+pub struct HolderStatus {
+    /// The child has been applied.
+    #[serde(default)]
+    applied: bool,
+    /// A reconcile has been shown the child.
+    #[serde(default)]
+    seen: bool,
+    #[status(conditions)]
+    #[serde(default)]
+    conditions: Vec<Condition>,
+}
+
+const CHILD: &str = "held";
+
+struct HolderReconciler {
+    /// Opens the ConfigMap watch that the test holds back.
+    release: watch::Sender<bool>,
+}
+
+impl Reconciler for HolderReconciler {
+    type Resource = Holder;
+    type Error = framework::children::ChildError;
+
+    async fn reconcile(&self, h: &Holder, ctx: &Context) -> Result<Plan<Holder>, Self::Error> {
+        let mut status = h.status.clone().unwrap_or_default();
+        let mut plan = Plan::new();
+        if !status.applied {
+            let mut cm = ConfigMap::default();
+            cm.metadata.name = Some(CHILD.into());
+            cm.metadata.namespace = h.metadata.namespace.clone();
+            status.applied = true;
+            return Ok(plan.child(Child::new(&cm)?).status(status));
+        }
+        let shown = ctx.owned::<ConfigMap>();
+        for c in &shown {
+            plan = plan.keep(c.as_ref());
+        }
+        if shown.is_empty() {
+            // Applied by an earlier reconcile, not in the cache yet: let the watch deliver it while
+            // this reconcile runs, and give a framework that reads the live cache the chance to show
+            // it here (a fixed view never does, so this waits out its deadline there).
+            self.release.send_replace(true);
+            let _ = eventually(Duration::from_secs(2), "child in the cache", || async {
+                if ctx.owned::<ConfigMap>().is_empty() {
+                    Err("not yet")
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+        }
+        status.seen = !shown.is_empty();
+        Ok(plan.status(status))
+    }
+}
+
+/// Holds back the responses of ConfigMap watches until released, so a test decides when the
+/// operator's ConfigMap cache catches up with the API server.
+#[derive(Clone)]
+struct HoldWatches {
+    released: watch::Receiver<bool>,
+}
+
+impl<S> tower::Layer<S> for HoldWatches {
+    type Service = Held<S>;
+
+    fn layer(&self, inner: S) -> Held<S> {
+        Held {
+            inner,
+            released: self.released.clone(),
+        }
+    }
+}
+
+struct Held<S> {
+    inner: S,
+    released: watch::Receiver<bool>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Held<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let uri = req.uri();
+        let hold = uri.path().ends_with("/configmaps")
+            && uri.query().is_some_and(|q| q.contains("watch=true"));
+        let mut released = self.released.clone();
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            if hold {
+                let _ = released.wait_for(|open| *open).await;
+            }
+            response.await
+        })
+    }
+}
+
+#[tokio::test]
+async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "fw-prune").await.unwrap();
+    let (release, released) = watch::channel(false);
+    let kubeconfig = Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let held_client: Client = kube::client::ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&HoldWatches { released })
+        .build();
+
+    // Every change the API server makes to the child, seen without delay.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    let deletions = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen_deletions = deletions.clone();
+    let watching = tokio::spawn(async move {
+        let mut events = std::pin::pin!(watcher(cms, watcher::Config::default()).default_backoff());
+        while let Some(Ok(event)) = events.next().await {
+            let (cm, gone) = match event {
+                watcher::Event::Apply(c) | watcher::Event::InitApply(c) => (c, false),
+                watcher::Event::Delete(c) => (c, true),
+                _ => continue,
+            };
+            if gone || cm.metadata.deletion_timestamp.is_some() {
+                let name = cm.metadata.name.unwrap_or_default();
+                seen_deletions.lock().unwrap().push(name);
+            }
+        }
+    });
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = Operator::new("framework-e2e", held_client)
+        .install_crds(vec![framework::crd::build::<Holder>()])
+        .controller(
+            Controller::new("holder", HolderReconciler { release })
+                .owns::<ConfigMap>()
+                .primary_watch(
+                    watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
+                ),
+        );
+    let running = tokio::spawn(operator.run_until(async move {
+        let _ = stopped.await;
+    }));
+
+    let holders: Api<Holder> = Api::namespaced(client.clone(), ns.name());
+    eventually(Duration::from_secs(30), "Holder created", || async {
+        holders
+            .create(&PostParams::default(), &Holder::new("h", HolderSpec {}))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "a reconcile shown the child",
+        || async {
+            if !deletions.lock().unwrap().is_empty() {
+                return Ok(());
+            }
+            let h = holders.get("h").await.map_err(|e| e.to_string())?;
+            match h.status {
+                Some(s) if s.seen => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    let child = cms.get_opt(CHILD).await.unwrap();
+    assert!(
+        child.is_some_and(|c| c.metadata.deletion_timestamp.is_none()),
+        "the applied child is gone"
+    );
+    assert_eq!(
+        deletions.lock().unwrap().as_slice(),
+        &[] as &[String],
+        "the framework deleted a child it had applied"
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    watching.abort();
+}
