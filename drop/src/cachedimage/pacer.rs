@@ -21,6 +21,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// How long a pull just started may stay unseen in the Pod cache before it counts as gone.
 const CREATION_GRACE: Duration = Duration::from_secs(30);
+/// Failure reason of a pull whose Pod was deleted by someone else while it pulled.
+pub const POD_DELETED: &str = "PullPodDeleted";
+/// Failure reason of a pull whose Pod never appeared (its creation failed or was refused).
+pub const POD_MISSING: &str = "PullPodMissing";
 
 /// What one reconcile of an image hands in.
 #[derive(Clone, Debug)]
@@ -97,6 +101,9 @@ struct State {
     paces: BTreeMap<PolicyKey, Pace>,
     targets: BTreeMap<String, Vec<Target>>,
     in_flight: BTreeMap<PullKey, InFlight>,
+    /// Pulls in flight whose Pod has been seen pulling: the start of that pull. A pull that was
+    /// seen and is no longer shown has lost its Pod; one never seen may still be on its way.
+    seen_pulling: BTreeMap<PullKey, Timestamp>,
     history: BTreeMap<PullKey, History>,
     nodes: BTreeMap<PullKey, NodeMemory>,
     images: BTreeMap<String, ImageMemory>,
@@ -134,6 +141,7 @@ impl Pacer {
         st.targets.remove(image);
         st.images.remove(image);
         st.in_flight.retain(|k, _| k.image != image);
+        st.seen_pulling.retain(|k, _| k.image != image);
         st.history.retain(|k, _| k.image != image);
         st.nodes.retain(|k, _| k.image != image);
     }
@@ -206,6 +214,7 @@ impl Pacer {
             match &pod.outcome {
                 PullOutcome::Pulling if current => {
                     observed_keys.insert(k.clone());
+                    st.seen_pulling.insert(k.clone(), pod.created);
                     st.in_flight.insert(
                         k.clone(),
                         InFlight {
@@ -258,14 +267,7 @@ impl Pacer {
         if let Some(image) = st.images.get_mut(&name) {
             image.seen.retain(|uid| observed_uids.contains(uid));
         }
-        // Pulls started by earlier reconciles that the Pod cache does not show (yet): in flight for a
-        // short grace, then gone. Pulls on nodes that are no longer targets are gone at once.
-        st.in_flight.retain(|k, f| {
-            k.image != name
-                || observed_keys.contains(k)
-                || (targets.contains(k.node.as_str())
-                    && pacing::after(f.started, CREATION_GRACE) > now)
-        });
+        let grace_ends = settle_unseen(st, &name, &targets, &observed_keys, now, &mut ended);
 
         // Decide over this image (its wake-up needs its own targets) and the other images that may
         // start a pull now: not those whose policy has every slot taken (in a rollout, most of the
@@ -366,11 +368,68 @@ impl Pacer {
         Outcome {
             keep,
             start,
-            wake_at: decision.wake_at,
+            wake_at: match (decision.wake_at, grace_ends) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             ended,
             observed,
         }
     }
+}
+
+/// Settles the image's pulls in flight that its Pods do not show: on a node that is no longer a
+/// target, the pull is simply gone; a pull whose Pod was seen pulling and has disappeared failed
+/// (someone deleted the Pod); a pull never seen is given [`CREATION_GRACE`] to appear (the cache may
+/// lag behind the creation), then fails as well. A failure frees the slot and backs the node off like
+/// any other. Returns when the earliest grace still running ends, so the image wakes to settle it.
+fn settle_unseen(
+    st: &mut State,
+    name: &str,
+    targets: &BTreeSet<&str>,
+    observed: &BTreeSet<PullKey>,
+    now: Timestamp,
+    ended: &mut Vec<Ended>,
+) -> Option<Timestamp> {
+    let mut grace_ends: Option<Timestamp> = None;
+    let unseen: Vec<(PullKey, Timestamp)> = st
+        .in_flight
+        .iter()
+        .filter(|(k, _)| k.image == name && !observed.contains(*k))
+        .map(|(k, f)| (k.clone(), f.started))
+        .collect();
+    for (k, started) in unseen {
+        let was_seen = st.seen_pulling.get(&k) == Some(&started);
+        let deadline = pacing::after(started, CREATION_GRACE);
+        let failure = if !targets.contains(k.node.as_str()) {
+            None
+        } else if was_seen {
+            Some((
+                POD_DELETED,
+                "the pull Pod was deleted before it reported a result".to_owned(),
+            ))
+        } else if deadline <= now {
+            Some((
+                POD_MISSING,
+                format!(
+                    "the pull Pod did not appear within {}s (its creation may have been refused; see the image's Events)",
+                    CREATION_GRACE.as_secs()
+                ),
+            ))
+        } else {
+            grace_ends = Some(grace_ends.map_or(deadline, |t| t.min(deadline)));
+            continue;
+        };
+        if let Some((reason, message)) = failure {
+            record_failure(st, &k, now, reason, &message);
+            ended.push(Ended::Failed(reason.to_owned()));
+        }
+        st.in_flight.remove(&k);
+    }
+    let in_flight = &st.in_flight;
+    st.seen_pulling
+        .retain(|k, _| k.image != name || in_flight.contains_key(k));
+    grace_ends
 }
 
 /// The image's [`DueSummary`] after its reconcile.

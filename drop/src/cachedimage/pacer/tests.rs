@@ -118,3 +118,45 @@ fn pacing_a_settled_image_still_spaces_the_next_start() {
     assert_eq!(out.wake_at, Some(at(10)));
     assert_eq!(starts(&w.step(1, 10, &[])), [("n1", 1)]);
 }
+
+fn failure_reason(out: &Outcome) -> Option<String> {
+    match out.observed.nodes.get("n1") {
+        Some(NodeState::Failed { reason, .. }) => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn pacing_a_pull_whose_pod_vanishes_frees_its_slot_at_once() {
+    let w = World::new(&["a", "b"]);
+    let a = &w.images[0];
+    assert!(w.step(1, 0, &[]).start.is_empty());
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    // a's Pod is seen pulling, then it is gone without a result (someone deleted it).
+    w.step(0, 1, &[pod(a, "n1", 1, 0, PullOutcome::Pulling)]);
+    let out = w.step(0, 2, &[]);
+    assert_eq!(out.ended, [Ended::Failed(POD_DELETED.into())]);
+    assert_eq!(failure_reason(&out).as_deref(), Some(POD_DELETED));
+    assert_eq!(w.pacer.active_pulls(), 0);
+    // The slot is free: b starts as soon as the spacing allows, not after any grace.
+    assert_eq!(starts(&w.step(1, 10, &[])), [("n1", 1)]);
+}
+
+#[test]
+fn pacing_a_pull_whose_pod_never_appears_wakes_its_image_and_ends() {
+    let w = World::new(&["a", "b"]);
+    assert!(w.step(1, 0, &[]).start.is_empty());
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    // The Pod cache has not shown the Pod yet: the pull stays in flight, and the image is told to
+    // look again when the grace ends, even though nothing else would wake it.
+    let out = w.step(0, 1, &[]);
+    assert!(out.ended.is_empty());
+    assert_eq!(w.pacer.active_pulls(), 1);
+    assert_eq!(out.wake_at, Some(at(30)));
+    // At the end of the grace the pull has failed and its slot is free.
+    let out = w.step(0, 30, &[]);
+    assert_eq!(out.ended, [Ended::Failed(POD_MISSING.into())]);
+    assert_eq!(failure_reason(&out).as_deref(), Some(POD_MISSING));
+    assert_eq!(w.pacer.active_pulls(), 0);
+    assert_eq!(starts(&w.step(1, 30, &[])), [("n1", 1)]);
+}
