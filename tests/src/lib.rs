@@ -117,6 +117,8 @@ pub struct PodRecord {
     pub seen: jiff::Timestamp,
     /// When the test first saw it pulled, failed or gone (local clock).
     pub ended: Option<jiff::Timestamp>,
+    /// It was deleted (or marked for deletion) before it reported a result: a pull thrown away.
+    pub deleted_early: bool,
     /// Its pull secrets.
     pub pull_secrets: Vec<String>,
 }
@@ -148,12 +150,15 @@ impl PodRecorder {
                 let Some(view) = drop::podbuilder::PullPodView::of(&pod) else {
                     continue;
                 };
-                let ended = gone || !matches!(view.outcome, drop::podbuilder::PullOutcome::Pulling);
+                let result = !matches!(view.outcome, drop::podbuilder::PullOutcome::Pulling);
+                let going = gone || pod.metadata.deletion_timestamp.is_some();
+                let ended = going || result;
                 let mut all = records.lock().unwrap();
                 match all.iter_mut().find(|r| r.name == view.name) {
                     Some(r) => {
                         if ended && r.ended.is_none() {
                             r.ended = Some(jiff::Timestamp::now());
+                            r.deleted_early = going && !result;
                         }
                     }
                     None => all.push(PodRecord {
@@ -163,6 +168,7 @@ impl PodRecorder {
                         created: view.created,
                         seen: jiff::Timestamp::now(),
                         ended: ended.then(jiff::Timestamp::now),
+                        deleted_early: going && !result,
                         pull_secrets: pod
                             .spec
                             .as_ref()
@@ -215,4 +221,33 @@ pub fn tool(name: &str) -> std::path::PathBuf {
 /// The repository root.
 pub fn repo() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Busy loops that keep the machine's cores loaded while a test runs; stopped on drop.
+pub struct CpuLoad {
+    children: Vec<std::process::Child>,
+}
+
+impl CpuLoad {
+    /// Starts `n` busy-looping processes.
+    pub fn start(n: usize) -> Self {
+        let children = (0..n)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .expect("start a busy loop")
+            })
+            .collect();
+        Self { children }
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -981,3 +981,63 @@ async fn cachedimage_metrics_count_pulls_and_forget_deleted_images() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+/// A rollout on a loaded machine: every pull Pod the operator creates must pull before it is
+/// deleted, and every image must settle. Before the framework pruned only from the view a reconcile
+/// was given, a reconcile that started before the Pod cache showed a new Pod, and ended after it did,
+/// deleted that Pod within milliseconds of its creation, and the pull stayed "in flight" with no Pod.
+// Several worker threads, as the operator binary has: on one thread the Pod cache cannot change
+// between a reconcile's start and its plan's execution, which hides the race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cachedimage_stall_rollout_under_cpu_load_deletes_no_pod_before_it_pulls() {
+    const NODES: usize = 30;
+    const IMAGES: usize = 4;
+    let s = scene("ci-stall", NODES).await;
+    let policy = s
+        .create_policy(
+            "busy",
+            PullPolicySpec {
+                max_concurrent_nodes: 6,
+                min_delay_between_pulls: Some(Duration::ZERO.into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    let load = e2e::CpuLoad::start(2);
+    let t0 = Timestamp::now();
+    let mut names = Vec::new();
+    for i in 0..IMAGES {
+        let mut spec = s.image_spec(&format!("docker.io/library/stall{i}"), "1");
+        spec.policy_ref = Some(PolicyReference {
+            name: policy.clone(),
+        });
+        names.push(s.create_image(&format!("img{i}"), spec).await);
+    }
+    for name in &names {
+        s.wait_image(name, 300, "Ready on every node", |ci| {
+            phase(ci) == Some(CachedImagePhase::Ready)
+        })
+        .await;
+    }
+    let settled = Timestamp::now().duration_since(t0);
+    drop(load);
+
+    let records = s.recorder.records();
+    let early: Vec<&e2e::PodRecord> = records.iter().filter(|r| r.deleted_early).collect();
+    println!(
+        "stall: {NODES} nodes x {IMAGES} images under 2 busy loops: settled in {:.1}s, {} pull Pods, {} deleted before pulling",
+        settled.as_secs_f64(),
+        records.len(),
+        early.len()
+    );
+    assert!(
+        early.is_empty(),
+        "pull Pods deleted before they pulled: {early:?}"
+    );
+    assert_eq!(
+        records.len(),
+        NODES * IMAGES,
+        "one pull Pod per (image, node), none thrown away and redone"
+    );
+    s.finish().await;
+}
