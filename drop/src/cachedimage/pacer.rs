@@ -135,6 +135,16 @@ impl Pacer {
         self.lock().in_flight.len()
     }
 
+    /// How many (image, node) pairs the pacer remembers anything about.
+    pub fn remembered_pairs(&self) -> usize {
+        let st = self.lock();
+        let mut keys: BTreeSet<&PullKey> = st.history.keys().collect();
+        keys.extend(st.nodes.keys());
+        keys.extend(st.in_flight.keys());
+        keys.extend(st.seen_pulling.keys());
+        keys.len()
+    }
+
     /// Forgets a deleted image.
     pub fn forget(&self, image: &str) {
         let mut st = self.lock();
@@ -268,6 +278,10 @@ impl Pacer {
             image.seen.retain(|uid| observed_uids.contains(uid));
         }
         let grace_ends = settle_unseen(st, &name, &targets, &observed_keys, now, &mut ended);
+        // Nodes that are no longer targets (gone, relabelled, tainted) take their memory along, so
+        // the state follows the fleet instead of everything it ever was.
+        prune_nodes(&mut st.history, &name, &targets);
+        prune_nodes(&mut st.nodes, &name, &targets);
 
         // Decide over this image (its wake-up needs its own targets) and the other images that may
         // start a pull now: not those whose policy has every slot taken (in a rollout, most of the
@@ -430,6 +444,19 @@ fn settle_unseen(
     st.seen_pulling
         .retain(|k, _| k.image != name || in_flight.contains_key(k));
     grace_ends
+}
+
+/// Removes `image`'s entries on nodes outside `targets`, visiting only that image's entries.
+fn prune_nodes<V>(map: &mut BTreeMap<PullKey, V>, image: &str, targets: &BTreeSet<&str>) {
+    let gone: Vec<PullKey> = map
+        .range(PullKey::new(image, "")..)
+        .take_while(|(k, _)| k.image == image)
+        .filter(|(k, _)| !targets.contains(k.node.as_str()))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in gone {
+        map.remove(&k);
+    }
 }
 
 /// The image's [`DueSummary`] after its reconcile.

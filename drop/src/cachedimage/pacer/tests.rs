@@ -160,3 +160,31 @@ fn pacing_a_pull_whose_pod_never_appears_wakes_its_image_and_ends() {
     assert_eq!(w.pacer.active_pulls(), 0);
     assert_eq!(starts(&w.step(1, 30, &[])), [("n1", 1)]);
 }
+
+#[test]
+fn pacing_nodes_that_leave_the_targets_leave_the_pacer() {
+    let mut w = World::new(&["a"]);
+    w.nodes = (0..50).map(|i| format!("n{i}")).collect();
+    let a = w.images[0].clone();
+    let mut now = 0;
+    // Pull every node (the built-in pace: one at a time, 10 s apart).
+    while w.pacer.remembered_pairs() < 50 || w.pacer.active_pulls() > 0 {
+        let out = w.step(0, now, &[]);
+        let pods: Vec<PullPodView> = out
+            .start
+            .iter()
+            .map(|(n, at)| pod(&a, n, *at, now, PullOutcome::Pulled { digest: None }))
+            .collect();
+        w.step(0, now, &pods);
+        now += 10;
+        assert!(now < 10_000, "the rollout did not end");
+    }
+    assert_eq!(w.pacer.remembered_pairs(), 50);
+    // 45 nodes leave: nothing about them stays.
+    w.nodes.truncate(5);
+    w.step(0, now, &[]);
+    assert_eq!(w.pacer.remembered_pairs(), 5);
+    w.nodes.clear();
+    w.step(0, now + 1, &[]);
+    assert_eq!(w.pacer.remembered_pairs(), 0);
+}
