@@ -47,12 +47,18 @@ settled() {
      "$(reason cachedimage test-invalid-image)" == PullFailed && "$(reason cachedimageset dev-set)" == Ready &&
      "$(reason cachedimageset dev-set-discovered)" == Ready ]]
 }
-deadline=$((SECONDS + 420))
+applied=$SECONDS
+deadline=$((applied + 420))
+shown=$applied
 until settled; do
-  sleep 10
-  echo; k get cachedimagesets; k get cachedimages
   (( SECONDS < deadline )) || { echo "[demo] not settled after 420 s" >&2; exit 1; }
+  sleep 2
+  if (( SECONDS - shown >= 10 )); then
+    shown=$SECONDS
+    echo; k get cachedimagesets; k get cachedimages
+  fi
 done
+echo "[demo] settled $((SECONDS - applied)) s after the samples were applied" >&2
 echo
 k get discoverypolicies -o wide
 echo
