@@ -2,6 +2,7 @@
 
 use crate::ObjectStatus;
 use crate::backoff::{Backoff, BackoffTracker};
+use crate::changes::{ChangeKeys, mark_deleted, waking};
 use crate::conditions::{self, Cond};
 use crate::executor::{Executor, dynamic_api};
 use crate::metrics::Metrics;
@@ -63,7 +64,7 @@ pub enum ExecError {
 /// A declared child kind, once its watch is built: the controller, and the store that reconciles
 /// take their view of children from.
 type Owned<K> = (KubeController<K>, Arc<dyn ChildStore>);
-type OwnFn<K> = Box<dyn FnOnce(Client, KubeController<K>, &str, &Trims) -> Owned<K> + Send>;
+type OwnFn<K> = Box<dyn FnOnce(Client, KubeController<K>, &str, &PerKind) -> Owned<K> + Send>;
 /// A declared related kind, once its watch is built: the controller, its cache for `Context::cached`,
 /// and a future resolving when that cache has synced.
 type Related<K> = (
@@ -72,7 +73,16 @@ type Related<K> = (
     Arc<dyn Any + Send + Sync>,
     BoxFuture<'static, ()>,
 );
-type WatchFn<K> = Box<dyn FnOnce(Client, KubeController<K>, Store<K>, &Trims) -> Related<K> + Send>;
+type WatchFn<K> =
+    Box<dyn FnOnce(Client, KubeController<K>, Store<K>, &PerKind) -> Related<K> + Send>;
+
+/// What a controller declares per watched kind: how its objects are trimmed, which of their changes
+/// wake reconciles.
+#[derive(Default)]
+struct PerKind {
+    trims: Trims,
+    changes: ChangeKeys,
+}
 
 /// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
 ///
@@ -110,7 +120,7 @@ where
     backoff: Backoff,
     primary_watch: watcher::Config,
     triggers: Vec<futures::stream::BoxStream<'static, ObjectRef<R::Resource>>>,
-    trims: Trims,
+    kinds: PerKind,
 }
 
 impl<R: Reconciler> Controller<R>
@@ -130,7 +140,7 @@ where
             backoff: Backoff::default(),
             primary_watch: watcher::Config::default(),
             triggers: Vec::new(),
-            trims: Trims::default(),
+            kinds: PerKind::default(),
         }
     }
 
@@ -173,17 +183,18 @@ where
         C: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     {
         self.owned
-            .push(Box::new(move |client, ctrl, label_key, trims| {
+            .push(Box::new(move |client, ctrl, label_key, kinds| {
                 let api = make_api(client);
                 let (reader, writer) = reflector::store::<C>();
                 let stream = reflector::reflector(
                     writer,
                     trimmed(
                         watcher(api, watcher::Config::default().labels(label_key)),
-                        trims.get::<C>(),
+                        kinds.trims.get::<C>(),
                     ),
                 )
                 .default_backoff()
+                .try_filter(waking(kinds.changes.get::<C>()))
                 .touched_objects();
                 let store: Arc<dyn ChildStore> = Arc::new(TypedStore {
                     store: reader,
@@ -195,69 +206,26 @@ where
     }
 
     /// Reconciles the primaries that `mapper` names whenever an object of kind `O` changes. The mapper
-    /// gets the changed object and the current primaries (from the controller's cache). The objects
-    /// of kind `O` are cached too: a reconcile reads them with [`Context::cached`].
-    pub fn watches<O, F>(self, mapper: F) -> Self
+    /// gets the changed object and the current primaries (from the controller's cache); an object
+    /// the watch reports deleted reaches it with `metadata.deletionTimestamp` set. The objects of
+    /// kind `O` are cached too: a reconcile reads them with [`Context::cached`].
+    pub fn watches<O, F>(mut self, mapper: F) -> Self
     where
         O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-        F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
-    {
-        self.watch_related(None::<fn(&O) -> u64>, mapper)
-    }
-
-    /// Like [`Controller::watches`], but an update of an `O` only counts when `key` changes (for
-    /// example the labels and taints of a Node, not its heartbeat). Creations and deletions always
-    /// count.
-    pub fn watches_on<O, H, K, F>(self, key: K, mapper: F) -> Self
-    where
-        O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-        H: std::hash::Hash,
-        K: Fn(&O) -> H + Send + Sync + 'static,
-        F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
-    {
-        let hashed = move |o: &O| {
-            use std::hash::Hasher;
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key(o).hash(&mut h);
-            h.finish()
-        };
-        self.watch_related(Some(hashed), mapper)
-    }
-
-    fn watch_related<O, K, F>(mut self, key: Option<K>, mapper: F) -> Self
-    where
-        O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-        K: Fn(&O) -> u64 + Send + Sync + 'static,
         F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
     {
         self.watches
-            .push(Box::new(move |client, ctrl, primaries, trims| {
+            .push(Box::new(move |client, ctrl, primaries, kinds| {
                 let api: Api<O> = Api::all(client);
                 let (reader, writer) = reflector::store::<O>();
-                let mut last: std::collections::HashMap<String, u64> =
-                    std::collections::HashMap::new();
-                let events = trimmed(watcher(api, watcher::Config::default()), trims.get::<O>());
+                let events = trimmed(
+                    watcher(api, watcher::Config::default()),
+                    kinds.trims.get::<O>(),
+                );
                 let stream = reflector::reflector(writer, events)
                     .default_backoff()
-                    .try_filter(move |event| {
-                        let relevant = match (&key, event) {
-                            (None, _) => true,
-                            (
-                                Some(key),
-                                watcher::Event::Apply(o) | watcher::Event::InitApply(o),
-                            ) => {
-                                let id = o.meta().uid.clone().unwrap_or_default();
-                                let now = key(o);
-                                last.insert(id, now) != Some(now)
-                            }
-                            (Some(_), watcher::Event::Delete(o)) => {
-                                last.remove(&o.meta().uid.clone().unwrap_or_default());
-                                true
-                            }
-                            (Some(_), _) => true,
-                        };
-                        futures::future::ready(relevant)
-                    })
+                    .try_filter(waking(kinds.changes.get::<O>()))
+                    .map_ok(mark_deleted)
                     .touched_objects();
                 let ready_store = reader.clone();
                 let ready = async move {
@@ -272,6 +240,57 @@ where
                     ready,
                 )
             }));
+        self
+    }
+
+    /// Like [`Controller::watches`], with [`Controller::reconcile_on_change`] for `O`: an update of
+    /// an `O` only counts when `key` changes (for example the labels and taints of a Node, not its
+    /// heartbeat).
+    pub fn watches_on<O, H, K, F>(self, key: K, mapper: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        H: std::hash::Hash,
+        K: Fn(&O) -> H + Send + Sync + 'static,
+        F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
+    {
+        self.reconcile_on_change(key).watches(mapper)
+    }
+
+    /// Updates of a watched kind `O` (a child or a related kind) wake reconciles only when `key`
+    /// changes; creations and deletions always do, and the cache still gets every update. Use it
+    /// when a reconcile reads only part of an object, so the rest of its churn costs nothing.
+    ///
+    /// ```
+    /// # use framework::{Context, Controller, Plan, Reconciler};
+    /// # use k8s_openapi::api::batch::v1::Job;
+    /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
+    /// # #[kube(group = "example.com", version = "v1", kind = "Task", namespaced, status = "TaskStatus")]
+    /// # struct TaskSpec {}
+    /// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+    /// # struct TaskStatus {}
+    /// # struct Tasks;
+    /// # impl Reconciler for Tasks {
+    /// #     type Resource = Task;
+    /// #     type Error = std::convert::Infallible;
+    /// #     async fn reconcile(&self, _: &Task, _: &Context) -> Result<Plan<Task>, Self::Error> { Ok(Plan::new()) }
+    /// # }
+    /// // The reconciler only cares whether its Job finished, not about every status update.
+    /// let controller = Controller::new("task", Tasks)
+    ///     .owns::<Job>()
+    ///     .reconcile_on_change::<Job, _>(|job| {
+    ///         job.status.as_ref().map(|s| (s.succeeded, s.failed))
+    ///     });
+    /// # let _ = controller;
+    /// ```
+    pub fn reconcile_on_change<O, H>(
+        mut self,
+        key: impl Fn(&O) -> H + Send + Sync + 'static,
+    ) -> Self
+    where
+        O: Resource + 'static,
+        H: std::hash::Hash,
+    {
+        self.kinds.changes.insert::<O, H>(key);
         self
     }
 
@@ -328,7 +347,7 @@ where
     where
         O: Resource + 'static,
     {
-        self.trims.insert::<O>(Arc::new(trim));
+        self.kinds.trims.insert::<O>(Arc::new(trim));
         self
     }
 
@@ -368,7 +387,7 @@ where
         let (primary_ready_tx, mut primary_ready_rx) = tokio::sync::watch::channel(false);
         let primary_events = trimmed(
             watcher(api, self.primary_watch),
-            self.trims.get::<R::Resource>(),
+            self.kinds.trims.get::<R::Resource>(),
         );
         let primary_stream = reflector::reflector(primary_writer, primary_events)
             .default_backoff()
@@ -392,13 +411,13 @@ where
         let mut caches = Caches::default();
         let mut ready: Vec<BoxFuture<'static, ()>> = Vec::new();
         for own in self.owned {
-            let (c, s) = own(client.clone(), ctrl, &label_key, &self.trims);
+            let (c, s) = own(client.clone(), ctrl, &label_key, &self.kinds);
             ctrl = c;
             ready.push(s.ready());
             stores.push(s);
         }
         for w in self.watches {
-            let (c, type_id, any, synced) = w(client.clone(), ctrl, primaries.clone(), &self.trims);
+            let (c, type_id, any, synced) = w(client.clone(), ctrl, primaries.clone(), &self.kinds);
             ctrl = c;
             caches.related.insert(type_id, any);
             ready.push(synced);

@@ -22,6 +22,7 @@
 extern crate self as framework;
 
 pub mod backoff;
+mod changes;
 pub mod children;
 pub mod columns;
 pub mod conditions;
