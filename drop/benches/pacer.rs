@@ -75,6 +75,7 @@ fn measure(images: usize, nodes: usize, cached: bool) -> Figures {
                 image: ci,
                 targets: &node_names,
                 pace: Ok((None, Pace::builtin())),
+                policy: None,
                 pods: &[],
                 known_images: &known,
             }));

@@ -5,6 +5,7 @@ use crate::cachedimage::{self, CachedImageReconciler, pacer::Pacer};
 use crate::cachedimageset::{self, CachedImageSetReconciler};
 use crate::discoverypolicy::DiscoveryPolicyReconciler;
 use crate::metrics::Metrics;
+use crate::podbuilder::PullPodView;
 use framework::{Controller, LeaderElection, Operator, OperatorError};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use std::net::SocketAddr;
@@ -56,6 +57,7 @@ pub async fn run(
             |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
         );
     let pacer = Arc::new(Pacer::new(wake_tx, settings.pull_timeout));
+    let retargeting = pacer.clone();
     let cachedimages = Controller::new(
         "cachedimage",
         CachedImageReconciler {
@@ -66,7 +68,11 @@ pub async fn run(
     )
     .primary_watch(primary_watch(settings.watch_selector.as_deref()))
     .owns_in::<Pod>(&settings.pod_namespace)
-    .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, cachedimage::all_images)
+    // A pull Pod matters when its pull ends (or it goes), not at each of its status updates.
+    .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
+    .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, move |node, images| {
+        retargeting.retargeted_by(node, images)
+    })
     .trim_cached::<Node>(cachedimage::targets::trim)
     .watches::<PullPolicy, _>(cachedimage::images_using)
     .trigger(wake);

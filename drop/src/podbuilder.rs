@@ -281,7 +281,7 @@ impl PullPodView {
 }
 
 /// What a pull Pod says about its pull.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PullOutcome {
     /// The pull has not finished.
     Pulling,

@@ -55,14 +55,6 @@ pub fn images_using(
         .collect()
 }
 
-/// Every CachedImage (a Node's labels or taints changed, which may change any image's targets).
-pub fn all_images(_: &Node, images: &[Arc<CachedImage>]) -> Vec<ObjectRef<CachedImage>> {
-    images
-        .iter()
-        .map(|i| ObjectRef::from_obj(i.as_ref()))
-        .collect()
-}
-
 impl CachedImageReconciler {
     /// `drop_active_pulls`: the pulls in flight across every image.
     fn publish_active_pulls(&self) {
@@ -117,6 +109,7 @@ impl Reconciler for CachedImageReconciler {
             image,
             targets: &target_nodes,
             pace,
+            policy: policy_spec,
             pods: &views,
             known_images: &known,
         });

@@ -8,14 +8,16 @@
 //! global order (priority, then name) holds no matter which image happened to reconcile.
 
 use super::status::{Blocked, NodeState, Observed};
-use crate::api::{CachedImage, CachedImageStatus};
+use super::targets;
+use crate::api::{CachedImage, CachedImageStatus, PullPolicySpec};
 use crate::pacing::{self, History, InFlight, Pace, PolicyKey, PullKey, Target};
 use crate::podbuilder::{PullOutcome, PullPodView};
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -37,6 +39,8 @@ pub struct Step<'a> {
     pub targets: &'a [String],
     /// Its policy's pace, or why it has none.
     pub pace: Result<(PolicyKey, Pace), Blocked>,
+    /// Its policy, if it names one that exists (its node selector and tolerations choose targets).
+    pub policy: Option<&'a PullPolicySpec>,
     /// Its pull Pods.
     pub pods: &'a [PullPodView],
     /// Every CachedImage that exists, with the policy it names. No pull starts under a policy until
@@ -99,6 +103,9 @@ struct DueSummary {
 #[derive(Default)]
 struct State {
     paces: BTreeMap<PolicyKey, Pace>,
+    /// The policies images named at their last reconcile, to tell which images a Node change
+    /// concerns.
+    policies: BTreeMap<String, PullPolicySpec>,
     targets: BTreeMap<String, Vec<Target>>,
     in_flight: BTreeMap<PullKey, InFlight>,
     /// Pulls in flight whose Pod has been seen pulling: the start of that pull. A pull that was
@@ -133,6 +140,40 @@ impl Pacer {
     /// Pulls in flight over all images.
     pub fn active_pulls(&self) -> usize {
         self.lock().in_flight.len()
+    }
+
+    /// The images whose targets a change of `node` (created, relabelled, tainted, deleted) alters:
+    /// those for which it was a target at their last reconcile and is not now, or the reverse.
+    /// Images the pacer cannot judge (not reconciled yet, blocked, naming a policy it has not seen)
+    /// are named too. Every other image is left alone, so a node joining a large fleet wakes only
+    /// the images that go to it.
+    pub fn retargeted_by(
+        &self,
+        node: &Node,
+        images: &[Arc<CachedImage>],
+    ) -> Vec<ObjectRef<CachedImage>> {
+        let st = self.lock();
+        let name = node.name_any();
+        images
+            .iter()
+            .filter(|image| {
+                let Some(known) = st.targets.get(&image.name_any()) else {
+                    return true;
+                };
+                let policy = match &image.spec.policy_ref {
+                    None => None,
+                    Some(r) => match st.policies.get(&r.name) {
+                        Some(p) => Some(p),
+                        None => return true,
+                    },
+                };
+                let was = known
+                    .binary_search_by(|t| t.key.node.as_str().cmp(&name))
+                    .is_ok();
+                was != targets::is_target(node, &image.spec, policy)
+            })
+            .map(|image| ObjectRef::from_obj(image.as_ref()))
+            .collect()
     }
 
     /// How many (image, node) pairs the pacer remembers anything about.
@@ -180,6 +221,11 @@ impl Pacer {
         }
 
         let targets: BTreeSet<&str> = step.targets.iter().map(String::as_str).collect();
+        if let (Ok((Some(policy), _)), Some(spec)) = (&step.pace, step.policy)
+            && st.policies.get(policy) != Some(spec)
+        {
+            st.policies.insert(policy.clone(), spec.clone());
+        }
         match &step.pace {
             Ok((policy, pace)) => {
                 st.paces.insert(policy.clone(), pace.clone());

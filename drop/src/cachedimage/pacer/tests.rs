@@ -62,6 +62,7 @@ impl World {
             image: &self.images[i],
             targets: &self.nodes,
             pace: Ok((None, Pace::builtin())),
+            policy: None,
             pods,
             known_images: &self.known,
         })
@@ -187,4 +188,51 @@ fn pacing_nodes_that_leave_the_targets_leave_the_pacer() {
     w.nodes.clear();
     w.step(0, now + 1, &[]);
     assert_eq!(w.pacer.remembered_pairs(), 0);
+}
+
+#[test]
+fn pacing_a_node_change_names_only_the_images_it_retargets() {
+    use k8s_openapi::api::core::v1::Node;
+    let node = |name: &str, pool: &str| {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some([("pool".to_owned(), pool.to_owned())].into());
+        n
+    };
+    let mut w = World::new(&["gpu", "web"]);
+    w.images[0].spec.node_selector = [("pool".to_owned(), "gpu".to_owned())].into();
+    w.images[1].spec.node_selector = [("pool".to_owned(), "web".to_owned())].into();
+    let images: Vec<Arc<CachedImage>> = w.images.iter().cloned().map(Arc::new).collect();
+    let names = |refs: Vec<ObjectRef<CachedImage>>| -> Vec<String> {
+        refs.into_iter().map(|r| r.name).collect()
+    };
+    // Not reconciled yet: the pacer cannot judge, so every image is named.
+    assert_eq!(
+        names(w.pacer.retargeted_by(&node("g1", "gpu"), &images)),
+        ["gpu", "web"]
+    );
+    // gpu targets g1, web targets w1.
+    w.nodes = vec!["g1".into()];
+    w.step(0, 0, &[]);
+    w.nodes = vec!["w1".into()];
+    w.step(1, 0, &[]);
+    // A new gpu node concerns gpu only; a heartbeat of a known node concerns nobody.
+    assert_eq!(
+        names(w.pacer.retargeted_by(&node("g2", "gpu"), &images)),
+        ["gpu"]
+    );
+    assert!(
+        w.pacer
+            .retargeted_by(&node("w1", "web"), &images)
+            .is_empty()
+    );
+    // w1 relabelled into the gpu pool concerns both; its deletion concerns web.
+    assert_eq!(
+        names(w.pacer.retargeted_by(&node("w1", "gpu"), &images)),
+        ["gpu", "web"]
+    );
+    let mut gone = node("w1", "web");
+    gone.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(5)));
+    assert_eq!(names(w.pacer.retargeted_by(&gone, &images)), ["web"]);
 }
