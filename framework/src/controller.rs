@@ -9,6 +9,7 @@ use crate::metrics::Metrics;
 use crate::owned::{ChildStore, OwnedView, TypedStore};
 use crate::plan::{EventKind, PlannedEvent};
 use crate::reconciler::{Caches, Context, Reconciler};
+use crate::status_writes::StatusWrites;
 use crate::trim::{Trims, trimmed};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -120,6 +121,7 @@ where
     backoff: Backoff,
     primary_watch: watcher::Config,
     triggers: Vec<futures::stream::BoxStream<'static, ObjectRef<R::Resource>>>,
+    status_interval: Option<Duration>,
     kinds: PerKind,
 }
 
@@ -140,6 +142,7 @@ where
             backoff: Backoff::default(),
             primary_watch: watcher::Config::default(),
             triggers: Vec::new(),
+            status_interval: None,
             kinds: PerKind::default(),
         }
     }
@@ -312,6 +315,15 @@ where
         self
     }
 
+    /// Writes status changes that leave every condition's type, status and reason as they were
+    /// (progress: counts, lists, messages) at most once per `interval` per object; the object is
+    /// reconciled again when the interval ends, so its last state is always written. Condition
+    /// changes are written at once. Default: every change at once.
+    pub fn coalesce_status(mut self, interval: Duration) -> Self {
+        self.status_interval = Some(interval);
+        self
+    }
+
     /// Backoff after failed reconciles (default 1 s doubling to 5 min), per object, reset on success.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
@@ -460,11 +472,15 @@ where
             finalizer: self.finalizer,
             caches: Arc::new(caches),
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
+            status_writes: StatusWrites::new(self.status_interval),
         });
         let name = self.name;
         let forget = runtime.clone();
         let deletions = async move {
             while let Some(obj) = deleted_rx.recv().await {
+                forget
+                    .status_writes
+                    .forget(&obj.uid().unwrap_or_else(|| obj.name_any()));
                 forget.reconciler.deleted(&obj);
             }
             // The watch is gone (shutdown has begun): let the controller finish its running
@@ -516,6 +532,7 @@ where
     executor: Executor,
     caches: Arc<Caches>,
     backoff: Mutex<BackoffTracker>,
+    status_writes: StatusWrites,
     synced: futures::future::Shared<BoxFuture<'static, ()>>,
 }
 
@@ -644,10 +661,14 @@ where
                 );
             }
         }
-        if let Some(status) = status {
-            self.write_status(obj, status)
+        let mut requeue = plan.requeue;
+        if let Some(status) = status
+            && let Some(wait) = self
+                .write_status(obj, status, true)
                 .await
-                .map_err(|e| chain(&e))?;
+                .map_err(|e| chain(&e))?
+        {
+            requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
         }
         let mut events = plan.events;
         for c in &conflicts {
@@ -659,7 +680,7 @@ where
             });
         }
         self.publish(obj, &events).await;
-        Ok(plan.requeue)
+        Ok(requeue)
     }
 
     async fn set_finalizer(&self, obj: &R::Resource, present: bool) -> Result<(), ExecError> {
@@ -702,7 +723,8 @@ where
         &self,
         obj: &R::Resource,
         mut status: <R::Resource as HasStatus>::Status,
-    ) -> Result<(), ExecError> {
+        coalesce: bool,
+    ) -> Result<Option<Duration>, ExecError> {
         let generation = obj.meta().generation;
         status.set_observed_generation(generation);
         if let Some(list) = status.conditions_mut() {
@@ -718,7 +740,16 @@ where
         if let Some(current) = obj.status()
             && to_value(current)? == new
         {
-            return Ok(());
+            return Ok(None);
+        }
+        let key = obj.uid().unwrap_or_else(|| obj.name_any());
+        let stored = obj.status().map(ObjectStatus::conditions);
+        if coalesce
+            && let Some(wait) =
+                self.status_writes
+                    .hold(&key, stored, status.conditions(), Instant::now())
+        {
+            return Ok(Some(wait));
         }
         let body = serde_json::json!({
             "apiVersion": R::Resource::api_version(&()),
@@ -732,12 +763,13 @@ where
                 &Patch::Apply(&body),
             )
             .await
-            .map(|_| ())
             .map_err(|source| ExecError::Api {
                 action: "writing status of",
                 target: obj.name_any(),
                 source,
-            })
+            })?;
+        self.status_writes.written(&key, Instant::now());
+        Ok(None)
     }
 
     async fn report_error(&self, obj: &R::Resource, message: &str) {
@@ -750,7 +782,7 @@ where
                     None,
                     Timestamp::now(),
                 );
-                if let Err(e) = self.write_status(obj, status).await {
+                if let Err(e) = self.write_status(obj, status, false).await {
                     tracing::warn!(controller = %self.name, error = %e, "recording reconcile error");
                 }
             }

@@ -38,6 +38,7 @@ mod owned;
 pub mod plan;
 pub mod reconciler;
 pub mod status;
+mod status_writes;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod trim;
