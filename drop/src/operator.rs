@@ -42,6 +42,10 @@ fn primary_watch(selector: Option<&str>) -> kube::runtime::watcher::Config {
 /// The field manager and Event reporter name.
 pub const NAME: &str = "drop";
 
+/// During a rollout, progress (counts, node lists, messages) reaches an image's or a set's status at
+/// most this often; transitions of a condition are written at once.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Runs Drop until `shutdown` resolves.
 pub async fn run(
     client: kube::Client,
@@ -67,6 +71,7 @@ pub async fn run(
         },
     )
     .primary_watch(primary_watch(settings.watch_selector.as_deref()))
+    .coalesce_status(STATUS_INTERVAL)
     .owns_in::<Pod>(&settings.pod_namespace)
     // A pull Pod matters when its pull ends (or it goes), not at each of its status updates.
     .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
@@ -78,6 +83,7 @@ pub async fn run(
     .trigger(wake);
     let sets = Controller::new("cachedimageset", CachedImageSetReconciler)
         .primary_watch(primary_watch(settings.watch_selector.as_deref()))
+        .coalesce_status(STATUS_INTERVAL)
         .owns::<CachedImage>()
         .watches::<DiscoveryPolicy, _>(cachedimageset::sets_using);
     let discovery = Controller::new(
