@@ -6,7 +6,7 @@
 //! An object that another controller (or nobody) controls is never adopted and never deleted: it is
 //! reported as a conflict.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use kube::core::{ApiResource, DynamicObject};
 use serde::Serialize;
@@ -167,20 +167,31 @@ pub struct Existing {
     pub controller_uid: Option<String>,
     /// Whether it is being deleted already (it is not deleted again).
     pub deleting: bool,
+    /// Its `metadata.generation` (changes with its spec), if the kind has one.
+    pub generation: Option<i64>,
+    /// Its `metadata.resourceVersion` (changes with anything).
+    pub resource_version: Option<String>,
 }
 
 impl Existing {
     /// Reads the identity and controller of an object.
     pub fn of(obj: &DynamicObject, api_version: &str, kind: &str) -> Option<Self> {
+        Self::from_meta(&obj.metadata, api_version, kind)
+    }
+
+    /// Reads the identity and controller of an object from its metadata.
+    pub fn from_meta(meta: &ObjectMeta, api_version: &str, kind: &str) -> Option<Self> {
         Some(Self {
             key: ChildKey {
                 api_version: api_version.to_owned(),
                 kind: kind.to_owned(),
-                namespace: obj.metadata.namespace.clone(),
-                name: obj.metadata.name.clone()?,
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone()?,
             },
-            controller_uid: controller_uid(&obj.metadata.owner_references),
-            deleting: obj.metadata.deletion_timestamp.is_some(),
+            controller_uid: controller_uid(&meta.owner_references),
+            deleting: meta.deletion_timestamp.is_some(),
+            generation: meta.generation,
+            resource_version: meta.resource_version.clone(),
         })
     }
 }
@@ -276,6 +287,8 @@ mod tests {
             key: key(name),
             controller_uid: controller.map(Into::into),
             deleting: false,
+            generation: None,
+            resource_version: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Carries out the children part of a plan: apply what is planned, delete what the reconcile saw and
 //! no longer plans, leave alone what someone else controls.
 
+use crate::applied::{Applied, body_hash};
 use crate::children::{self, Child, ChildKey, Conflict, Existing};
 use crate::controller::ExecError;
 use crate::owned::ChildStore;
@@ -18,12 +19,14 @@ pub(crate) struct Executor {
     pub(crate) manager: String,
     pub(crate) label_key: String,
     pub(crate) stores: Vec<Arc<dyn ChildStore>>,
+    /// What was last applied to each child.
+    pub(crate) applied: Applied,
 }
 
 impl Executor {
-    /// Applies `planned`, keeps `kept`, and deletes the children in `seen` (the view the reconciler
-    /// was given) that are neither. Returns the planned children left alone because someone else
-    /// controls them.
+    /// Applies `planned` (skipping children whose body and version are what the last apply left),
+    /// keeps `kept`, and deletes the children in `seen` (the view the reconciler was given) that are
+    /// neither. Returns the planned children left alone because someone else controls them.
     pub(crate) async fn run(
         &self,
         owner: &OwnerReference,
@@ -54,13 +57,25 @@ impl Executor {
             let Some(child) = planned.iter().find(|c| c.key() == key) else {
                 continue;
             };
-            if let Some(conflict) = self.apply(owner, child).await? {
+            let body = child.owned_by(owner, &self.label_key);
+            let hash = body_hash(&body);
+            let current = existing.iter().find(|e| &e.key == key);
+            if current.is_some_and(|e| self.applied.unchanged(&owner.uid, e, hash)) {
+                continue;
+            }
+            if let Some(conflict) = self.apply(owner, child, &body, hash).await? {
                 conflicts.push(conflict);
             }
         }
         for key in &diff.delete {
+            // Deleted by an earlier reconcile, and the view has not caught up: once is enough.
+            if self.applied.deleting(&owner.uid, key) {
+                continue;
+            }
             self.delete(key).await?;
+            self.applied.deleted(&owner.uid, key);
         }
+        self.applied.settle(&owner.uid, seen);
         Ok(conflicts)
     }
 
@@ -92,13 +107,17 @@ impl Executor {
         &self,
         owner: &OwnerReference,
         child: &Child,
+        body: &serde_json::Value,
+        hash: u64,
     ) -> Result<Option<Conflict>, ExecError> {
         let key = child.key();
-        let body = child.owned_by(owner, &self.label_key);
         let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
         let params = PatchParams::apply(&self.manager).force();
-        match api.patch(&key.name, &params, &Patch::Apply(&body)).await {
-            Ok(_) => Ok(None),
+        match api.patch(&key.name, &params, &Patch::Apply(body)).await {
+            Ok(obj) => {
+                self.applied.record(&owner.uid, key, hash, &obj);
+                Ok(None)
+            }
             // A child created by someone else between our look and our apply shows up as a 409 or
             // 422 (two controllers); report it rather than fight over it.
             Err(source) if is_conflict(&source) => {

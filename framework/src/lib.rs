@@ -21,6 +21,7 @@
 // Lets the derives' `::framework::…` paths resolve inside this crate's own tests.
 extern crate self as framework;
 
+mod applied;
 pub mod backoff;
 mod changes;
 pub mod children;

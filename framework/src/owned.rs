@@ -6,7 +6,7 @@
 //! watch has not delivered yet is therefore never pruned by a reconcile that could not see it (the
 //! cache may catch up while the reconciler runs; what it catches up with waits for the next reconcile).
 
-use crate::children::{self, ChildKey, Existing};
+use crate::children::{ChildKey, Existing};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use kube::Resource;
@@ -41,16 +41,7 @@ where
     C: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     fn existing(&self, c: &C) -> Option<Existing> {
-        Some(Existing {
-            key: ChildKey {
-                api_version: self.resource.api_version.clone(),
-                kind: self.resource.kind.clone(),
-                namespace: c.meta().namespace.clone(),
-                name: c.meta().name.clone()?,
-            },
-            controller_uid: children::controller_uid(&c.meta().owner_references),
-            deleting: c.meta().deletion_timestamp.is_some(),
-        })
+        Existing::from_meta(c.meta(), &self.resource.api_version, &self.resource.kind)
     }
 }
 
