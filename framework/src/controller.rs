@@ -1,6 +1,7 @@
 //! Binds a [`Reconciler`] to watches and carries out the plans it returns.
 
 use crate::ObjectStatus;
+use crate::applied::Applied;
 use crate::backoff::{Backoff, BackoffTracker};
 use crate::changes::{ChangeKeys, mark_deleted, waking};
 use crate::conditions::{self, Cond};
@@ -9,7 +10,7 @@ use crate::metrics::Metrics;
 use crate::owned::{ChildStore, OwnedView, TypedStore};
 use crate::plan::{EventKind, PlannedEvent};
 use crate::reconciler::{Caches, Context, Reconciler};
-use crate::status_writes::StatusWrites;
+use crate::status_writes::{StatusWrites, Written};
 use crate::trim::{Trims, trimmed};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -465,6 +466,7 @@ where
                 manager: self.name.clone(),
                 label_key,
                 stores,
+                applied: Applied::default(),
             },
             client,
             recorder,
@@ -473,14 +475,16 @@ where
             caches: Arc::new(caches),
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
             status_writes: StatusWrites::new(self.status_interval),
+            written: Written::default(),
         });
         let name = self.name;
         let forget = runtime.clone();
         let deletions = async move {
             while let Some(obj) = deleted_rx.recv().await {
-                forget
-                    .status_writes
-                    .forget(&obj.uid().unwrap_or_else(|| obj.name_any()));
+                let key = obj.uid().unwrap_or_else(|| obj.name_any());
+                forget.status_writes.forget(&key);
+                forget.written.forget(&key);
+                forget.executor.applied.forget_owner(&key);
                 forget.reconciler.deleted(&obj);
             }
             // The watch is gone (shutdown has begun): let the controller finish its running
@@ -533,6 +537,7 @@ where
     caches: Arc<Caches>,
     backoff: Mutex<BackoffTracker>,
     status_writes: StatusWrites,
+    written: Written<R::Resource>,
     synced: futures::future::Shared<BoxFuture<'static, ()>>,
 }
 
@@ -551,6 +556,7 @@ where
         let workers = self.metrics.active_workers.with_label_values(&[&self.name]);
         workers.inc();
         let key = obj.uid().unwrap_or_else(|| obj.name_any());
+        let obj = self.written.freshest(&key, obj);
         let outcome = self.reconcile_inner(&obj).await;
         workers.dec();
         self.metrics
@@ -756,7 +762,8 @@ where
             "kind": R::Resource::kind(&()),
             "status": new,
         });
-        self.api_for(obj)
+        let answer = self
+            .api_for(obj)
             .patch_status(
                 &obj.name_any(),
                 &PatchParams::apply(&self.name).force(),
@@ -769,6 +776,10 @@ where
                 source,
             })?;
         self.status_writes.written(&key, Instant::now());
+        if let Ok(mut written) = answer.try_parse::<R::Resource>() {
+            written.meta_mut().managed_fields = None;
+            self.written.wrote(&key, written);
+        }
         Ok(None)
     }
 

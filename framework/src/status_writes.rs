@@ -9,8 +9,9 @@
 //! kstatus and alerts never lag behind a transition.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Resource;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The status writes of one controller.
@@ -64,6 +65,56 @@ impl StatusWrites {
     }
 }
 
+/// The objects whose status this controller wrote last, kept until the cache shows that write, so
+/// a reconcile that starts before the watch delivered it reads the written object instead of an
+/// older one (and computes its transitions, Events and status from what it wrote, not from before).
+///
+/// "Older" compares resourceVersions as numbers. Kubernetes documents them as opaque; the API
+/// server takes them from etcd's revision, which only grows. Where one does not parse as a number
+/// the cached object is used, as it would be without this.
+pub(crate) struct Written<K>(Mutex<HashMap<String, Arc<K>>>);
+
+impl<K> Default for Written<K> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+fn revision<K: Resource>(o: &K) -> Option<u64> {
+    o.meta().resource_version.as_deref()?.parse().ok()
+}
+
+impl<K: Resource> Written<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<K>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the object as the status write of object `key` returned it.
+    pub(crate) fn wrote(&self, key: &str, obj: K) {
+        self.lock().insert(key.to_owned(), Arc::new(obj));
+    }
+
+    /// The object to reconcile: `cached`, unless it is older than the last write.
+    pub(crate) fn freshest(&self, key: &str, cached: Arc<K>) -> Arc<K> {
+        let mut written = self.lock();
+        let Some(ours) = written.get(key) else {
+            return cached;
+        };
+        match (revision(cached.as_ref()), revision(ours.as_ref())) {
+            (Some(seen), Some(wrote)) if seen < wrote => ours.clone(),
+            _ => {
+                written.remove(key);
+                cached
+            }
+        }
+    }
+
+    /// Forgets a deleted object.
+    pub(crate) fn forget(&self, key: &str) {
+        self.lock().remove(key);
+    }
+}
+
 /// What a transition is made of: each condition's type, status and reason.
 fn states(conditions: &[Condition]) -> BTreeSet<(&str, &str, &str)> {
     conditions
@@ -87,6 +138,31 @@ mod tests {
                 jiff::Timestamp::UNIX_EPOCH,
             ),
         }
+    }
+
+    fn config_map(rv: &str) -> Arc<k8s_openapi::api::core::v1::ConfigMap> {
+        let mut c = k8s_openapi::api::core::v1::ConfigMap::default();
+        c.metadata.resource_version = Some(rv.into());
+        Arc::new(c)
+    }
+
+    #[test]
+    fn status_writes_a_reconcile_reads_at_least_its_own_last_write() {
+        let w = Written::default();
+        let ours = config_map("12");
+        w.wrote("a", ours.as_ref().clone());
+        // The cache is behind the write: the written object is reconciled.
+        let got = w.freshest("a", config_map("10"));
+        assert_eq!(got.metadata.resource_version.as_deref(), Some("12"));
+        // The cache caught up (or moved past it): the cache, and the write is forgotten.
+        let got = w.freshest("a", config_map("13"));
+        assert_eq!(got.metadata.resource_version.as_deref(), Some("13"));
+        let got = w.freshest("a", config_map("11"));
+        assert_eq!(got.metadata.resource_version.as_deref(), Some("11"));
+        // Versions that are not numbers: the cache, as without this.
+        w.wrote("b", config_map("x").as_ref().clone());
+        let got = w.freshest("b", config_map("w"));
+        assert_eq!(got.metadata.resource_version.as_deref(), Some("w"));
     }
 
     #[test]
