@@ -46,6 +46,10 @@ struct RunArgs {
     /// How long a pull may take before it counts as failed.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pull_timeout: Duration,
+    /// During a rollout, write an image's or a set's progress to its status at most this often
+    /// (condition changes are written at once).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    status_interval: Duration,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -137,6 +141,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         leader_election,
         install_crds: args.install_crds,
         watch_selector: args.watch_selector,
+        status_interval: args.status_interval,
     };
     drop::operator::run(client, settings, framework::operator::shutdown_signal()).await?;
     Ok(())

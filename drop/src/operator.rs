@@ -29,6 +29,9 @@ pub struct Settings {
     pub install_crds: bool,
     /// Only reconcile objects whose labels match this selector (sharding; test isolation).
     pub watch_selector: Option<String>,
+    /// During a rollout, progress reaches an image's or a set's status at most this often
+    /// (condition transitions are written at once).
+    pub status_interval: Duration,
 }
 
 fn primary_watch(selector: Option<&str>) -> kube::runtime::watcher::Config {
@@ -42,8 +45,7 @@ fn primary_watch(selector: Option<&str>) -> kube::runtime::watcher::Config {
 /// The field manager and Event reporter name.
 pub const NAME: &str = "drop";
 
-/// During a rollout, progress (counts, node lists, messages) reaches an image's or a set's status at
-/// most this often; transitions of a condition are written at once.
+/// The default of [`Settings::status_interval`].
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs Drop until `shutdown` resolves.
@@ -71,7 +73,7 @@ pub async fn run(
         },
     )
     .primary_watch(primary_watch(settings.watch_selector.as_deref()))
-    .coalesce_status(STATUS_INTERVAL)
+    .coalesce_status(settings.status_interval)
     .owns_in::<Pod>(&settings.pod_namespace)
     // A pull Pod matters when its pull ends (or it goes), not at each of its status updates.
     .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
@@ -83,7 +85,7 @@ pub async fn run(
     .trigger(wake);
     let sets = Controller::new("cachedimageset", CachedImageSetReconciler)
         .primary_watch(primary_watch(settings.watch_selector.as_deref()))
-        .coalesce_status(STATUS_INTERVAL)
+        .coalesce_status(settings.status_interval)
         .owns::<CachedImage>()
         .watches::<DiscoveryPolicy, _>(cachedimageset::sets_using);
     let discovery = Controller::new(
