@@ -4,7 +4,10 @@
 pub mod fixtures;
 
 use framework::testing::{TestCluster, TestError};
+use futures::future::BoxFuture;
 use kube::Client;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 /// The shared cluster and a client for it; installs the TLS provider first.
 pub async fn cluster() -> Result<(&'static TestCluster, Client), TestError> {
@@ -41,9 +44,19 @@ pub const TEST_LABEL: &str = "e2e.drop/test";
 impl DropUnderTest {
     /// Starts Drop for test `id`, pulling into `namespace`.
     pub async fn start(client: &Client, namespace: &str, id: &str) -> Self {
+        Self::start_with(client, namespace, id, |_| {}).await
+    }
+
+    /// Like [`DropUnderTest::start`], with `adjust` changing the settings first.
+    pub async fn start_with(
+        client: &Client,
+        namespace: &str,
+        id: &str,
+        adjust: impl FnOnce(&mut drop::operator::Settings),
+    ) -> Self {
         restrict_namespace(client, namespace).await;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let settings = drop::operator::Settings {
+        let mut settings = drop::operator::Settings {
             pod_namespace: namespace.to_owned(),
             pull_timeout: std::time::Duration::from_secs(120),
             metrics_addr: None,
@@ -51,7 +64,9 @@ impl DropUnderTest {
             leader_election: None,
             install_crds: true,
             watch_selector: Some(format!("{TEST_LABEL}={id}")),
+            status_interval: drop::operator::STATUS_INTERVAL,
         };
+        adjust(&mut settings);
         let task = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
             let _ = stopped.await;
         }));
@@ -249,5 +264,127 @@ impl Drop for CpuLoad {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Called by a [`hooked_client`] with each request's method and URI before the request is sent. It
+/// may record the request, and may return a future the request waits for.
+pub type Hook =
+    Arc<dyn Fn(&http::Method, &http::Uri) -> Option<BoxFuture<'static, ()>> + Send + Sync>;
+
+/// A client for `cluster` whose every request passes through `hook`.
+pub async fn hooked_client(cluster: &TestCluster, hook: Hook) -> Client {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let kubeconfig = Kubeconfig::read_from(cluster.kubeconfig()).expect("read the kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("client configuration");
+    kube::client::ClientBuilder::try_from(config)
+        .expect("client stack")
+        .with_layer(&HookLayer(hook))
+        .build()
+}
+
+struct HookLayer(Hook);
+
+impl<S> tower::Layer<S> for HookLayer {
+    type Service = Hooked<S>;
+
+    fn layer(&self, inner: S) -> Hooked<S> {
+        Hooked {
+            inner,
+            hook: self.0.clone(),
+        }
+    }
+}
+
+/// A service that calls its hook before each request.
+pub struct Hooked<S> {
+    inner: S,
+    hook: Hook,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Hooked<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let wait = (self.hook)(req.method(), req.uri());
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            if let Some(wait) = wait {
+                wait.await;
+            }
+            response.await
+        })
+    }
+}
+
+/// The resource a request addresses, as `pods`, `cachedimages/status` or `events`.
+pub fn resource_of(uri: &http::Uri) -> String {
+    let segs: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    let mut rest: &[&str] = match segs.first() {
+        Some(&"api") => segs.get(2..).unwrap_or_default(),
+        Some(&"apis") => segs.get(3..).unwrap_or_default(),
+        _ => &segs,
+    };
+    if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+        rest = &rest[2..];
+    }
+    match (rest.first(), rest.get(2)) {
+        (Some(r), Some(sub)) => format!("{r}/{sub}"),
+        (Some(r), None) => (*r).to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Counts of the writes (POST, PUT, PATCH, DELETE) a client made, by "METHOD resource".
+#[derive(Clone, Default)]
+pub struct WriteCounts(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl WriteCounts {
+    /// A hook that counts into these counts.
+    pub fn hook(&self) -> Hook {
+        let counts = self.0.clone();
+        Arc::new(move |method, uri| {
+            if *method != http::Method::GET {
+                let key = format!("{method} {}", resource_of(uri));
+                *counts.lock().unwrap().entry(key).or_insert(0) += 1;
+            }
+            None
+        })
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resource_of_names_the_resource_and_subresource() {
+        let r = |p: &str| super::resource_of(&p.parse().unwrap());
+        assert_eq!(r("/api/v1/namespaces/ns/pods/p1"), "pods");
+        assert_eq!(r("/api/v1/namespaces/ns/pods?watch=true"), "pods");
+        assert_eq!(
+            r("/apis/drop.corewire.io/v1alpha1/cachedimages/a/status"),
+            "cachedimages/status"
+        );
+        assert_eq!(r("/apis/events.k8s.io/v1/namespaces/ns/events"), "events");
+        assert_eq!(r("/api/v1/nodes"), "nodes");
     }
 }

@@ -804,6 +804,7 @@ async fn cachedimage_operator_without_crds_fails_with_a_clear_message() {
         leader_election: None,
         install_crds: false,
         watch_selector: None,
+        status_interval: drop::operator::STATUS_INTERVAL,
     };
     let err = tokio::time::timeout(
         Duration::from_secs(30),
@@ -842,6 +843,7 @@ async fn cachedimage_operator_reports_ready_every_time_it_starts() {
             leader_election: None,
             install_crds: true,
             watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
+            status_interval: drop::operator::STATUS_INTERVAL,
         };
         let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
             let _ = stopped.await;
@@ -895,6 +897,7 @@ async fn cachedimage_metrics_count_pulls_and_forget_deleted_images() {
         leader_election: None,
         install_crds: true,
         watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
+        status_interval: drop::operator::STATUS_INTERVAL,
     };
     let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
         let _ = stopped.await;

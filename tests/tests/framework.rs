@@ -4,16 +4,13 @@ use e2e::cluster;
 use framework::testing::eventually;
 use framework::{Child, Context, Controller, Operator, Plan, PrinterColumns, Reconciler, Status};
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
 use kube::api::{Api, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, CustomResource};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -96,70 +93,24 @@ impl Reconciler for HolderReconciler {
     }
 }
 
-/// Holds back the responses of ConfigMap watches until released, so a test decides when the
-/// operator's ConfigMap cache catches up with the API server.
-#[derive(Clone)]
-struct HoldWatches {
-    released: watch::Receiver<bool>,
-}
-
-impl<S> tower::Layer<S> for HoldWatches {
-    type Service = Held<S>;
-
-    fn layer(&self, inner: S) -> Held<S> {
-        Held {
-            inner,
-            released: self.released.clone(),
-        }
-    }
-}
-
-struct Held<S> {
-    inner: S,
-    released: watch::Receiver<bool>,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Held<S>
-where
-    S: tower::Service<http::Request<B>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let uri = req.uri();
-        let hold = uri.path().ends_with("/configmaps")
-            && uri.query().is_some_and(|q| q.contains("watch=true"));
-        let mut released = self.released.clone();
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            if hold {
-                let _ = released.wait_for(|open| *open).await;
-            }
-            response.await
-        })
-    }
-}
-
 #[tokio::test]
 async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
     let (cluster, client) = cluster().await.unwrap();
     let ns = cluster.namespace(&client, "fw-prune").await.unwrap();
     let (release, released) = watch::channel(false);
-    let kubeconfig = Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    let held_client: Client = kube::client::ClientBuilder::try_from(config)
-        .unwrap()
-        .with_layer(&HoldWatches { released })
-        .build();
+    // The operator's client holds back ConfigMap watches until the reconciler releases them, so
+    // the test decides when the operator's ConfigMap cache catches up with the API server.
+    let hold: e2e::Hook = Arc::new(move |_, uri| {
+        let watch = uri.path().ends_with("/configmaps")
+            && uri.query().is_some_and(|q| q.contains("watch=true"));
+        let mut released = released.clone();
+        watch.then(|| {
+            Box::pin(async move {
+                let _ = released.wait_for(|open| *open).await;
+            }) as futures::future::BoxFuture<'static, ()>
+        })
+    });
+    let held_client = e2e::hooked_client(cluster, hold).await;
 
     // Every change the API server makes to the child, seen without delay.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());

@@ -262,6 +262,7 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         )),
         install_crds: false,
         watch_selector: None,
+        status_interval: drop::operator::STATUS_INTERVAL,
     };
     let running = tokio::spawn(drop::operator::run(
         sa_client.clone(),

@@ -29,14 +29,29 @@ struct Scene {
 }
 
 async fn scene(id: &str) -> Scene {
+    scene_with(id, 2, None, drop::operator::STATUS_INTERVAL).await
+}
+
+/// A scene of `nodes` nodes whose Drop uses `drop_client` (the test's client if `None`) and writes
+/// progress to status at most every `status_interval`.
+async fn scene_with(
+    id: &str,
+    nodes: usize,
+    drop_client: Option<Client>,
+    status_interval: Duration,
+) -> Scene {
     let (cluster, client) = cluster().await.unwrap();
     let ns = cluster.namespace(&client, id).await.unwrap();
     let pool = BTreeMap::from([(POOL.to_owned(), ns.name().to_owned())]);
     let nodes = cluster
-        .add_nodes(&client, ns.name(), 2, &pool)
+        .add_nodes(&client, ns.name(), nodes, &pool)
         .await
         .unwrap();
-    let drop = DropUnderTest::start(&client, ns.name(), ns.name()).await;
+    let drop_client = drop_client.unwrap_or_else(|| client.clone());
+    let drop = DropUnderTest::start_with(&drop_client, ns.name(), ns.name(), |s| {
+        s.status_interval = status_interval;
+    })
+    .await;
     let s = Scene {
         sets: Api::all(client.clone()),
         images: Api::all(client.clone()),
@@ -535,6 +550,72 @@ async fn imageset_follows_a_real_registry_through_its_discovery_policy() {
         s.children(&name).await.len(),
         2,
         "children are kept through the outage"
+    );
+    s.finish().await;
+}
+
+/// What a small rollout costs the API server: every write the operator's client makes (pull Pods,
+/// children, statuses, Events) is counted, and the total must stay within 3 per (image, node) pair:
+/// a pull Pod's creation and deletion, and the statuses and Events amortised over the rollout.
+/// Progress is written at most every 30 s here, so the count does not depend on how fast the
+/// machine runs the rollout: what is left is one write per pull Pod event that matters, one apply
+/// per child, and the transitions of each status with their Events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imageset_api_writes_stay_within_bound() {
+    const NODES: usize = 20;
+    let (cluster, _) = cluster().await.unwrap();
+    let counts = e2e::WriteCounts::default();
+    let drop_client = e2e::hooked_client(cluster, counts.hook()).await;
+    let s = scene_with(
+        "set-writes",
+        NODES,
+        Some(drop_client),
+        Duration::from_secs(30),
+    )
+    .await;
+    let images: Vec<(String, &str)> = (0..5)
+        .map(|i| (format!("docker.io/library/writes{i}"), "1"))
+        .collect();
+    let refs: Vec<(&str, &str)> = images.iter().map(|(i, t)| (i.as_str(), *t)).collect();
+    let before = counts.snapshot();
+    let name = s.create_set("five", s.spec(&refs)).await;
+    s.wait_set(&name, "set Ready", |set| {
+        set.status.as_ref().and_then(|st| st.phase) == Some(CachedImageSetPhase::Ready)
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    eventually(Duration::from_secs(60), "pull Pods gone", || async {
+        let n = pods
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} left"))
+        }
+    })
+    .await
+    .unwrap();
+    let after = counts.snapshot();
+    let writes: BTreeMap<&String, u64> = after
+        .iter()
+        .map(|(k, v)| (k, v - before.get(k).copied().unwrap_or(0)))
+        // Installing the CRDs is the operator's start, not the rollout.
+        .filter(|(k, v)| *v > 0 && !k.contains("customresourcedefinitions"))
+        .collect();
+    let total: u64 = writes.values().sum();
+    let pairs = (images.len() * NODES) as u64;
+    println!(
+        "api writes: {total} for {pairs} pairs ({:.2} per pair): {writes:?}",
+        total as f64 / pairs as f64
+    );
+    assert!(
+        total <= 3 * pairs,
+        "{total} writes for {pairs} pairs (bound {}): {writes:?}",
+        3 * pairs
     );
     s.finish().await;
 }
