@@ -94,6 +94,7 @@ pub async fn run(
     )
     .primary_watch(primary_watch(settings.watch_selector.as_deref()));
     operator = operator
+        .count_reconciles_in(metrics.reconcile.clone())
         .controller(cachedimages)
         .controller(sets)
         .controller(discovery);

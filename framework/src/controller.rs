@@ -571,18 +571,12 @@ where
                 } else {
                     "success"
                 };
-                self.metrics
-                    .reconcile_total
-                    .with_label_values(&[&self.name, result])
-                    .inc();
+                self.metrics.count_reconcile(&self.name, result);
                 requeue.map_or_else(Action::await_change, Action::requeue)
             }
             Err(message) => {
                 let delay = self.backoff_lock().failure(&key);
-                self.metrics
-                    .reconcile_total
-                    .with_label_values(&[&self.name, "error"])
-                    .inc();
+                self.metrics.count_reconcile(&self.name, "error");
                 self.metrics
                     .reconcile_errors
                     .with_label_values(&[&self.name])

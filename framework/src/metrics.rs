@@ -24,6 +24,8 @@ pub struct Metrics {
     pub(crate) active_workers: IntGaugeVec,
     pub(crate) max_concurrent: IntGaugeVec,
     pub(crate) leader: GaugeVec,
+    /// Counters of the operator's own that count reconciles too (labels `controller`, `result`).
+    pub(crate) also_reconciles: Vec<IntCounterVec>,
 }
 
 impl Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
                 ),
                 &["name"],
             )?,
+            also_reconciles: Vec::new(),
         };
         registry.register(Box::new(m.reconcile_total.clone()))?;
         registry.register(Box::new(m.reconcile_errors.clone()))?;
@@ -83,6 +86,15 @@ impl Metrics {
         registry.register(Box::new(m.max_concurrent.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
         Ok(m)
+    }
+}
+
+impl Metrics {
+    /// Counts one reconcile of `controller` that ended with `result`.
+    pub(crate) fn count_reconcile(&self, controller: &str, result: &str) {
+        for counter in std::iter::once(&self.reconcile_total).chain(&self.also_reconciles) {
+            counter.with_label_values(&[controller, result]).inc();
+        }
     }
 }
 

@@ -83,6 +83,7 @@ pub struct Operator {
     leader: Option<LeaderElection>,
     crds: CrdMode,
     identity: Option<String>,
+    reconcile_counters: Vec<prometheus::IntCounterVec>,
 }
 
 impl Operator {
@@ -98,12 +99,21 @@ impl Operator {
             leader: None,
             crds: CrdMode::None,
             identity: None,
+            reconcile_counters: Vec::new(),
         }
     }
 
     /// The registry served at `/metrics`; register the operator's own metrics here.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Counts every reconcile in `counter` too, beside `controller_runtime_reconcile_total`, for an
+    /// operator that publishes the count under its own name. The counter needs the labels
+    /// `controller` and `result` (`success`, `requeue_after`, `error`); register it yourself.
+    pub fn count_reconciles_in(mut self, counter: prometheus::IntCounterVec) -> Self {
+        self.reconcile_counters.push(counter);
+        self
     }
 
     /// Uses `registry` for `/metrics` instead of a fresh one.
@@ -168,7 +178,8 @@ impl Operator {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), OperatorError> {
-        let metrics = Metrics::register(&self.registry)?;
+        let mut metrics = Metrics::register(&self.registry)?;
+        metrics.also_reconciles = self.reconcile_counters;
         let probes = Probes::new(self.registry.clone());
         for (what, addr) in [
             ("metrics", self.metrics_addr),

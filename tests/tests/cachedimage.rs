@@ -962,6 +962,21 @@ async fn cachedimage_metrics_count_pulls_and_forget_deleted_images() {
         text.contains("controller_runtime_reconcile_total{controller=\"cachedimage\",result="),
         "framework metrics served too"
     );
+    // The seed's own reconcile counter counts the same reconciles.
+    let count = |prefix: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains("controller=\"cachedimage\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        count("drop_reconcile_total{") > 0,
+        "drop_reconcile_total counts"
+    );
+    assert_eq!(
+        count("drop_reconcile_total{"),
+        count("controller_runtime_reconcile_total{")
+    );
     assert!(
         !text
             .lines()
