@@ -236,7 +236,9 @@ EOF
 
   if (( NODES > 0 )); then
     write_nodes | "$bin/kubectl" --kubeconfig="$kc" apply -f - >/dev/null
-    "$bin/kubectl" --kubeconfig="$kc" wait node -l type=kwok --for=condition=Ready --timeout=60s >/dev/null ||
+    # KWOK readies nodes at its own pace: allow a minute plus 0.1 s a node (1000 nodes: 160 s).
+    "$bin/kubectl" --kubeconfig="$kc" wait node -l type=kwok --for=condition=Ready \
+      --timeout=$((60 + NODES / 10))s >/dev/null ||
       { tail_log kwok; stop_all; die "simulated nodes did not become Ready"; }
   fi
   # KCM's service-account controller creates "default" in each namespace; Pods cannot be created before it.

@@ -1,0 +1,113 @@
+//! The kube-apiserver's audit log, reduced to what the benchmark reports: the operator's requests by
+//! verb and resource, in a time window.
+
+use jiff::Timestamp;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The audit policy: metadata of every request the operator's identity makes, nothing else.
+pub fn policy(user: &str) -> String {
+    format!(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\n\
+         rules:\n- level: Metadata\n  users: [\"{user}\"]\n- level: None\n"
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Line {
+    verb: String,
+    #[serde(default)]
+    object_ref: Option<ObjectRef>,
+    request_received_timestamp: Timestamp,
+    #[serde(default)]
+    response_status: Option<Status>,
+}
+
+#[derive(Deserialize)]
+struct ObjectRef {
+    #[serde(default)]
+    resource: Option<String>,
+    #[serde(default)]
+    subresource: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    #[serde(default)]
+    code: Option<u16>,
+}
+
+/// One request of the operator.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// `create`, `patch`, `delete`, `get`, `list`, `watch`, …
+    pub verb: String,
+    /// `pods`, `cachedimages/status`, …
+    pub resource: String,
+    /// HTTP status code of the answer.
+    pub code: u16,
+    /// When the API server received it.
+    pub at: Timestamp,
+}
+
+impl Request {
+    /// Whether the request changes state.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        )
+    }
+}
+
+/// Reads every request in the log (lines it cannot read are skipped: the log may end mid-line).
+pub fn read(path: &Path) -> Vec<Request> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Line>(l).ok())
+        .map(|l| {
+            let (resource, sub) = l
+                .object_ref
+                .map(|o| (o.resource.unwrap_or_default(), o.subresource))
+                .unwrap_or_default();
+            Request {
+                verb: l.verb,
+                resource: match sub {
+                    Some(s) => format!("{resource}/{s}"),
+                    None => resource,
+                },
+                code: l.response_status.and_then(|s| s.code).unwrap_or(0),
+                at: l.request_received_timestamp,
+            }
+        })
+        .collect()
+}
+
+/// Requests received in `[from, to)`, counted by "verb resource".
+pub fn by_verb(requests: &[Request], from: Timestamp, to: Timestamp) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for r in requests.iter().filter(|r| r.at >= from && r.at < to) {
+        *out.entry(format!("{} {}", r.verb, r.resource)).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Writes received in `[from, to)`.
+pub fn writes(requests: &[Request], from: Timestamp, to: Timestamp) -> u64 {
+    requests
+        .iter()
+        .filter(|r| r.at >= from && r.at < to && r.is_write())
+        .count() as u64
+}
+
+/// Deletes received in `[from, to)` that found nothing (deleted twice).
+pub fn deletes_not_found(requests: &[Request], from: Timestamp, to: Timestamp) -> u64 {
+    requests
+        .iter()
+        .filter(|r| r.at >= from && r.at < to && r.verb == "delete" && r.code == 404)
+        .count() as u64
+}

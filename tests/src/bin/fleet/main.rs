@@ -1,0 +1,366 @@
+//! Fleet benchmark: Drop on a fresh local control plane with many simulated nodes.
+//!
+//! It starts a private cluster (KWOK nodes, the kube-apiserver's audit log on for the operator's
+//! identity only), runs the release `drop` binary as a ServiceAccount so its requests can be told
+//! apart, creates one PullPolicy and the images, and reports what the rollout cost: makespan against
+//! the pacing ideal, pacing violations seen on a watch of pull Pods, pull Pods thrown away before
+//! they pulled, the operator's API requests and writes per (node, image) pair, its memory and CPU,
+//! the largest status, the time to warm nodes added later, and the cost of a settled fleet.
+//!
+//! ```sh
+//! cargo run --release -p e2e --bin fleet -- --nodes 1000 --images 10 --concurrency 100 --tag 1
+//! ```
+//!
+//! See `docs/performance.md` for the scenarios and their figures.
+
+mod audit;
+mod operator;
+mod report;
+
+use clap::Parser;
+use drop::api::{CachedImage, CachedImageSpec, PolicyReference, PullPolicy, PullPolicySpec};
+use e2e::PodRecorder;
+use framework::testing::{TestCluster, simulated_node};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use kube::Client;
+use kube::api::{Api, ListParams, PostParams};
+use report::Report;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// Namespace of the pull Pods and the operator's ServiceAccount.
+const NS: &str = "drop-bench";
+/// The operator's identity, the only one the audit log records.
+const USER: &str = "system:serviceaccount:drop-bench:drop";
+
+/// Drop on many simulated nodes: what a rollout costs the API server, and how fast it is.
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Simulated nodes in the cluster.
+    #[arg(long, default_value_t = 100)]
+    nodes: u32,
+    /// CachedImages, each targeting every node.
+    #[arg(long, default_value_t = 10)]
+    images: usize,
+    /// The PullPolicy's maxConcurrentNodes.
+    #[arg(long, default_value_t = 10)]
+    concurrency: i32,
+    /// The PullPolicy's minDelayBetweenPulls, in seconds (fractions allowed).
+    #[arg(long, default_value_t = 1.0)]
+    min_delay: f64,
+    /// Image tag; `slow-<n>s` makes each simulated pull take n seconds, anything else 0.3 s.
+    #[arg(long, default_value = "slow-2s")]
+    tag: String,
+    /// Nodes to add once the fleet has settled (time until each is warm).
+    #[arg(long, default_value_t = 0)]
+    add_nodes: u32,
+    /// Seconds to watch the settled fleet for its idle cost.
+    #[arg(long, default_value_t = 120)]
+    idle: u64,
+    /// Give up on the rollout after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = Args::parse();
+    framework::install_crypto_provider();
+    let bin = operator::build()?;
+
+    let work = tempfile::Builder::new().prefix("drop-fleet-").tempdir()?;
+    let policy_file = work.path().join("audit-policy.yaml");
+    let audit_log = work.path().join("audit.log");
+    std::fs::write(&policy_file, audit::policy(USER))?;
+    let extra = format!(
+        "--audit-policy-file={} --audit-log-path={} --audit-log-format=json",
+        policy_file.display(),
+        audit_log.display()
+    );
+    let started = Instant::now();
+    eprintln!("[fleet] starting a cluster with {} nodes", args.nodes);
+    let cluster =
+        TestCluster::start_with_env(args.nodes, &[("KUBE_APISERVER_EXTRA_ARGS", &extra)])?;
+    eprintln!(
+        "[fleet] cluster up in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let client = cluster.client().await?;
+    let kubeconfig = operator_identity(&client, &cluster, work.path()).await?;
+    let mut op = operator::Operator::start(&bin, &kubeconfig, NS, work.path())?;
+    op.wait_ready().await?;
+
+    let recorder = PodRecorder::start(&client, NS);
+    let images: Api<CachedImage> = Api::all(client.clone());
+    let reconciles_before = op.reconciles().await?;
+    let t0 = Timestamp::now();
+    create_scenario(&client, &args).await?;
+    let all_nodes: BTreeSet<String> = (0..args.nodes).map(|i| format!("kwok-node-{i}")).collect();
+    wait_cached(&images, &all_nodes, args.images, &recorder, args.timeout).await?;
+    let settled = Timestamp::now();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    wait_no_pods(&pods).await?;
+    let rollout_end = Timestamp::now();
+    let reconciles_after = op.reconciles().await?;
+    let rss_rollout = op.memory()?;
+
+    let warm = if args.add_nodes > 0 {
+        add_nodes(&client, &images, &args).await?
+    } else {
+        Vec::new()
+    };
+    wait_no_pods(&pods).await?;
+
+    eprintln!(
+        "[fleet] settled; watching the idle fleet for {} s",
+        args.idle
+    );
+    let idle_from = Timestamp::now();
+    let idle_reconciles_before = op.reconciles().await?;
+    tokio::time::sleep(Duration::from_secs(args.idle)).await;
+    let idle_to = Timestamp::now();
+    let idle_reconciles = op.reconciles().await? - idle_reconciles_before;
+
+    let largest_status = images
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|i| serde_json::to_vec(&i.status).ok().map(|v| v.len()))
+        .max()
+        .unwrap_or(0);
+    let requests = audit::read(&audit_log);
+    let report = Report::new(report::Inputs {
+        args: &args,
+        records: &recorder.records(),
+        t0,
+        settled,
+        rollout_end,
+        requests: &requests,
+        reconciles: reconciles_after - reconciles_before,
+        idle: (idle_from, idle_to, idle_reconciles),
+        memory: (rss_rollout, op.memory()?),
+        cpu_seconds: op.cpu_seconds()?,
+        largest_status,
+        warm: &warm,
+    });
+    op.stop();
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    drop(cluster);
+    Ok(())
+}
+
+/// A ServiceAccount for the operator with cluster-admin (the benchmark measures cost, not RBAC), and a
+/// kubeconfig that authenticates as it.
+async fn operator_identity(
+    client: &Client,
+    cluster: &TestCluster,
+    dir: &std::path::Path,
+) -> Result<std::path::PathBuf, Error> {
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(NS.into());
+    ns.metadata.labels = Some(BTreeMap::from([(
+        "pod-security.kubernetes.io/enforce".to_owned(),
+        "restricted".to_owned(),
+    )]));
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some("drop".into());
+    sas.create(&PostParams::default(), &sa).await?;
+    let binding = ClusterRoleBinding {
+        metadata: kube::core::ObjectMeta {
+            name: Some("drop-bench".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: "cluster-admin".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "drop".into(),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let request = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            expiration_seconds: Some(24 * 3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("drop", &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .ok_or("the token request returned no token")?;
+    let mut kc = kube::config::Kubeconfig::read_from(cluster.kubeconfig())?;
+    for user in &mut kc.auth_infos {
+        user.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.clone().into()),
+            ..Default::default()
+        });
+    }
+    let path = dir.join("operator.kubeconfig");
+    // JSON is YAML: the operator reads it as any kubeconfig.
+    std::fs::write(&path, serde_json::to_vec(&kc)?)?;
+    Ok(path)
+}
+
+async fn create_scenario(client: &Client, args: &Args) -> Result<(), Error> {
+    let policy = PullPolicy::new(
+        "bench",
+        PullPolicySpec {
+            max_concurrent_nodes: args.concurrency,
+            min_delay_between_pulls: Some(Duration::from_secs_f64(args.min_delay).into()),
+            ..Default::default()
+        },
+    );
+    Api::<PullPolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await?;
+    let images: Api<CachedImage> = Api::all(client.clone());
+    for i in 0..args.images {
+        let ci = CachedImage::new(
+            &format!("bench-{i:04}"),
+            CachedImageSpec {
+                image: format!("registry.bench.example/app{i}"),
+                tag: Some(args.tag.clone()),
+                node_selector: BTreeMap::from([("type".to_owned(), "kwok".to_owned())]),
+                policy_ref: Some(PolicyReference {
+                    name: "bench".into(),
+                }),
+                ..Default::default()
+            },
+        );
+        images.create(&PostParams::default(), &ci).await?;
+    }
+    Ok(())
+}
+
+/// Pairs (image, node) cached so far, among `nodes`.
+fn cached_pairs(images: &[CachedImage], nodes: &BTreeSet<String>) -> usize {
+    images
+        .iter()
+        .filter_map(|i| i.status.as_ref())
+        .map(|s| s.cached_nodes.iter().filter(|n| nodes.contains(*n)).count())
+        .sum()
+}
+
+async fn wait_cached(
+    api: &Api<CachedImage>,
+    nodes: &BTreeSet<String>,
+    images: usize,
+    recorder: &PodRecorder,
+    timeout: u64,
+) -> Result<(), Error> {
+    let want = nodes.len() * images;
+    let start = Instant::now();
+    let mut last_report = Instant::now();
+    let mut last_change = (0, Instant::now());
+    loop {
+        let list = api.list(&ListParams::default()).await?.items;
+        let done = cached_pairs(&list, nodes);
+        if done >= want {
+            return Ok(());
+        }
+        if done != last_change.0 {
+            last_change = (done, Instant::now());
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            eprintln!(
+                "[fleet] {:>5.0} s: {done}/{want} pairs cached, {} pull Pods so far",
+                start.elapsed().as_secs_f64(),
+                recorder.records().len()
+            );
+            last_report = Instant::now();
+        }
+        if start.elapsed() > Duration::from_secs(timeout) {
+            return Err(format!(
+                "not settled after {timeout} s: {done}/{want} pairs cached, no change for {:.0} s",
+                last_change.1.elapsed().as_secs_f64()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn wait_no_pods(pods: &Api<Pod>) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = pods.list(&ListParams::default()).await?.items.len();
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("{left} pull Pods still exist 120 s after the fleet settled").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Adds nodes to the settled fleet; returns, per node, the seconds from its creation until every
+/// image is cached on it.
+async fn add_nodes(
+    client: &Client,
+    images: &Api<CachedImage>,
+    args: &Args,
+) -> Result<Vec<f64>, Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut created = BTreeMap::new();
+    for i in 0..args.add_nodes {
+        let name = format!("kwok-node-added-{i}");
+        nodes
+            .create(
+                &PostParams::default(),
+                &simulated_node(&name, &BTreeMap::new()),
+            )
+            .await?;
+        created.insert(name, Instant::now());
+    }
+    let mut warm: BTreeMap<String, f64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    while warm.len() < created.len() {
+        if Instant::now() > deadline {
+            return Err(format!("{} of {} added nodes warm", warm.len(), created.len()).into());
+        }
+        let list = images.list(&ListParams::default()).await?.items;
+        for (name, at) in &created {
+            if warm.contains_key(name) {
+                continue;
+            }
+            let everywhere = list.iter().all(|i| {
+                i.status
+                    .as_ref()
+                    .is_some_and(|s| s.cached_nodes.iter().any(|n| n == name))
+            });
+            if everywhere {
+                warm.insert(name.clone(), at.elapsed().as_secs_f64());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(warm.into_values().collect())
+}
