@@ -65,6 +65,12 @@ struct Args {
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Keep the work directory (audit log, operator log) and print where it is.
+    #[arg(long)]
+    keep: bool,
+    /// The operator's log filter (RUST_LOG).
+    #[arg(long, default_value = "info")]
+    log: String,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -94,7 +100,7 @@ async fn main() -> Result<(), Error> {
     );
     let client = cluster.client().await?;
     let kubeconfig = operator_identity(&client, &cluster, work.path()).await?;
-    let mut op = operator::Operator::start(&bin, &kubeconfig, NS, work.path())?;
+    let mut op = operator::Operator::start(&bin, &kubeconfig, NS, work.path(), &args.log)?;
     op.wait_ready().await?;
 
     let recorder = PodRecorder::start(&client, NS);
@@ -157,6 +163,9 @@ async fn main() -> Result<(), Error> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     drop(cluster);
+    if args.keep {
+        eprintln!("[fleet] kept {}", work.keep().display());
+    }
     Ok(())
 }
 

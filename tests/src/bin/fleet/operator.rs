@@ -36,12 +36,13 @@ fn free_port() -> Result<u16, Error> {
 }
 
 impl Operator {
-    /// Starts `bin run` as the identity of `kubeconfig`, logging into `dir/drop.log`.
+    /// Starts `bin run` as the identity of `kubeconfig`, logging (at `filter`) into `dir/drop.log`.
     pub fn start(
         bin: &Path,
         kubeconfig: &Path,
         namespace: &str,
         dir: &Path,
+        filter: &str,
     ) -> Result<Self, Error> {
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let health = format!("127.0.0.1:{}", free_port()?);
@@ -58,7 +59,7 @@ impl Operator {
                 &health,
             ])
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
