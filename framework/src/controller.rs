@@ -66,7 +66,8 @@ pub enum ExecError {
 /// A declared child kind, once its watch is built: the controller, and the store that reconciles
 /// take their view of children from.
 type Owned<K> = (KubeController<K>, Arc<dyn ChildStore>);
-type OwnFn<K> = Box<dyn FnOnce(Client, KubeController<K>, &str, &PerKind) -> Owned<K> + Send>;
+type OwnFn<K> =
+    Box<dyn FnOnce(Client, KubeController<K>, Store<K>, &str, &PerKind) -> Owned<K> + Send>;
 /// A declared related kind, once its watch is built: the controller, its cache for `Context::cached`,
 /// and a future resolving when that cache has synced.
 type Related<K> = (
@@ -186,8 +187,8 @@ where
     where
         C: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     {
-        self.owned
-            .push(Box::new(move |client, ctrl, label_key, kinds| {
+        self.owned.push(Box::new(
+            move |client, ctrl, primaries, label_key, kinds| {
                 let api = make_api(client);
                 let (reader, writer) = reflector::store::<C>();
                 let stream = reflector::reflector(
@@ -204,8 +205,14 @@ where
                     store: reader,
                     resource: ApiResource::erase::<C>(&()),
                 });
-                (ctrl.owns_stream(stream), store)
-            }));
+                // Map a child to its owner's key as the primary watch has it: kube-runtime's own
+                // owner mapping puts the child's namespace on the key even for a cluster-scoped
+                // owner, and a key that differs from the watch's lets one object reconcile twice
+                // at once (once per key).
+                let owners = move |child: C| owner_keys::<R::Resource>(&child, &primaries);
+                (ctrl.watches_stream(stream, owners), store)
+            },
+        ));
         self
     }
 
@@ -424,7 +431,13 @@ where
         let mut caches = Caches::default();
         let mut ready: Vec<BoxFuture<'static, ()>> = Vec::new();
         for own in self.owned {
-            let (c, s) = own(client.clone(), ctrl, &label_key, &self.kinds);
+            let (c, s) = own(
+                client.clone(),
+                ctrl,
+                primaries.clone(),
+                &label_key,
+                &self.kinds,
+            );
             ctrl = c;
             ready.push(s.ready());
             stores.push(s);
@@ -821,6 +834,32 @@ where
     }
 }
 
+/// The keys of `child`'s controller-or-owner references of kind `K`, as the primaries' cache keys
+/// them (owners no longer cached are left out: there is nothing to reconcile).
+fn owner_keys<K>(child: &impl Resource, primaries: &Store<K>) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let meta = child.meta();
+    meta.owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.api_version == K::api_version(&()) && o.kind == K::kind(&()))
+        .filter_map(|o| {
+            let mut key = ObjectRef::<K>::new(&o.name);
+            if let Some(ns) = &meta.namespace {
+                key = key.within(ns);
+            }
+            // The store falls back to the cluster-wide key; the found object's own key is the one
+            // the primary watch and every other trigger use.
+            primaries
+                .get(&key)
+                .filter(|p| p.meta().uid.as_deref() == Some(o.uid.as_str()))
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+        })
+        .collect()
+}
+
 /// An error and its causes, joined, as users should read it.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -859,6 +898,37 @@ mod tests {
     fn controller_error_chain_names_every_cause() {
         let e = Outer(std::io::Error::other("inner cause"));
         assert_eq!(chain(&e), "outer: inner cause");
+    }
+
+    #[test]
+    fn controller_a_namespaced_child_maps_to_its_cluster_scoped_owners_own_key() {
+        use k8s_openapi::api::core::v1::{Node, Pod};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let (primaries, mut writer) = reflector::store::<Node>();
+        let mut node = Node::default();
+        node.metadata.name = Some("n1".into());
+        node.metadata.uid = Some("u1".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(node.clone()));
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("p".into());
+        pod.metadata.namespace = Some("ns".into());
+        let owner = |uid: &str| OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: "n1".into(),
+            uid: uid.into(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        };
+        pod.metadata.owner_references = Some(vec![owner("u1")]);
+        let keys = owner_keys::<Node>(&pod, &primaries);
+        // The same key the Node's own watch uses: no namespace. With the child's namespace on it,
+        // the controller would treat it as another object and could reconcile n1 twice at once.
+        assert_eq!(keys, vec![ObjectRef::from_obj(&node)]);
+        assert_eq!(keys[0].namespace, None);
+        // An owner reference to an object the cache does not hold (another uid: a namesake).
+        pod.metadata.owner_references = Some(vec![owner("other")]);
+        assert!(owner_keys::<Node>(&pod, &primaries).is_empty());
     }
 
     #[test]
