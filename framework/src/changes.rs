@@ -8,7 +8,6 @@
 
 use kube::Resource;
 use kube::runtime::watcher;
-use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -16,31 +15,15 @@ use std::sync::Arc;
 /// The key of an object of kind `O`, hashed.
 pub(crate) type KeyFn<O> = Arc<dyn Fn(&O) -> u64 + Send + Sync>;
 
-/// The keys declared on a controller, by kind.
-#[derive(Default)]
-pub(crate) struct ChangeKeys(HashMap<TypeId, Box<dyn Any + Send + Sync>>);
-
-impl ChangeKeys {
-    /// Declares `key` for kind `O` (replacing an earlier one).
-    pub(crate) fn insert<O: 'static, H: Hash>(
-        &mut self,
-        key: impl Fn(&O) -> H + Send + Sync + 'static,
-    ) {
-        let hashed: KeyFn<O> = Arc::new(move |o: &O| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key(o).hash(&mut h);
-            h.finish()
-        });
-        self.0.insert(TypeId::of::<O>(), Box::new(hashed));
-    }
-
-    /// The key of kind `O`, if one was declared.
-    pub(crate) fn get<O: 'static>(&self) -> Option<KeyFn<O>> {
-        self.0
-            .get(&TypeId::of::<O>())
-            .and_then(|f| f.downcast_ref::<KeyFn<O>>())
-            .cloned()
-    }
+/// Hashes what `key` returns, for [`waking`].
+pub(crate) fn key_fn<O: 'static, H: Hash>(
+    key: impl Fn(&O) -> H + Send + Sync + 'static,
+) -> KeyFn<O> {
+    Arc::new(move |o: &O| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key(o).hash(&mut h);
+        h.finish()
+    })
 }
 
 /// A filter over watch events that lets through what should wake a reconcile: with no key, every
@@ -99,9 +82,9 @@ mod tests {
         n
     }
 
-    async fn woken(keys: &ChangeKeys, events: Vec<watcher::Event<Node>>) -> usize {
+    async fn woken(key: Option<KeyFn<Node>>, events: Vec<watcher::Event<Node>>) -> usize {
         futures::stream::iter(events)
-            .filter(waking(keys.get::<Node>()))
+            .filter(waking(key))
             .count()
             .await
     }
@@ -112,13 +95,12 @@ mod tests {
             watcher::Event::Apply(node("a", "x", 1)),
             watcher::Event::Apply(node("a", "x", 2)),
         ];
-        assert_eq!(woken(&ChangeKeys::default(), events).await, 2);
+        assert_eq!(woken(None, events).await, 2);
     }
 
     #[tokio::test]
     async fn changes_with_a_key_only_key_changes_creations_and_deletions_wake() {
-        let mut keys = ChangeKeys::default();
-        keys.insert::<Node, _>(|n: &Node| n.metadata.labels.clone());
+        let key = key_fn(|n: &Node| n.metadata.labels.clone());
         let events = vec![
             watcher::Event::Apply(node("a", "x", 1)), // first sight
             watcher::Event::Apply(node("a", "x", 2)), // heartbeat only
@@ -127,7 +109,7 @@ mod tests {
             watcher::Event::Delete(node("a", "y", 3)),
             watcher::Event::Apply(node("a", "y", 4)), // recreated with the same uid: first sight again
         ];
-        assert_eq!(woken(&keys, events).await, 5);
+        assert_eq!(woken(Some(key), events).await, 5);
     }
 
     #[test]

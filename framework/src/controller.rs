@@ -3,15 +3,16 @@
 use crate::ObjectStatus;
 use crate::applied::Applied;
 use crate::backoff::{Backoff, BackoffTracker};
-use crate::changes::{ChangeKeys, mark_deleted, waking};
+use crate::changes::{KeyFn, key_fn, mark_deleted, waking};
 use crate::conditions::{self, Cond};
 use crate::executor::{Executor, dynamic_api};
 use crate::metrics::Metrics;
 use crate::owned::{ChildStore, OwnedView, TypedStore};
+use crate::per_kind::PerKind;
 use crate::plan::{EventKind, PlannedEvent};
 use crate::reconciler::{Caches, Context, Reconciler};
 use crate::status_writes::{StatusWrites, Written};
-use crate::trim::{Trims, trimmed};
+use crate::trim::{TrimFn, trimmed};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::Timestamp;
@@ -78,14 +79,6 @@ type Related<K> = (
 );
 type WatchFn<K> =
     Box<dyn FnOnce(Client, KubeController<K>, Store<K>, &PerKind) -> Related<K> + Send>;
-
-/// What a controller declares per watched kind: how its objects are trimmed, which of their changes
-/// wake reconciles.
-#[derive(Default)]
-struct PerKind {
-    trims: Trims,
-    changes: ChangeKeys,
-}
 
 /// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
 ///
@@ -195,11 +188,11 @@ where
                     writer,
                     trimmed(
                         watcher(api, watcher::Config::default().labels(label_key)),
-                        kinds.trims.get::<C>(),
+                        kinds.get::<TrimFn<C>>(),
                     ),
                 )
                 .default_backoff()
-                .try_filter(waking(kinds.changes.get::<C>()))
+                .try_filter(waking(kinds.get::<KeyFn<C>>()))
                 .touched_objects();
                 let store: Arc<dyn ChildStore> = Arc::new(TypedStore {
                     store: reader,
@@ -231,11 +224,11 @@ where
                 let (reader, writer) = reflector::store::<O>();
                 let events = trimmed(
                     watcher(api, watcher::Config::default()),
-                    kinds.trims.get::<O>(),
+                    kinds.get::<TrimFn<O>>(),
                 );
                 let stream = reflector::reflector(writer, events)
                     .default_backoff()
-                    .try_filter(waking(kinds.changes.get::<O>()))
+                    .try_filter(waking(kinds.get::<KeyFn<O>>()))
                     .map_ok(mark_deleted)
                     .touched_objects();
                 let ready_store = reader.clone();
@@ -301,7 +294,7 @@ where
         O: Resource + 'static,
         H: std::hash::Hash,
     {
-        self.kinds.changes.insert::<O, H>(key);
+        self.kinds.set(key_fn::<O, H>(key));
         self
     }
 
@@ -367,7 +360,7 @@ where
     where
         O: Resource + 'static,
     {
-        self.kinds.trims.insert::<O>(Arc::new(trim));
+        self.kinds.set::<TrimFn<O>>(Arc::new(trim));
         self
     }
 
@@ -407,7 +400,7 @@ where
         let (primary_ready_tx, mut primary_ready_rx) = tokio::sync::watch::channel(false);
         let primary_events = trimmed(
             watcher(api, self.primary_watch),
-            self.kinds.trims.get::<R::Resource>(),
+            self.kinds.get::<TrimFn<R::Resource>>(),
         );
         let primary_stream = reflector::reflector(primary_writer, primary_events)
             .default_backoff()

@@ -36,6 +36,7 @@ pub mod logging;
 pub mod metrics;
 pub mod operator;
 mod owned;
+mod per_kind;
 pub mod plan;
 pub mod reconciler;
 pub mod status;

@@ -8,31 +8,10 @@
 
 use kube::Resource;
 use kube::runtime::{WatchStreamExt, watcher};
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A trimming function for objects of kind `O`.
 pub(crate) type TrimFn<O> = Arc<dyn Fn(&mut O) + Send + Sync>;
-
-/// The trimming functions declared on a controller, by kind.
-#[derive(Default)]
-pub(crate) struct Trims(HashMap<TypeId, Box<dyn Any + Send + Sync>>);
-
-impl Trims {
-    /// Declares `f` for kind `O` (replacing an earlier one).
-    pub(crate) fn insert<O: 'static>(&mut self, f: TrimFn<O>) {
-        self.0.insert(TypeId::of::<O>(), Box::new(f));
-    }
-
-    /// The trimming function for kind `O`, if one was declared.
-    pub(crate) fn get<O: 'static>(&self) -> Option<TrimFn<O>> {
-        self.0
-            .get(&TypeId::of::<O>())
-            .and_then(|f| f.downcast_ref::<TrimFn<O>>())
-            .cloned()
-    }
-}
 
 /// A watch whose objects arrive trimmed: without managed fields, then through `trim` if given.
 pub(crate) fn trimmed<O, S>(
@@ -68,10 +47,9 @@ mod tests {
 
     #[tokio::test]
     async fn trim_drops_managed_fields_and_applies_the_declared_trim() {
-        let mut trims = Trims::default();
-        trims.insert::<Node>(Arc::new(|n: &mut Node| n.status = None));
+        let trim: TrimFn<Node> = Arc::new(|n: &mut Node| n.status = None);
         let events = futures::stream::iter([Ok(watcher::Event::Apply(node()))]);
-        let got: Vec<_> = trimmed(events, trims.get::<Node>()).collect().await;
+        let got: Vec<_> = trimmed(events, Some(trim)).collect().await;
         let Some(Ok(watcher::Event::Apply(n))) = got.first() else {
             panic!("{got:?}");
         };
@@ -82,9 +60,8 @@ mod tests {
 
     #[tokio::test]
     async fn trim_without_a_declared_trim_keeps_everything_else() {
-        let trims = Trims::default();
         let events = futures::stream::iter([Ok(watcher::Event::Apply(node()))]);
-        let got: Vec<_> = trimmed(events, trims.get::<Node>()).collect().await;
+        let got: Vec<_> = trimmed(events, None::<TrimFn<Node>>).collect().await;
         let Some(Ok(watcher::Event::Apply(n))) = got.first() else {
             panic!("{got:?}");
         };
