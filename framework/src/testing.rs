@@ -189,18 +189,24 @@ impl TestCluster {
 
     /// A client for this cluster. Make one per test: a client belongs to the async runtime that made it.
     pub async fn client(&self) -> Result<Client, TestError> {
+        Client::try_from(self.config().await?)
+            .map_err(|e| TestError::Api("building client".into(), e))
+    }
+
+    /// The client configuration for this cluster, for a client with its own layers (for example
+    /// `kube::client::ClientBuilder::try_from(config)?.with_layer(..)`).
+    pub async fn config(&self) -> Result<Config, TestError> {
         let kc =
             Kubeconfig::read_from(&self.kubeconfig).map_err(|source| TestError::Kubeconfig {
                 path: self.kubeconfig.clone(),
                 source,
             })?;
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
             .map_err(|source| TestError::Kubeconfig {
                 path: self.kubeconfig.clone(),
                 source,
-            })?;
-        Client::try_from(config).map_err(|e| TestError::Api("building client".into(), e))
+            })
     }
 
     /// A fresh namespace named `<prefix>-<random>`, deleted when the returned guard drops.

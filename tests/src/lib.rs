@@ -199,6 +199,25 @@ impl PodRecorder {
         rec
     }
 
+    /// Most pulls in flight at once among `records`, from when each Pod was first seen until it
+    /// was seen ended (an end and a start at the same instant: the end first).
+    pub fn max_in_flight(records: &[PodRecord]) -> usize {
+        let mut edges: Vec<(jiff::Timestamp, i32)> = Vec::new();
+        for r in records {
+            edges.push((r.seen, 1));
+            if let Some(e) = r.ended {
+                edges.push((e, -1));
+            }
+        }
+        edges.sort();
+        let (mut now, mut most) = (0i32, 0i32);
+        for (_, d) in edges {
+            now += d;
+            most = most.max(now);
+        }
+        usize::try_from(most).unwrap_or(0)
+    }
+
     /// Everything recorded so far, in the order the Pods appeared (the API server's creation times
     /// only have one-second resolution, so the local first-seen time orders them).
     pub fn records(&self) -> Vec<PodRecord> {
@@ -274,11 +293,7 @@ pub type Hook =
 
 /// A client for `cluster` whose every request passes through `hook`.
 pub async fn hooked_client(cluster: &TestCluster, hook: Hook) -> Client {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    let kubeconfig = Kubeconfig::read_from(cluster.kubeconfig()).expect("read the kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("client configuration");
+    let config = cluster.config().await.expect("client configuration");
     kube::client::ClientBuilder::try_from(config)
         .expect("client stack")
         .with_layer(&HookLayer(hook))

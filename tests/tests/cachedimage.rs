@@ -338,18 +338,6 @@ async fn cachedimage_failures_back_off_and_recover() {
 
 /// Most pulls in flight at any instant among `records` (from first seen to end, both on the local
 /// clock; the API server's creation times only have one-second resolution).
-fn max_overlap(records: &[e2e::PodRecord]) -> usize {
-    records
-        .iter()
-        .map(|r| {
-            records
-                .iter()
-                .filter(|o| o.seen <= r.seen && o.ended.is_none_or(|e| e > r.seen))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
-}
 
 #[tokio::test]
 async fn cachedimage_pacing_respects_concurrency_and_spacing() {
@@ -391,7 +379,7 @@ async fn cachedimage_pacing_respects_concurrency_and_spacing() {
             w[1]
         );
     }
-    let overlap = max_overlap(&records);
+    let overlap = PodRecorder::max_in_flight(&records);
     assert!(overlap <= 2, "{overlap} pulls in flight at once");
 
     // The ideal by the pacing rules, from the pure engine, for the same world (8 s pulls).
@@ -723,7 +711,7 @@ async fn cachedimage_restart_mid_rollout_makes_no_duplicates() {
         "each node pulled exactly once across the restart: {per_node:?}"
     );
     assert_eq!(per_node.len(), 4);
-    assert!(max_overlap(&records) <= 2);
+    assert!(PodRecorder::max_in_flight(&records) <= 2);
     s.finish().await;
 }
 

@@ -88,25 +88,6 @@ pub fn ideal_makespan(pulls: usize, concurrency: usize, min_delay: f64, pull: f6
     starts.last().map_or(0.0, |s| s + pull)
 }
 
-/// Most pulls in flight at once, from when each Pod was first seen to when it ended.
-fn max_in_flight(records: &[PodRecord]) -> usize {
-    let mut edges: Vec<(Timestamp, i32)> = Vec::new();
-    for r in records {
-        edges.push((r.seen, 1));
-        if let Some(e) = r.ended {
-            edges.push((e, -1));
-        }
-    }
-    // An end and a start at the same instant: the end first.
-    edges.sort();
-    let (mut now, mut most) = (0i32, 0i32);
-    for (_, d) in edges {
-        now += d;
-        most = most.max(now);
-    }
-    usize::try_from(most).unwrap_or(0)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
@@ -170,7 +151,7 @@ impl Report {
             },
             pull_pods: records.len(),
             pull_pods_deleted_before_pulling: i.records.iter().filter(|r| r.deleted_early).count(),
-            max_in_flight: max_in_flight(records),
+            max_in_flight: e2e::PodRecorder::max_in_flight(records),
             min_start_gap_s: min_gap,
             requests: audit::by_verb(i.requests, i.t0, i.rollout_end),
             writes,
