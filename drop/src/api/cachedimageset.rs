@@ -31,6 +31,9 @@ use std::collections::BTreeMap;
     derive = "PartialEq",
     derive = "Default",
     doc = "CachedImageSet keeps a group of images cached, from a static list and/or a DiscoveryPolicy.",
+    validation = Rule::new("size(self.metadata.name) <= 63").message(
+        "a CachedImageSet name is at most 63 characters: it is the value of the drop.corewire.io/imageset label on every child"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",

@@ -49,12 +49,42 @@ pub struct DiscoveryPolicyReference {
     pub name: String,
 }
 
-/// CEL: a Go duration (`time.ParseDuration`), not negative, such as `30s`, `5m` or `1h30m`.
-pub(crate) const DURATION_RULE: &str =
-    "self.matches('^(0|([0-9]+([.][0-9]+)?(ns|us|µs|ms|s|m|h))+)$')";
+/// The duration format every duration field accepts: Go's `time.ParseDuration` syntax, not
+/// negative, with at most four parts of at most five digits each. The bound keeps every accepted
+/// value far from the integer limits of both the API server's CEL `duration()` (nanoseconds in 64
+/// bits) and kube's parser, so a typo such as `99999999999999999999h` is refused at admission
+/// instead of failing (or panicking) in a watch.
+macro_rules! duration_format {
+    () => {
+        "^(0|([0-9]{1,5}([.][0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,4})$"
+    };
+}
+
+/// CEL: a duration in [`duration_format!`].
+pub(crate) const DURATION_RULE: &str = concat!("self.matches('", duration_format!(), "')");
 /// Message of [`DURATION_RULE`].
-pub(crate) const DURATION_MESSAGE: &str =
-    "must be a duration such as 30s, 5m or 1h30m (units ns, us, ms, s, m, h)";
+pub(crate) const DURATION_MESSAGE: &str = "must be a duration such as 30s, 5m or 1h30m: up to 4 parts, each a number of at most 5 digits with a unit (ns, us, ms, s, m, h)";
+/// CEL: a duration (when well formed) of at most one year. Each duration field carries it beside
+/// [`DURATION_RULE`], which reports a malformed value.
+pub(crate) const DURATION_MAX_RULE: &str = concat!(
+    "!self.matches('",
+    duration_format!(),
+    "') || duration(self) <= duration('8760h')"
+);
+/// Message of [`DURATION_MAX_RULE`].
+pub(crate) const DURATION_MAX_MESSAGE: &str = "must be at most 8760h (one year)";
+/// CEL: a duration (when well formed) of at least 10 seconds, for intervals that repeat work.
+pub(crate) const INTERVAL_MIN_RULE: &str = concat!(
+    "!self.matches('",
+    duration_format!(),
+    "') || duration(self) >= duration('10s')"
+);
+/// CEL: a duration (when well formed) that is zero (off) or at least a minute.
+pub(crate) const REPULL_INTERVAL_RULE: &str = concat!(
+    "!self.matches('",
+    duration_format!(),
+    "') || duration(self) == duration('0s') || duration(self) >= duration('1m')"
+);
 
 /// CEL: an image repository without tag or digest.
 pub(crate) const IMAGE_RULE: &str = "!self.contains('@') && !self.matches(':[^/]*$')";

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 /// Default `maxImages`.
 pub const DEFAULT_MAX_IMAGES: i32 = 50;
+/// Upper bound of `maxImages` (also enforced at admission).
+pub const MAX_MAX_IMAGES: i32 = 1000;
 /// Default Prometheus range-query step.
 pub const DEFAULT_STEP: &str = "5m";
 
@@ -52,12 +54,18 @@ pub struct DiscoveryPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = "30m"))]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE),
+        validation = Rule::new(DURATION_MAX_RULE).message(DURATION_MAX_MESSAGE),
+        validation = Rule::new(INTERVAL_MIN_RULE).message("syncInterval must be at least 10s: every sync queries all sources")
+    )]
     pub sync_interval: Option<Duration>,
 
-    /// Most images to publish; the lowest-scoring are dropped beyond it. Default 50.
+    /// Most images to publish; the lowest-scoring are dropped beyond it. Default 50, at most
+    /// [`MAX_MAX_IMAGES`] (the list lives in the status, which must stay far below the API server's
+    /// object size limit).
     #[serde(default = "default_max_images")]
-    #[x_kube(validation = Rule::new("self >= 1").message("maxImages must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("maxImages must be between 1 and 1000"))]
     pub max_images: i32,
 }
 
@@ -133,7 +141,10 @@ pub struct PrometheusSource {
     /// without, an instant query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE),
+        validation = Rule::new(DURATION_MAX_RULE).message(DURATION_MAX_MESSAGE)
+    )]
     pub lookback: Option<Duration>,
     /// Resolution of the range query. Default `5m`.
     #[serde(default = "default_step")]

@@ -53,7 +53,10 @@ pub struct PullPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = "10s"))]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE),
+        validation = Rule::new(DURATION_MAX_RULE).message(DURATION_MAX_MESSAGE)
+    )]
     pub min_delay_between_pulls: Option<Duration>,
 
     /// Retry delays after failed pulls. Default: 30 s, doubling up to 5 min.
@@ -64,7 +67,11 @@ pub struct PullPolicySpec {
     #[column(name = "RepullInterval", type_ = "string")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE),
+        validation = Rule::new(DURATION_MAX_RULE).message(DURATION_MAX_MESSAGE),
+        validation = Rule::new(REPULL_INTERVAL_RULE).message("repullInterval must be 0s (never) or at least 1m: each refresh pulls on every node")
+    )]
     pub repull_interval: Option<Duration>,
 
     /// Limits the images using this policy to nodes carrying all these labels (in addition to each
@@ -104,12 +111,18 @@ pub struct BackoffConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = "30s"))]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE),
+        validation = Rule::new(DURATION_MAX_RULE).message(DURATION_MAX_MESSAGE)
+    )]
     pub initial: Option<Duration>,
     /// Longest delay; each failure doubles the delay up to this. Default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = "5m"))]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE),
+        validation = Rule::new(DURATION_MAX_RULE).message(DURATION_MAX_MESSAGE)
+    )]
     pub max: Option<Duration>,
 }

@@ -123,7 +123,9 @@ fn dns_part(s: &str, max: usize) -> String {
 }
 
 /// The child's name: `<set>-<image>-<tag>-<hash>`, readable, stable for a reference, at most 63
-/// characters, a valid DNS name whatever the reference looks like.
+/// characters, a valid DNS name whatever the reference looks like. The hash covers the whole set
+/// name and the whole reference, so two sets whose names share the cut prefix never name the same
+/// child.
 pub fn child_name(set: &str, w: &Wanted) -> String {
     let last = w.image.rsplit('/').next().unwrap_or(&w.image);
     let version = w
@@ -135,7 +137,7 @@ pub fn child_name(set: &str, w: &Wanted) -> String {
                 .map(|d| d.trim_start_matches("sha256:").chars().take(12).collect())
         })
         .unwrap_or_else(|| "latest".into());
-    let hash = short_hash(&w.reference());
+    let hash = short_hash(&format!("{set}\n{}", w.reference()));
     let set_part = dns_part(set, 24);
     let readable = dns_part(
         &format!("{last}-{version}"),

@@ -117,6 +117,15 @@ fn imageset_child_names_are_readable_stable_and_valid() {
 }
 
 #[test]
+fn imageset_child_names_of_sets_sharing_a_long_prefix_differ() {
+    let w = Wanted::parse("docker.io/library/alpine:3.19").unwrap();
+    let a = child_name("platform-team-build-tools-nightly-a", &w);
+    let b = child_name("platform-team-build-tools-nightly-b", &w);
+    assert_ne!(a, b, "two sets must not claim the same child");
+    assert!(a.len() <= 63 && b.len() <= 63);
+}
+
+#[test]
 fn imageset_children_carry_the_set_settings_and_labels() {
     let s = set(&[("docker.io/library/alpine", "3.19")]);
     let (w, _) = wanted(&s, None);
