@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 #[derive(Clone, Default)]
 pub struct Probes {
     ready: Arc<AtomicBool>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     registry: Registry,
 }
 
@@ -24,8 +25,22 @@ impl Probes {
     pub fn new(registry: Registry) -> Self {
         Self {
             ready: Arc::new(AtomicBool::new(false)),
+            failure: Arc::default(),
             registry,
         }
+    }
+
+    /// Makes `/healthz` (and `/livez`) answer 500 with `reason` from now on, so the kubelet restarts
+    /// a process that can no longer do its work.
+    pub fn set_failed(&self, reason: &str) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = Some(reason.to_owned());
+        }
+    }
+
+    /// Why `/healthz` fails, if it does.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// Sets what `/readyz` answers.
@@ -48,7 +63,10 @@ impl Probes {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
         match req.uri().path() {
-            "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
+            "/healthz" | "/livez" => match self.failure() {
+                None => text(StatusCode::OK, "ok\n".into()),
+                Some(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{reason}\n")),
+            },
             "/readyz" if self.is_ready() => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => text(
                 StatusCode::SERVICE_UNAVAILABLE,

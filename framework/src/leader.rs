@@ -7,6 +7,7 @@
 //! within `renew_deadline` it must stop reconciling, because another replica may take over. On a clean
 //! shutdown the leader releases the Lease so a standby takes over at once.
 
+use crate::fence::Fence;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -73,6 +74,8 @@ pub(crate) struct Candidate {
     api: Api<Lease>,
     /// The last (holder, renewTime) seen, and when it was first seen.
     observed: Option<(LeaseRecord, Instant)>,
+    /// Open while this candidate may be sure it leads.
+    fence: Fence,
 }
 
 impl Candidate {
@@ -82,7 +85,24 @@ impl Candidate {
             cfg,
             api,
             observed: None,
+            fence: Fence::default(),
         }
+    }
+
+    /// The write fence this candidate keeps open while it leads.
+    pub(crate) fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
+    /// One attempt, extending the fence when it succeeds: to the attempt's *start* plus the renew
+    /// deadline, which is before any standby can take the Lease on the renewal this attempt wrote.
+    async fn attempt(&mut self) -> Result<bool, LeaderError> {
+        let started = Instant::now();
+        let held = self.try_acquire_or_renew().await?;
+        if held {
+            self.fence.extend(started + self.cfg.renew_deadline);
+        }
+        Ok(held)
     }
 
     fn err(&self, source: kube::Error) -> LeaderError {
@@ -172,7 +192,7 @@ impl Candidate {
     /// Blocks until this candidate holds the Lease; calls `standby` each time it finds another holder.
     pub(crate) async fn acquire(&mut self, standby: impl Fn()) {
         loop {
-            match self.try_acquire_or_renew().await {
+            match self.attempt().await {
                 Ok(true) => return,
                 Ok(false) => standby(),
                 Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
@@ -181,17 +201,27 @@ impl Candidate {
         }
     }
 
-    /// Renews until a renewal fails for longer than the renew deadline; then returns the loss.
+    /// Renews until a renewal fails for longer than the renew deadline; then returns the loss. Each
+    /// attempt is cut at the deadline, so a request hanging on an unresponsive API server cannot keep
+    /// this replica believing it leads while another one takes the Lease.
     pub(crate) async fn keep(&mut self) -> LeaderError {
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(self.cfg.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = Instant::now(),
-                Ok(false) => return LeaderError::Lost(self.cfg.lease_name.clone()),
-                Err(e) => tracing::warn!(error = %e, "renewing leader lease"),
+            let left = self.cfg.renew_deadline.saturating_sub(last_ok.elapsed());
+            match tokio::time::timeout(left, self.attempt()).await {
+                Ok(Ok(true)) => last_ok = Instant::now(),
+                Ok(Ok(false)) => {
+                    self.fence.close();
+                    return LeaderError::Lost(self.cfg.lease_name.clone());
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "renewing leader lease"),
+                Err(_) => {
+                    tracing::warn!("renewing leader lease: no answer before the renew deadline")
+                }
             }
             if last_ok.elapsed() > self.cfg.renew_deadline {
+                self.fence.close();
                 return LeaderError::Lost(self.cfg.lease_name.clone());
             }
         }
@@ -199,6 +229,7 @@ impl Candidate {
 
     /// Gives the Lease up so a standby can take over without waiting for it to expire.
     pub(crate) async fn release(&mut self) {
+        self.fence.close();
         let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.lease_name).await else {
             return;
         };

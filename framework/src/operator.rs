@@ -42,17 +42,29 @@ pub enum OperatorError {
     /// Metrics could not be registered.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A controller stopped on its own (it panicked, or its watches ended): the process can no
+    /// longer do that controller's work and should exit so that it is restarted.
+    #[error("controller {controller} stopped: {reason}")]
+    ControllerStopped {
+        /// The controller's name.
+        controller: String,
+        /// Why: the panic message, or that it ended.
+        reason: String,
+    },
 }
 
-type StartFn = Box<
-    dyn FnOnce(
-            Client,
-            Recorder,
-            Metrics,
-            watch::Receiver<bool>,
-        ) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>)
-        + Send,
->;
+type StartFn = (
+    String,
+    Box<
+        dyn FnOnce(
+                Client,
+                Recorder,
+                Metrics,
+                watch::Receiver<bool>,
+            ) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>)
+            + Send,
+    >,
+);
 
 enum CrdMode {
     None,
@@ -129,10 +141,13 @@ impl Operator {
         <R::Resource as HasStatus>::Status:
             ObjectStatus + Serialize + Clone + Default + Send + Sync,
     {
-        self.starts
-            .push(Box::new(move |client, recorder, metrics, shutdown| {
+        let name = controller.name().to_owned();
+        self.starts.push((
+            name,
+            Box::new(move |client, recorder, metrics, shutdown| {
                 controller.start(client, recorder, metrics, shutdown)
-            }));
+            }),
+        ));
         self
     }
 
@@ -219,8 +234,14 @@ impl Operator {
             tracing::info!("became leader");
         }
 
+        // With an election, controllers write through the leader's fence; the election itself (and
+        // the CRD install above) uses the plain client.
+        let client = match candidate.as_ref() {
+            Some(c) => c.fence().client(self.client.clone()),
+            None => self.client.clone(),
+        };
         let recorder = Recorder::new(
-            self.client.clone(),
+            client.clone(),
             Reporter {
                 controller: self.name.clone(),
                 instance: self.identity.clone(),
@@ -228,15 +249,17 @@ impl Operator {
         );
         let mut runs = Vec::new();
         let mut readies = Vec::new();
-        for start in self.starts {
+        let mut names = Vec::new();
+        for (name, start) in self.starts {
             let (run, ready) = start(
-                self.client.clone(),
+                client.clone(),
                 recorder.clone(),
                 metrics.clone(),
                 stop_rx.clone(),
             );
             runs.push(tokio::spawn(run));
             readies.push(ready);
+            names.push(name);
         }
         let ready_probes = probes.clone();
         tokio::spawn(async move {
@@ -251,15 +274,47 @@ impl Operator {
                 None => futures::future::pending().await,
             }
         };
+        // A controller task ends only at shutdown; one that ends before has panicked (or its watches
+        // stopped for good), and a process that runs on without it looks healthy while doing nothing.
+        let stopped = async {
+            if runs.is_empty() {
+                return futures::future::pending().await;
+            }
+            let (result, index, _) = futures::future::select_all(runs.iter_mut()).await;
+            OperatorError::ControllerStopped {
+                controller: names.get(index).cloned().unwrap_or_default(),
+                reason: match result {
+                    Ok(()) => "it ended before shutdown".to_owned(),
+                    Err(e) if e.is_panic() => format!("it panicked: {}", panic_message(e)),
+                    Err(e) => e.to_string(),
+                },
+            }
+        };
         let outcome = tokio::select! {
             _ = &mut shutdown => Ok(()),
-            e = lost => Err(e),
+            e = lost => Err(OperatorError::from(e)),
+            e = stopped => Err(e),
         };
-        tracing::info!("stopping controllers");
         probes.set_ready(false);
-        let _ = stop_tx.send(true);
-        for r in runs {
-            let _ = r.await;
+        match &outcome {
+            Ok(()) => {
+                // Graceful: no new work, running reconciles finish, then leadership is released.
+                tracing::info!("stopping controllers");
+                let _ = stop_tx.send(true);
+                for r in runs {
+                    let _ = r.await;
+                }
+            }
+            Err(e) => {
+                // Leadership lost or a controller gone: another replica may already be reconciling,
+                // so nothing of this process may write any more. Running work is cut, not awaited.
+                tracing::error!(error = %e, "stopping controllers at once");
+                probes.set_failed(&e.to_string());
+                let _ = stop_tx.send(true);
+                for r in &runs {
+                    r.abort();
+                }
+            }
         }
         if let Some(c) = candidate.as_mut() {
             metrics.leader.with_label_values(&[&self.name]).set(0.0);
@@ -267,8 +322,18 @@ impl Operator {
                 c.release().await;
             }
         }
-        outcome.map_err(OperatorError::from)
+        outcome
     }
+}
+
+/// The message a panic carried, when it is a string.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 fn c_name(cfg: &Option<LeaderElection>) -> String {

@@ -186,3 +186,182 @@ async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
     running.await.unwrap().unwrap();
     watching.abort();
 }
+
+/// Panics on every reconcile, as a controller hit by a bug would.
+struct Panicking;
+
+impl Reconciler for Panicking {
+    type Resource = Holder;
+    type Error = framework::children::ChildError;
+
+    async fn reconcile(&self, _: &Holder, _: &Context) -> Result<Plan<Holder>, Self::Error> {
+        panic!("reconciler bug for the test");
+    }
+}
+
+#[tokio::test]
+async fn framework_operator_fails_health_and_exits_when_a_controller_dies() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "fw-panic").await.unwrap();
+    let health = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap()
+    };
+    let operator = Operator::new("framework-e2e-panic", client.clone())
+        .health_addr(health)
+        .install_crds(vec![framework::crd::build::<Holder>()])
+        .controller(Controller::new("panicking", Panicking).primary_watch(
+            watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
+        ));
+    // Never told to stop: it must stop by itself.
+    let running = tokio::spawn(operator.run_until(futures::future::pending::<()>()));
+    let holders: Api<Holder> = Api::namespaced(client.clone(), ns.name());
+    eventually(Duration::from_secs(30), "Holder created", || async {
+        holders
+            .create(&PostParams::default(), &Holder::new("h", HolderSpec {}))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the operator kept running without its controller")
+        .unwrap();
+    let err = outcome.expect_err("a dead controller is an error");
+    let text = err.to_string();
+    assert!(text.contains("controller panicking stopped"), "{text}");
+    assert!(text.contains("reconciler bug for the test"), "{text}");
+    let answer = reqwest::get(format!("http://{health}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 500);
+    assert!(answer.text().await.unwrap().contains("panicking"));
+}
+
+/// Writes its status on every reconcile and comes back 100 ms later: a replica that writes all the
+/// time, so any write after it lost the lease shows.
+struct Busy;
+
+impl Reconciler for Busy {
+    type Resource = Holder;
+    type Error = framework::children::ChildError;
+
+    async fn reconcile(&self, h: &Holder, _: &Context) -> Result<Plan<Holder>, Self::Error> {
+        let mut status = h.status.clone().unwrap_or_default();
+        status.applied = !status.applied;
+        Ok(Plan::new()
+            .status(status)
+            .requeue_after(Duration::from_millis(100)))
+    }
+}
+
+#[tokio::test]
+async fn framework_leader_whose_renewals_hang_stops_writing_before_a_standby_takes_over() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "fw-fence").await.unwrap();
+    let election = |id: &str| {
+        let mut e = framework::LeaderElection::new("fw-fence", ns.name(), id);
+        e.lease_duration = Duration::from_secs(4);
+        e.renew_deadline = Duration::from_secs(3);
+        e.retry_period = Duration::from_millis(500);
+        e
+    };
+    // Replica a: once `freeze` is set, its Lease requests hang (a partition between it and the API
+    // server's lease endpoint); its writes are recorded with when they were sent.
+    let (freeze, frozen) = watch::channel(false);
+    let writes_a = Arc::new(Mutex::new(Vec::<(std::time::Instant, String)>::new()));
+    let record = writes_a.clone();
+    let hook: e2e::Hook = Arc::new(move |method, uri| {
+        let lease = uri.path().contains("/leases");
+        if !lease && *method != http::Method::GET {
+            record.lock().unwrap().push((
+                std::time::Instant::now(),
+                format!("{method} {}", uri.path()),
+            ));
+        }
+        let mut frozen = frozen.clone();
+        (lease && *frozen.borrow()).then(|| {
+            Box::pin(async move {
+                let _ = frozen.wait_for(|f| !*f).await;
+            }) as futures::future::BoxFuture<'static, ()>
+        })
+    });
+    let client_a = e2e::hooked_client(cluster, hook).await;
+    let operator = |name: &str, client: kube::Client| {
+        Operator::new(name, client)
+            .install_crds(vec![framework::crd::build::<Holder>()])
+            .leader_election(election(name))
+            .controller(Controller::new("busy", Busy).primary_watch(
+                watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
+            ))
+    };
+    let a =
+        tokio::spawn(operator("replica-a", client_a).run_until(futures::future::pending::<()>()));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns.name());
+    let holder = || async {
+        leases
+            .get_opt("fw-fence")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+            .ok_or("no holder")
+    };
+    eventually(Duration::from_secs(30), "replica-a leads", || async {
+        match holder().await? {
+            h if h == "replica-a" => Ok(()),
+            _ => Err("another holder"),
+        }
+    })
+    .await
+    .unwrap();
+    let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
+    let b = tokio::spawn(operator("replica-b", client.clone()).run_until(async move {
+        let _ = stopped_b.await;
+    }));
+    let holders: Api<Holder> = Api::namespaced(client.clone(), ns.name());
+    holders
+        .create(&PostParams::default(), &Holder::new("h", HolderSpec {}))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "replica-a writing", || async {
+        if writes_a.lock().unwrap().len() >= 3 {
+            Ok(())
+        } else {
+            Err("no writes yet")
+        }
+    })
+    .await
+    .unwrap();
+
+    freeze.send_replace(true);
+    let took_over = eventually(Duration::from_secs(30), "replica-b takes over", || async {
+        match holder().await? {
+            h if h == "replica-b" => Ok(std::time::Instant::now()),
+            _ => Err("replica-a still holds it"),
+        }
+    })
+    .await
+    .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), a)
+        .await
+        .expect("replica-a kept running after its renewals hung")
+        .unwrap();
+    assert!(
+        outcome
+            .expect_err("losing the lease is an error")
+            .to_string()
+            .contains("lost leadership"),
+    );
+    let last = writes_a.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        last.0 < took_over,
+        "replica-a wrote {} after replica-b took over",
+        last.1
+    );
+    freeze.send_replace(false);
+    let _ = stop_b.send(());
+    b.await.unwrap().unwrap();
+}
