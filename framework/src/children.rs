@@ -226,6 +226,33 @@ impl std::fmt::Display for Conflict {
     }
 }
 
+/// A planned child the API server refused to create or update: an admission webhook or policy, a
+/// ResourceQuota, or a field the schema accepts and the server does not. Nothing of it exists;
+/// applying it again unchanged gets the same answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    /// The child.
+    pub key: ChildKey,
+    /// The body that was refused.
+    pub object: serde_json::Value,
+    /// The HTTP status code (400, 403 or 422).
+    pub code: u16,
+    /// The API server's reason (`Forbidden`, `Invalid`, ...).
+    pub reason: String,
+    /// The API server's message, as it gave it.
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} refused by the API server: {}",
+            self.key, self.message
+        )
+    }
+}
+
 /// The work one plan implies for its children.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ChildDiff {

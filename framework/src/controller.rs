@@ -640,11 +640,13 @@ where
         let owner = obj
             .controller_owner_ref(&())
             .ok_or_else(|| chain(&ExecError::NoUid(obj.name_any())))?;
-        let conflicts = self
+        let unapplied = self
             .executor
             .run(&owner, owned.existing(), &plan.children, &plan.kept)
             .await
             .map_err(|e| chain(&e))?;
+        let conflicts = unapplied.conflicts;
+        let refused = unapplied.refused;
 
         let mut status = plan.status.or_else(|| obj.status().cloned());
         if let Some(status) = status.as_mut()
@@ -685,7 +687,22 @@ where
                 action: "ApplyChild".into(),
             });
         }
+        for r in &refused {
+            events.push(PlannedEvent {
+                kind: EventKind::Warning,
+                reason: "ChildRefused".into(),
+                message: r.to_string(),
+                action: "ApplyChild".into(),
+            });
+        }
         self.publish(obj, &events).await;
+        if !refused.is_empty() && !self.reconciler.refused(obj, &refused) {
+            return Err(refused
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "));
+        }
         Ok(requeue)
     }
 

@@ -2,7 +2,7 @@
 //! no longer plans, leave alone what someone else controls.
 
 use crate::applied::{Applied, body_hash};
-use crate::children::{self, Child, ChildKey, Conflict, Existing};
+use crate::children::{self, Child, ChildKey, Conflict, Existing, Refusal};
 use crate::controller::ExecError;
 use crate::owned::ChildStore;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -11,6 +11,22 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::core::{ApiResource, DynamicObject};
 use std::collections::HashSet;
 use std::sync::Arc;
+
+/// What became of the planned children that were not applied.
+#[derive(Debug, Default)]
+pub(crate) struct Unapplied {
+    /// Left alone: someone else controls them.
+    pub(crate) conflicts: Vec<Conflict>,
+    /// Refused by the API server.
+    pub(crate) refused: Vec<Refusal>,
+}
+
+/// What an apply came to, short of an error that fails the reconcile.
+enum Applying {
+    Done,
+    Conflict(Conflict),
+    Refused(Refusal),
+}
 
 /// Applies and prunes one controller's children.
 pub(crate) struct Executor {
@@ -26,14 +42,15 @@ pub(crate) struct Executor {
 impl Executor {
     /// Applies `planned` (skipping children whose body and version are what the last apply left),
     /// keeps `kept`, and deletes the children in `seen` (the view the reconciler was given) that are
-    /// neither. Returns the planned children left alone because someone else controls them.
+    /// neither. Returns the planned children left alone because someone else controls them, and
+    /// those the API server refused (the others are still applied, and the pruning still done).
     pub(crate) async fn run(
         &self,
         owner: &OwnerReference,
         seen: &[Existing],
         planned: &[Child],
         kept: &[ChildKey],
-    ) -> Result<Vec<Conflict>, ExecError> {
+    ) -> Result<Unapplied, ExecError> {
         let mut existing: Vec<Existing> = seen.to_vec();
         let known: HashSet<ChildKey> = existing.iter().map(|e| e.key.clone()).collect();
         for child in planned {
@@ -51,7 +68,10 @@ impl Executor {
         let mut keys: Vec<ChildKey> = planned.iter().map(|c| c.key().clone()).collect();
         keys.extend(kept.iter().cloned());
         let diff = children::diff(&owner.uid, &keys, &existing);
-        let mut conflicts = diff.conflicts;
+        let mut out = Unapplied {
+            conflicts: diff.conflicts,
+            refused: Vec::new(),
+        };
         for key in &diff.apply {
             // Kept children have no object in the plan: they stay as they are.
             let Some(child) = planned.iter().find(|c| c.key() == key) else {
@@ -63,8 +83,10 @@ impl Executor {
             if current.is_some_and(|e| self.applied.unchanged(&owner.uid, e, hash)) {
                 continue;
             }
-            if let Some(conflict) = self.apply(owner, child, &body, hash).await? {
-                conflicts.push(conflict);
+            match self.apply(owner, child, &body, hash).await? {
+                Applying::Done => {}
+                Applying::Conflict(c) => out.conflicts.push(c),
+                Applying::Refused(r) => out.refused.push(r),
             }
         }
         for key in &diff.delete {
@@ -76,7 +98,7 @@ impl Executor {
             self.applied.deleted(&owner.uid, key);
         }
         self.applied.settle(&owner.uid, seen);
-        Ok(conflicts)
+        Ok(out)
     }
 
     fn store_of(&self, key: &ChildKey) -> Option<&Arc<dyn ChildStore>> {
@@ -109,22 +131,34 @@ impl Executor {
         child: &Child,
         body: &serde_json::Value,
         hash: u64,
-    ) -> Result<Option<Conflict>, ExecError> {
+    ) -> Result<Applying, ExecError> {
         let key = child.key();
         let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
         let params = PatchParams::apply(&self.manager).force();
         match api.patch(&key.name, &params, &Patch::Apply(body)).await {
             Ok(obj) => {
                 self.applied.record(&owner.uid, key, hash, &obj);
-                Ok(None)
+                Ok(Applying::Done)
             }
             // A child created by someone else between our look and our apply shows up as a 409 or
             // 422 (two controllers); report it rather than fight over it.
             Err(source) if is_conflict(&source) => {
                 tracing::info!(controller = %self.manager, child = %key, error = %source, "child apply conflict");
-                Ok(Some(Conflict {
+                Ok(Applying::Conflict(Conflict {
                     key: key.clone(),
                     controller_uid: None,
+                }))
+            }
+            // Admission said no (a policy, a webhook, a quota, validation): the child does not
+            // exist, and the reconciler decides what that means.
+            Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
+                tracing::info!(controller = %self.manager, child = %key, code = s.code, message = %s.message, "child refused");
+                Ok(Applying::Refused(Refusal {
+                    key: key.clone(),
+                    object: body.clone(),
+                    code: s.code,
+                    reason: s.reason.clone(),
+                    message: s.message.clone(),
                 }))
             }
             Err(source) => Err(ExecError::Api {

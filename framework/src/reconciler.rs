@@ -203,6 +203,17 @@ where
         let _ = obj;
     }
 
+    /// Called after a reconcile whose planned children the API server refused (see
+    /// [`Refusal`](crate::children::Refusal)); the other children were applied and the status
+    /// written. Return `true` when the reconciler has taken the refusal into account (recorded it,
+    /// arranged its own retry): the reconcile then counts as a success. The default, `false`, makes
+    /// the reconcile fail with the refusals as its error, so it is retried with backoff. Either way
+    /// each refusal is published as a `ChildRefused` Warning Event on the object.
+    fn refused(&self, obj: &Self::Resource, refusals: &[crate::children::Refusal]) -> bool {
+        let _ = (obj, refusals);
+        false
+    }
+
     /// Releases what the object holds outside the cluster before it is deleted. Called only when the
     /// controller was given a finalizer; children are garbage-collected without it.
     fn cleanup(

@@ -1047,3 +1047,130 @@ async fn cachedimage_stall_rollout_under_cpu_load_deletes_no_pod_before_it_pulls
     );
     s.finish().await;
 }
+
+#[tokio::test]
+async fn cachedimage_refused_pull_pod_is_reported_and_frees_its_policy() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use k8s_openapi::api::core::v1::Event;
+    let s = scene("ci-refused", 2).await;
+    // An admission policy of the cluster refuses Pods of one image in this namespace.
+    let (vap_name, binding_name) = (s.name("no-forbidden"), s.name("no-forbidden"));
+    let vap: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": vap_name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE"], "resources": ["pods"]}]},
+            "validations": [{
+                "expression": "!object.spec.containers.exists(c, c.image.contains('forbidden-app'))",
+                "message": "images of forbidden-app are not allowed here"}]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": binding_name},
+        "spec": {
+            "policyName": vap_name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels":
+                {"kubernetes.io/metadata.name": s.ns.name()}}}
+        }
+    }))
+    .unwrap();
+    let vaps: Api<ValidatingAdmissionPolicy> = Api::all(s.client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(s.client.clone());
+    vaps.create(&PostParams::default(), &vap).await.unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    // Admission policies take effect a moment after they are created: wait until one refuses.
+    let probe: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "probe"},
+        "spec": {
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "c", "image": "registry.example.com/forbidden-app:0",
+                "securityContext": {"allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]}}}]
+        }
+    }))
+    .unwrap();
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    eventually(Duration::from_secs(30), "the policy refuses", || async {
+        match s.pods.create(&dry, &probe).await {
+            Err(kube::Error::Api(e)) if e.message.contains("forbidden-app") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+
+    // One pull at a time, no spacing: a pull slot the refused image kept would stop the other.
+    let policy = s
+        .create_policy(
+            "tight",
+            PullPolicySpec {
+                max_concurrent_nodes: 1,
+                min_delay_between_pulls: Some(Duration::ZERO.into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    let with_policy = |image: &str| {
+        let mut spec = s.image_spec(image, "1");
+        spec.policy_ref = Some(PolicyReference {
+            name: policy.clone(),
+        });
+        spec
+    };
+    let mut refused_spec = with_policy("registry.example.com/forbidden-app");
+    refused_spec.priority = Some(10);
+    let refused = s.create_image("forbidden", refused_spec).await;
+    let allowed = s
+        .create_image("allowed", with_policy("registry.example.com/allowed-app"))
+        .await;
+
+    let ci = s
+        .wait_image(&refused, 60, "the refusal in the status", |ci| {
+            ci.status
+                .as_ref()
+                .is_some_and(|st| st.failed_nodes.iter().any(|f| f.reason == "PullPodRefused"))
+        })
+        .await;
+    let failure = ci.status.unwrap().failed_nodes[0].clone();
+    assert!(
+        failure
+            .message
+            .contains("images of forbidden-app are not allowed here"),
+        "{failure:?}"
+    );
+    s.wait_image(&allowed, 90, "the other image cached", |ci| {
+        phase(ci) == Some(CachedImagePhase::Ready)
+    })
+    .await;
+    let events: Api<Event> = Api::all(s.client.clone());
+    let refusals = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(refused.as_str()))
+        .filter(|e| e.reason.as_deref() == Some("ChildRefused"))
+        .count();
+    assert!(refusals >= 1, "no ChildRefused Event on {refused}");
+    assert!(
+        s.pull_pods_of(&refused).await.is_empty(),
+        "a refused Pod cannot exist"
+    );
+    let _ = bindings
+        .delete(&binding_name, &DeleteParams::default())
+        .await;
+    let _ = vaps.delete(&vap_name, &DeleteParams::default()).await;
+    s.finish().await;
+}

@@ -160,6 +160,21 @@ impl Reconciler for CachedImageReconciler {
         Ok(plan.status(new_status))
     }
 
+    fn refused(&self, image: &CachedImage, refusals: &[framework::children::Refusal]) -> bool {
+        let name = image.name_any();
+        let now = jiff::Timestamp::now();
+        for r in refusals {
+            let Some(node) = r.object.pointer("/spec/nodeName").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            tracing::warn!(image = %name, %node, message = %r.message, "pull Pod refused");
+            self.pacer.refused(&name, node, &r.message, now);
+            self.metrics.count_pull_error(&name, pacer::POD_REFUSED);
+        }
+        self.publish_active_pulls();
+        true
+    }
+
     fn deleted(&self, image: &CachedImage) {
         let name = image.name_any();
         self.pacer.forget(&name);

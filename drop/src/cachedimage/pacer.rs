@@ -27,6 +27,9 @@ const CREATION_GRACE: Duration = Duration::from_secs(30);
 pub const POD_DELETED: &str = "PullPodDeleted";
 /// Failure reason of a pull whose Pod never appeared (its creation failed or was refused).
 pub const POD_MISSING: &str = "PullPodMissing";
+/// Failure reason of a pull whose Pod the API server refused to create (an admission policy or
+/// webhook, a ResourceQuota).
+pub const POD_REFUSED: &str = "PullPodRefused";
 
 /// What one reconcile of an image hands in.
 #[derive(Clone, Debug)]
@@ -184,6 +187,21 @@ impl Pacer {
         keys.extend(st.in_flight.keys());
         keys.extend(st.seen_pulling.keys());
         keys.len()
+    }
+
+    /// A pull this pacer started on `node` for `image` never began: the API server refused its Pod.
+    /// It fails like a pull that failed (its slot is freed, it backs off), and the image is woken so
+    /// its status says why.
+    pub fn refused(&self, image: &str, node: &str, message: &str, now: Timestamp) {
+        let mut st = self.lock();
+        let k = PullKey::new(image, node);
+        if st.in_flight.remove(&k).is_none() {
+            return;
+        }
+        st.seen_pulling.remove(&k);
+        record_failure(&mut st, &k, now, POD_REFUSED, message);
+        drop(st);
+        let _ = self.wake.send(ObjectRef::new(image));
     }
 
     /// Forgets a deleted image.

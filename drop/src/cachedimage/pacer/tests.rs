@@ -236,3 +236,28 @@ fn pacing_a_node_change_names_only_the_images_it_retargets() {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(5)));
     assert_eq!(names(w.pacer.retargeted_by(&gone, &images)), ["web"]);
 }
+
+#[test]
+fn pacing_a_refused_pull_pod_frees_its_slot_and_backs_off() {
+    let w = World::new(&["a", "b"]);
+    assert!(w.step(1, 0, &[]).start.is_empty());
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    assert_eq!(w.pacer.active_pulls(), 1);
+    // The API server refuses the Pod: the slot is free at once, not after the creation grace.
+    w.pacer.refused(
+        "a",
+        "n1",
+        "pods \"a-n1-1\" is forbidden: exceeded quota",
+        at(0),
+    );
+    assert_eq!(w.pacer.active_pulls(), 0);
+    let out = w.step(0, 1, &[]);
+    assert_eq!(failure_reason(&out).as_deref(), Some(POD_REFUSED));
+    assert!(out.start.is_empty(), "the refused pull backs off");
+    // Told twice (the framework retries a reconcile), it counts once.
+    w.pacer.refused("a", "n1", "again", at(1));
+    assert!(
+        starts(&w.step(1, 10, &[])).contains(&("n1", 1)),
+        "b is not held up"
+    );
+}
