@@ -249,7 +249,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
             &name,
             DiscoveryPolicySpec {
                 sources,
-                sync_interval: Some(Duration::from_secs(2).into()),
+                sync_interval: Some(Duration::from_secs(10).into()),
                 max_images: max,
                 ..DiscoveryPolicySpec::default()
             },
@@ -293,7 +293,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         "Discovered 3 images"
     );
 
-    // A new tag appears in the registry: the next sync (2 s) publishes it.
+    // A new tag appears in the registry: the next sync (10 s, the least allowed) publishes it.
     r.push("test/myapp", "v2").await;
     eventually(
         Duration::from_secs(30),
@@ -336,7 +336,8 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
             .unwrap();
     assert_eq!(health.reason, "ConnectionRefused");
 
-    // A policy whose only source does not resolve: SyncFailed, with DNSError as the source reason.
+    // A policy whose only source does not resolve: Ready says DNSError (the failure class, as the
+    // seed's broken sample), the message names the source and says nothing was discovered yet.
     let broken = format!("{}-broken", ns.name());
     policies
         .create(
@@ -352,7 +353,13 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         )
         .await
         .unwrap();
-    let dp = wait_reason(&policies, &broken, "SyncFailed").await;
+    let dp = wait_reason(&policies, &broken, "DNSError").await;
+    let message = ready(&dp).1;
+    assert!(
+        message.starts_with("registry http://nonexistent-registry.invalid:5000: ")
+            && message.ends_with("(no images discovered yet)"),
+        "{message}"
+    );
     let health =
         framework::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
             .unwrap();

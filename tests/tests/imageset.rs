@@ -505,7 +505,7 @@ async fn imageset_follows_a_real_registry_through_its_discovery_policy() {
         &s.name("tags"),
         DiscoveryPolicySpec {
             sources: vec![source],
-            sync_interval: Some(Duration::from_secs(2).into()),
+            sync_interval: Some(Duration::from_secs(10).into()),
             ..DiscoveryPolicySpec::default()
         },
     );

@@ -42,7 +42,7 @@ impl FailureKind {
         match self {
             Self::DnsError => "DNSError",
             Self::ConnectionRefused => "ConnectionRefused",
-            Self::RepositoryNotFound => "RepositoryNotFound",
+            Self::RepositoryNotFound => "NotFound",
             Self::Unauthorized => "Unauthorized",
             Self::Timeout => "Timeout",
             Self::TlsError => "TLSError",
