@@ -96,6 +96,48 @@ where
     finish(K::crd(), K::Spec::columns(".spec"), None)
 }
 
+/// Puts the printer columns named in `order` first, in that order (the rest follow, as they were),
+/// for kinds whose table reads best in an order that is not the fields' order: derived spec and
+/// status columns and `#[kube(printcolumn)]` ones can then interleave. A name no column has is
+/// ignored, so check the result in a test (for instance against `kubectl get` output you expect).
+///
+/// ```
+/// # use framework::crd::order_columns;
+/// # use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::*;
+/// let col = |name: &str| CustomResourceColumnDefinition {
+///     name: name.into(),
+///     json_path: format!(".spec.{name}"),
+///     type_: "string".into(),
+///     ..Default::default()
+/// };
+/// let mut crd = CustomResourceDefinition::default();
+/// crd.spec.versions.push(CustomResourceDefinitionVersion {
+///     additional_printer_columns: Some(vec![col("a"), col("b"), col("c")]),
+///     ..Default::default()
+/// });
+/// let crd = order_columns(crd, &["c", "a"]);
+/// let names: Vec<_> = crd.spec.versions[0].additional_printer_columns.as_ref().unwrap()
+///     .iter().map(|c| c.name.as_str()).collect();
+/// assert_eq!(names, ["c", "a", "b"]);
+/// ```
+pub fn order_columns(
+    mut crd: CustomResourceDefinition,
+    order: &[&str],
+) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        if let Some(columns) = version.additional_printer_columns.as_mut() {
+            let rank = |c: &CustomResourceColumnDefinition| {
+                order
+                    .iter()
+                    .position(|n| *n == c.name)
+                    .unwrap_or(order.len())
+            };
+            columns.sort_by_key(rank);
+        }
+    }
+    crd
+}
+
 /// Adds derived columns and marks the conditions list.
 ///
 /// Column order: derived spec columns, derived status columns, then columns declared with

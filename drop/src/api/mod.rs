@@ -29,13 +29,29 @@ pub const GROUP: &str = "drop.corewire.io";
 /// Label on CachedImages created by a CachedImageSet: the set's name.
 pub const IMAGESET_LABEL: &str = "drop.corewire.io/imageset";
 
-/// The four CRDs, finished by the framework (printer columns, conditions map lists).
+/// The four CRDs, finished by the framework (printer columns, conditions map lists), their columns
+/// in the order `kubectl get` shows them (the `-o wide` ones last).
 pub fn crds() -> Vec<CustomResourceDefinition> {
+    use framework::crd::{build, build_without_status, order_columns};
     vec![
-        framework::crd::build::<CachedImage>(),
-        framework::crd::build::<CachedImageSet>(),
-        framework::crd::build::<DiscoveryPolicy>(),
-        framework::crd::build_without_status::<PullPolicy>(),
+        order_columns(
+            build::<CachedImage>(),
+            &[
+                "Image", "Tag", "Status", "Ready", "Age", "Digest", "Set", "Message", "Policy",
+            ],
+        ),
+        order_columns(
+            build::<CachedImageSet>(),
+            &["Status", "Ready", "Managed", "Source", "Message", "Age"],
+        ),
+        order_columns(
+            build::<DiscoveryPolicy>(),
+            &["Status", "Sources", "Images", "LastSync", "Message", "Age"],
+        ),
+        order_columns(
+            build_without_status::<PullPolicy>(),
+            &["MaxNodes", "MinDelay", "RepullInterval", "Age"],
+        ),
     ]
 }
 
