@@ -195,7 +195,7 @@ async fn credentials(
         )),
         Err(e) => Err(SourceError::new(
             FailureKind::SourceError,
-            format!("reading Secret {:?}: {e}", r.name),
+            format!("reading Secret {:?}: {}", r.name, framework::describe(&e)),
         )),
     }
 }

@@ -234,4 +234,3 @@ fn api_printer_columns_match_the_seed() {
     }
     assert_eq!(got, want);
 }
-

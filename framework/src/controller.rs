@@ -40,7 +40,7 @@ pub const CHILD_CONFLICT: &str = "ChildConflict";
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// An API call failed.
-    #[error("{action} {target}: {source}")]
+    #[error("{action} {target}: {}", crate::describe(source))]
     Api {
         /// What was attempted.
         action: &'static str,
@@ -786,12 +786,23 @@ where
                 &PatchParams::apply(&self.name).force(),
                 &Patch::Apply(&body),
             )
-            .await
-            .map_err(|source| ExecError::Api {
-                action: "writing status of",
-                target: obj.name_any(),
-                source,
-            })?;
+            .await;
+        let answer = match answer {
+            Ok(a) => a,
+            // Deleted since the reconcile began: there is nothing left to describe, and a deletion
+            // is not an error.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                tracing::debug!(controller = %self.name, object = %obj.name_any(), "object gone before its status was written");
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(ExecError::Api {
+                    action: "writing status of",
+                    target: obj.name_any(),
+                    source,
+                });
+            }
+        };
         self.status_writes.written(&key, Instant::now());
         if let Ok(mut written) = answer.try_parse::<R::Resource>() {
             written.meta_mut().managed_fields = None;
@@ -871,11 +882,17 @@ where
 }
 
 /// An error and its causes, joined, as users should read it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
+/// An error and its causes as one line for users: each cause once, API errors by their message (not
+/// kube's debug rendering of the whole Status object).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let text = |e: &(dyn std::error::Error + 'static)| match e.downcast_ref::<kube::Error>() {
+        Some(k) => crate::describe(k),
+        None => e.to_string(),
+    };
+    let mut out = text(e);
     let mut source = e.source();
     while let Some(s) = source {
-        let text = s.to_string();
+        let text = text(s);
         if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);

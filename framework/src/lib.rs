@@ -59,6 +59,24 @@ pub use reconciler::{Context, Reconciler};
 pub use status::ObjectStatus;
 
 /// Re-exported so derived code and users agree on one version.
+/// A Kubernetes API error as a user should read it: the API server's own message and reason for an
+/// API error (kube's `Display` includes a debug dump of the whole `Status` object), the error's
+/// message otherwise. Used for conditions, Events and logs.
+///
+/// ```
+/// let status = kube::core::Status::failure("pods \"p\" is forbidden: exceeded quota", "Forbidden")
+///     .with_code(403);
+/// let text = framework::describe(&kube::Error::Api(status.boxed()));
+/// assert_eq!(text, "pods \"p\" is forbidden: exceeded quota (Forbidden)");
+/// ```
+pub fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if s.reason.is_empty() => s.message.clone(),
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
+        other => other.to_string(),
+    }
+}
+
 pub use k8s_openapi;
 /// Re-exported so derived code and users agree on one version.
 pub use kube;
