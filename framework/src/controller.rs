@@ -613,7 +613,9 @@ where
             owned.clone(),
         );
         if obj.meta().deletion_timestamp.is_some() {
-            // Going away: children are garbage-collected; only our own finalizer needs work.
+            // Going away: children are garbage-collected; only our own finalizer needs work. The
+            // reconciler lets go of what it keeps about the object now, not when (if ever) it is gone.
+            self.reconciler.deleted(obj);
             if let Some(fin) = &self.finalizer
                 && obj.finalizers().iter().any(|f| f == fin)
             {

@@ -197,8 +197,10 @@ where
         ctx: &Context,
     ) -> impl Future<Output = Result<Plan<Self::Resource>, Self::Error>> + Send;
 
-    /// Called when the watch reports the object deleted: forget in-memory state kept about it. Runs
-    /// on the watch's task, so it must be quick and must not block.
+    /// Called when the object starts being deleted (its deletionTimestamp is set: it is not
+    /// reconciled any more, even if someone else's finalizer keeps it for a long time) and again when
+    /// the watch reports it gone: forget in-memory state kept about it. Must be idempotent and quick;
+    /// the second call runs on the watch's task and must not block.
     fn deleted(&self, obj: &Self::Resource) {
         let _ = obj;
     }

@@ -1278,3 +1278,68 @@ async fn cachedimage_deleted_while_its_status_is_written_is_no_error() {
     let found = warnings().await;
     assert!(found.is_empty(), "{found:#?}");
 }
+
+#[tokio::test]
+async fn cachedimage_image_stuck_terminating_does_not_hold_its_policy_after_a_restart() {
+    let (cluster, client) = cluster().await.unwrap();
+    let mut s = scene_in(cluster, client.clone(), "ci-stuck", 1).await;
+    let policy = s
+        .create_policy(
+            "shared",
+            PullPolicySpec {
+                min_delay_between_pulls: Some(Duration::ZERO.into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    let with_policy = |image: &str| {
+        let mut spec = s.image_spec(image, "1");
+        spec.policy_ref = Some(PolicyReference {
+            name: policy.clone(),
+        });
+        spec
+    };
+    let (stuck_spec, next_spec) = (
+        with_policy("docker.io/library/stuck"),
+        with_policy("docker.io/library/next"),
+    );
+    let stuck = s.create_image("stuck", stuck_spec).await;
+    s.wait_image(&stuck, 60, "cached", |ci| {
+        phase(ci) == Some(CachedImagePhase::Ready)
+    })
+    .await;
+    // Someone else's finalizer keeps the image Terminating.
+    const HOLD: &str = "e2e.drop/hold";
+    s.images
+        .patch(
+            &stuck,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"finalizers": [HOLD]}})),
+        )
+        .await
+        .unwrap();
+    s.images
+        .delete(&stuck, &DeleteParams::default())
+        .await
+        .unwrap();
+    // A new operator process finds it Terminating; another image under the same policy must go on.
+    let old = std::mem::replace(
+        &mut s.drop,
+        DropUnderTest::start(&client, s.ns.name(), s.ns.name()).await,
+    );
+    old.stop().await;
+    let next = s.create_image("next", next_spec).await;
+    s.wait_image(&next, 60, "cached beside the stuck image", |ci| {
+        phase(ci) == Some(CachedImagePhase::Ready)
+    })
+    .await;
+    s.images
+        .patch(
+            &stuck,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    s.finish().await;
+}

@@ -94,9 +94,13 @@ impl Reconciler for CachedImageReconciler {
             targets::targets(nodes.iter().map(AsRef::as_ref), &image.spec, policy_spec);
         let pods = ctx.owned::<Pod>();
         let views: Vec<PullPodView> = pods.iter().filter_map(|p| PullPodView::of(p)).collect();
+        // Images being deleted are not reconciled again and never register their targets: they
+        // must not hold back their policy (an image stuck under someone else's finalizer would,
+        // for ever).
         let known: Vec<(String, Option<String>)> = ctx
             .cached::<CachedImage>()
             .iter()
+            .filter(|i| i.metadata.deletion_timestamp.is_none())
             .map(|i| {
                 (
                     i.name_any(),

@@ -46,9 +46,10 @@ pub struct Step<'a> {
     pub policy: Option<&'a PullPolicySpec>,
     /// Its pull Pods.
     pub pods: &'a [PullPodView],
-    /// Every CachedImage that exists, with the policy it names. No pull starts under a policy until
-    /// every image using that policy has told the pacer its targets, so the first image to reconcile
-    /// (after a start, or after its policy appears) cannot jump the queue.
+    /// Every CachedImage that exists and is not being deleted, with the policy it names. No pull
+    /// starts under a policy until every image using that policy has told the pacer its targets, so
+    /// the first image to reconcile (after a start, or after its policy appears) cannot jump the
+    /// queue. An image missing here is forgotten.
     pub known_images: &'a [(String, PolicyKey)],
 }
 
@@ -204,15 +205,9 @@ impl Pacer {
         let _ = self.wake.send(ObjectRef::new(image));
     }
 
-    /// Forgets a deleted image.
+    /// Forgets an image that is deleted or being deleted.
     pub fn forget(&self, image: &str) {
-        let mut st = self.lock();
-        st.targets.remove(image);
-        st.images.remove(image);
-        st.in_flight.retain(|k, _| k.image != image);
-        st.seen_pulling.retain(|k, _| k.image != image);
-        st.history.retain(|k, _| k.image != image);
-        st.nodes.retain(|k, _| k.image != image);
+        forget(&mut self.lock(), image);
     }
 
     /// One reconcile's worth of bookkeeping and decision.
@@ -224,6 +219,20 @@ impl Pacer {
         let st = &mut *st;
         let key = |node: &str| PullKey::new(&name, node);
 
+        // Images the cache no longer has (a deletion the watch missed while it re-listed, so no
+        // `deleted` call came) leave with everything they held: their slots, their due pulls.
+        if st.targets.len() > step.known_images.len() {
+            let known: BTreeSet<&str> = step.known_images.iter().map(|(n, _)| n.as_str()).collect();
+            let gone: Vec<String> = st
+                .targets
+                .keys()
+                .filter(|n| **n != name && !known.contains(n.as_str()))
+                .cloned()
+                .collect();
+            for image in gone {
+                forget(st, &image);
+            }
+        }
         // First sight of this image (operator start): take back what its status recorded.
         if !st.images.contains_key(&name) {
             restore(st, step.image, &reference, now);
@@ -454,6 +463,16 @@ impl Pacer {
             observed,
         }
     }
+}
+
+/// Drops everything about `image`.
+fn forget(st: &mut State, image: &str) {
+    st.targets.remove(image);
+    st.images.remove(image);
+    st.in_flight.retain(|k, _| k.image != image);
+    st.seen_pulling.retain(|k, _| k.image != image);
+    st.history.retain(|k, _| k.image != image);
+    st.nodes.retain(|k, _| k.image != image);
 }
 
 /// Settles the image's pulls in flight that its Pods do not show: on a node that is no longer a

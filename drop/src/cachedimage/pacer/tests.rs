@@ -261,3 +261,16 @@ fn pacing_a_refused_pull_pod_frees_its_slot_and_backs_off() {
         "b is not held up"
     );
 }
+
+#[test]
+fn pacing_an_image_the_cache_no_longer_has_frees_its_slot() {
+    let mut w = World::new(&["a", "b"]);
+    assert!(w.step(1, 0, &[]).start.is_empty());
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    assert_eq!(w.pacer.active_pulls(), 1);
+    // a is deleted while the watch re-lists: no deletion call ever comes, a just stops being known.
+    w.known.retain(|(n, _)| n != "a");
+    let out = w.step(1, 10, &[]);
+    assert_eq!(starts(&out), [("n1", 1)], "a's slot and turn went with it");
+    assert_eq!(w.pacer.remembered_pairs(), 1, "only b's pair is left");
+}
