@@ -627,7 +627,11 @@ fn observe(st: &State, name: &str, step: &Step<'_>, reference: &str) -> Observed
         last_attempted_at = last_attempted_at.max(h.last_start);
         let cached = mem.and_then(|m| m.cached_reference.as_deref()) == Some(reference);
         let state = if st.in_flight.contains_key(&k) && step.pace.is_ok() {
-            NodeState::Pulling
+            if cached {
+                NodeState::Refreshing
+            } else {
+                NodeState::Pulling
+            }
         } else if cached {
             NodeState::Cached
         } else if h.consecutive_failures > 0 {

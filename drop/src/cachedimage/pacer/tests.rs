@@ -274,3 +274,33 @@ fn pacing_an_image_the_cache_no_longer_has_frees_its_slot() {
     assert_eq!(starts(&out), [("n1", 1)], "a's slot and turn went with it");
     assert_eq!(w.pacer.remembered_pairs(), 1, "only b's pair is left");
 }
+
+#[test]
+fn pacing_a_repull_keeps_the_node_cached_in_the_status() {
+    let w = World::new(&["a"]);
+    let a = &w.images[0];
+    let pace = Pace {
+        repull_interval: Some(Duration::from_secs(100)),
+        ..Pace::builtin()
+    };
+    let step = |now: i64, pods: &[PullPodView]| {
+        w.pacer.step(&Step {
+            now: at(now),
+            image: a,
+            targets: &w.nodes,
+            pace: Ok((None, pace.clone())),
+            policy: None,
+            pods,
+            known_images: &w.known,
+        })
+    };
+    assert_eq!(starts(&step(0, &[])), [("n1", 1)]);
+    let pulled = PullOutcome::Pulled { digest: None };
+    step(1, &[pod(a, "n1", 1, 0, pulled)]);
+    // The refresh is due 100 s after the success: the node is pulled again, and stays cached.
+    let out = step(101, &[]);
+    assert_eq!(starts(&out), [("n1", 2)]);
+    assert_eq!(out.observed.nodes["n1"], NodeState::Refreshing);
+    let status = super::super::status::compute(None, &out.observed, at(101));
+    assert_eq!(status.phase, Some(crate::api::CachedImagePhase::Ready));
+}
