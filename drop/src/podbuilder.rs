@@ -6,7 +6,8 @@
 //! pull has happened as soon as the container has an `imageID`: the container's own fate is beside the
 //! point. Its command is a path that no image contains, so nothing from the cached image is ever
 //! executed, and images without a shell or any binary (distroless, scratch) are cached like any other.
-//! A real kubelet then reports the start failure; [`outcome`] reads the pull, not the exit.
+//! A real kubelet then reports the failure (containerd fails the container when it starts it, with
+//! an image ID; CRI-O when it creates it, without one); [`outcome`] reads the pull, not the exit.
 //!
 //! The Pod meets the Pod Security "restricted" profile: non-root user, no privilege escalation, every
 //! capability dropped, the runtime's default seccomp profile, no service-account token, no host
@@ -299,6 +300,10 @@ pub enum PullOutcome {
     },
 }
 
+/// The container waiting reason of a container that could not be created; the kubelet creates one
+/// only after its image is on the node.
+pub const CREATED_AFTER_PULL: &str = "CreateContainerError";
+
 /// Container waiting reasons that mean the image could not be pulled (or will not be).
 pub const PULL_ERRORS: &[&str] = &[
     "ErrImagePull",
@@ -329,8 +334,16 @@ pub fn outcome(pod: &Pod) -> PullOutcome {
                 digest: digest_of(&c.image_id),
             };
         }
-        if let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref())
-            && let Some(reason) = w.reason.as_deref()
+        let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
+        let reason = waiting.and_then(|w| w.reason.as_deref());
+        // CRI-O fails the missing command when it *creates* the container (containerd when it
+        // starts it) and reports no image ID then; the kubelet creates a container only once its
+        // image is on the node, so the pull has happened all the same.
+        if reason == Some(CREATED_AFTER_PULL) {
+            return PullOutcome::Pulled { digest: None };
+        }
+        if let Some(w) = waiting
+            && let Some(reason) = reason
             && PULL_ERRORS.contains(&reason)
         {
             return PullOutcome::Failed {

@@ -1343,3 +1343,23 @@ async fn cachedimage_image_stuck_terminating_does_not_hold_its_policy_after_a_re
         .unwrap();
     s.finish().await;
 }
+
+#[tokio::test]
+async fn cachedimage_cri_o_node_reports_cached_when_the_container_cannot_be_created() {
+    let s = scene("ci-crio", 2).await;
+    // The simulated kubelet behaves as CRI-O for "crio-" tags: CreateContainerError, no imageID.
+    let name = s
+        .create_image("crio", s.image_spec("docker.io/library/busybox", "crio-1"))
+        .await;
+    let ci = s
+        .wait_image(&name, 60, "cached on both nodes", |ci| {
+            phase(ci) == Some(CachedImagePhase::Ready)
+        })
+        .await;
+    assert_eq!(ci.status.unwrap().nodes_ready, 2);
+    assert!(
+        s.pull_pods_of(&name).await.is_empty(),
+        "pull Pods stuck at create are deleted once the pull is known"
+    );
+    s.finish().await;
+}

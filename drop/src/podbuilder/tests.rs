@@ -387,6 +387,15 @@ fn podbuilder_outcome_is_judged_by_the_pull_not_the_exit() {
 }
 
 #[test]
+fn podbuilder_outcome_on_cri_o_is_pulled_when_the_container_cannot_be_created() {
+    // CRI-O refuses the missing command at create time: no image ID, but the image is on the node.
+    assert_eq!(
+        outcome(&status_with("", Some("CreateContainerError"), "Pending")),
+        PullOutcome::Pulled { digest: None }
+    );
+}
+
+#[test]
 fn podbuilder_digest_parsing() {
     assert_eq!(
         digest_of(&format!("docker-pullable://nginx@{DIGEST}")),
