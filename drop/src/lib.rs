@@ -8,11 +8,13 @@
 //! - [`discovery`]: the Prometheus and registry sources;
 //! - [`discoverypolicy`]: the DiscoveryPolicy controller;
 //! - [`metrics`]: the `drop_*` metrics;
-//! - [`operator`]: wiring the controllers into one process.
+//! - [`operator`]: wiring the controllers into one process;
+//! - [`cli`]: the command line of the `drop` binary.
 
 pub mod api;
 pub mod cachedimage;
 pub mod cachedimageset;
+pub mod cli;
 pub mod discovery;
 pub mod discoverypolicy;
 pub mod metrics;

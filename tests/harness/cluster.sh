@@ -57,6 +57,7 @@ start() {
   local pid=$!
   echo "$pid" >"$STATE/pids/$name"
   echo "$exe" >"$STATE/pids/$name.exe"
+  printf '%q ' "$@" >"$STATE/pids/$name.cmd"
   # Until the forked shell has exec'd setsid and then the component, /proc/PID/exe names bash or
   # setsid and `alive` would read the new process as dead. Wait for the exec (or for an early exit).
   local deadline=$(( $(now_ms) + 10000 ))
@@ -305,6 +306,33 @@ ensure() {
   up "$@"
 }
 
+# Stops one component and starts it again with the same command line (same ports, same data), as
+# an upgrade or a crash-and-restart would; waits until it is healthy again. For the fault tests.
+restart() {
+  local name=${1:-}
+  [[ -f "$STATE/pids/$name.cmd" ]] || die "no $name in $STATE to restart"
+  if alive "$name"; then
+    local pid; pid=$(pid_of "$name")
+    kill "$pid"
+    local deadline=$(( $(now_ms) + 30000 ))
+    while alive "$name"; do
+      (( $(now_ms) < deadline )) || { kill -9 "$pid" 2>/dev/null || true; }
+      sleep 0.1
+    done
+  fi
+  local cmdline; cmdline=$(cat "$STATE/pids/$name.cmd")
+  eval "start $name $cmdline"
+  case "$name" in
+    kube-apiserver)
+      local p="$STATE/pki" port
+      port=$(grep -o 'https://127.0.0.1:[0-9]*' "$STATE/kubeconfig" | head -1 | sed 's/.*://')
+      wait_for kube-apiserver 120 curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
+        "https://127.0.0.1:$port/readyz" ;;
+    *) sleep 1; alive "$name" || { tail_log "$name"; die "$name exited after its restart"; } ;;
+  esac
+  log "$name restarted"
+}
+
 cmd=${1:-}; shift || true
 case "$cmd" in
   up) up "$@" ;;
@@ -313,5 +341,6 @@ case "$cmd" in
   env) [[ -f "$STATE/kubeconfig" ]] || die "not up"; echo "export KUBECONFIG=$STATE/kubeconfig" ;;
   status) status ;;
   logs) [[ -n "${1:-}" ]] || die "usage: $0 logs COMPONENT"; cat "$STATE/logs/$1.log" ;;
-  *) die "usage: $0 up [--nodes N] | ensure [--nodes N] | down | env | status | logs COMPONENT" ;;
+  restart) restart "$@" ;;
+  *) die "usage: $0 up [--nodes N] | ensure [--nodes N] | down | env | status | logs COMPONENT | restart COMPONENT" ;;
 esac

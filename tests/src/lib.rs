@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end suites (`tests/tests/*.rs`). Every suite runs against a real local
 //! control plane started (or reused) through `framework::testing`.
 
+pub mod chaos;
 pub mod fixtures;
 
 use framework::testing::{TestCluster, TestError};

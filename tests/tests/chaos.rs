@@ -1,0 +1,382 @@
+//! The fault suite: a rollout on 100 simulated nodes × 5 images under one tight policy, while Drop is
+//! killed every 5 s, while leadership changes hands (the leader killed, then frozen past its lease
+//! and resumed), and while the API server restarts. The invariants are checked on every watch event
+//! (`e2e::chaos::InvariantWatch`): never two live pull Pods for one (image, node), never more pulls
+//! in flight than the policy allows (counting Pods an earlier process left), no image's ready count
+//! going down; at the end every image is Ready, no pull Pod is left and no slot is held.
+
+use drop::api::{
+    CachedImage, CachedImagePhase, CachedImageSpec, PolicyReference, PullPolicy, PullPolicySpec,
+};
+use e2e::chaos::{DropCommand, DropProcess, InvariantWatch, log_dir};
+use e2e::{TEST_LABEL, cluster, install_drop_crds};
+use framework::testing::{TestCluster, TestNodes, eventually};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const POOL: &str = "e2e.drop/pool";
+const NODES: usize = 100;
+const IMAGES: usize = 5;
+/// The policy's limit: pulls in flight at once.
+const CONCURRENCY: i32 = 10;
+
+struct Rollout {
+    client: Client,
+    ns: framework::testing::TestNamespace,
+    _nodes: TestNodes,
+    command: DropCommand,
+    images: Vec<String>,
+    watch: InvariantWatch,
+}
+
+impl Rollout {
+    async fn prepare(cluster: &TestCluster, client: Client, id: &str, nodes: usize) -> Self {
+        install_drop_crds(&client).await.unwrap();
+        let ns = cluster.namespace(&client, id).await.unwrap();
+        e2e::restrict_namespace(&client, ns.name()).await;
+        let pool = BTreeMap::from([(POOL.to_owned(), ns.name().to_owned())]);
+        let nodes = cluster
+            .add_nodes(&client, ns.name(), nodes, &pool)
+            .await
+            .unwrap();
+        let watch = InvariantWatch::start(&client, ns.name(), ns.name());
+        let command = DropCommand {
+            program: env!("CARGO_BIN_EXE_drop-process").into(),
+            kubeconfig: cluster.kubeconfig().to_owned(),
+            namespace: ns.name().to_owned(),
+            id: ns.name().to_owned(),
+            dir: log_dir(id),
+            extra: Vec::new(),
+        };
+        Self {
+            client,
+            ns,
+            _nodes: nodes,
+            command,
+            images: Vec::new(),
+            watch,
+        }
+    }
+
+    fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(TEST_LABEL.to_owned(), self.ns.name().to_owned())])
+    }
+
+    /// One tight policy and `IMAGES` images whose pulls take `pull` each.
+    async fn create_objects(&mut self, pull: &str) {
+        let name = |s: &str| format!("{}-{s}", self.ns.name());
+        let mut policy = PullPolicy::new(
+            &name("tight"),
+            PullPolicySpec {
+                max_concurrent_nodes: CONCURRENCY,
+                min_delay_between_pulls: Some(Duration::ZERO.into()),
+                ..PullPolicySpec::default()
+            },
+        );
+        policy.metadata.labels = Some(self.labels());
+        Api::<PullPolicy>::all(self.client.clone())
+            .create(&PostParams::default(), &policy)
+            .await
+            .unwrap();
+        let images: Api<CachedImage> = Api::all(self.client.clone());
+        for i in 0..IMAGES {
+            let mut ci = CachedImage::new(
+                &name(&format!("img{i}")),
+                CachedImageSpec {
+                    image: format!("docker.io/library/chaos{i}"),
+                    tag: Some(pull.to_owned()),
+                    node_selector: BTreeMap::from([(POOL.to_owned(), self.ns.name().to_owned())]),
+                    policy_ref: Some(PolicyReference {
+                        name: name("tight"),
+                    }),
+                    ..CachedImageSpec::default()
+                },
+            );
+            ci.metadata.labels = Some(self.labels());
+            images.create(&PostParams::default(), &ci).await.unwrap();
+            self.images.push(ci.name_any());
+        }
+    }
+
+    /// How many images are Ready on every node.
+    async fn ready(&self) -> usize {
+        let images: Api<CachedImage> = Api::all(self.client.clone());
+        let mut n = 0;
+        for name in &self.images {
+            if let Ok(ci) = images.get(name).await
+                && ci.status.and_then(|s| s.phase) == Some(CachedImagePhase::Ready)
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Pulled pairs so far (sum of every image's ready count).
+    async fn pulled(&self) -> i32 {
+        let images: Api<CachedImage> = Api::all(self.client.clone());
+        let mut n = 0;
+        for name in &self.images {
+            if let Ok(ci) = images.get(name).await {
+                n += ci.status.map_or(0, |s| s.nodes_ready);
+            }
+        }
+        n
+    }
+
+    /// Waits until every image is Ready and the last process has settled: no pull Pod left, no
+    /// slot held. Returns how long the rollout took to settle from `since`.
+    async fn settle(&self, last: &DropProcess, since: Instant) -> Duration {
+        eventually(Duration::from_secs(180), "every image Ready", || async {
+            match self.ready().await {
+                n if n == self.images.len() => Ok(()),
+                n => Err(format!("{n}/{} Ready", self.images.len())),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", last.log_tail()));
+        let settled = since.elapsed();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), self.ns.name());
+        eventually(Duration::from_secs(60), "no pull Pod left", || async {
+            match pods.list(&Default::default()).await {
+                Ok(l) if l.items.is_empty() => Ok(()),
+                Ok(l) => Err(format!("{} pull Pods left", l.items.len())),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .unwrap();
+        eventually(Duration::from_secs(30), "no slot held", || async {
+            match last.metric("drop_active_pulls").await {
+                Some(0.0) => Ok(()),
+                other => Err(format!("drop_active_pulls {other:?}")),
+            }
+        })
+        .await
+        .unwrap();
+        settled
+    }
+
+    /// The invariants, after the rollout.
+    fn check(&self, what: &str) {
+        let v = self.watch.violations();
+        println!(
+            "{what}: {} pull Pods seen, at most {} in flight (limit {CONCURRENCY}), {} duplicates, {} regressions",
+            v.pods_seen,
+            v.most_in_flight,
+            v.duplicates.len(),
+            v.regressions.len()
+        );
+        assert!(
+            v.duplicates.is_empty(),
+            "duplicate pulls: {:?}",
+            v.duplicates
+        );
+        assert!(
+            v.most_in_flight <= usize::try_from(CONCURRENCY).unwrap(),
+            "{} pulls in flight, limit {CONCURRENCY}",
+            v.most_in_flight
+        );
+        assert!(
+            v.regressions.is_empty(),
+            "status regressions: {:?}",
+            v.regressions
+        );
+    }
+
+    async fn finish(self) {
+        let images: Api<CachedImage> = Api::all(self.client.clone());
+        for name in &self.images {
+            let _ = images.delete(name, &DeleteParams::default()).await;
+        }
+        let _ = Api::<PullPolicy>::all(self.client.clone())
+            .delete(
+                &format!("{}-tight", self.ns.name()),
+                &DeleteParams::default(),
+            )
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_operator_killed_every_5s_mid_rollout_loses_and_duplicates_nothing() {
+    let (cluster, client) = cluster().await.unwrap();
+    let mut r = Rollout::prepare(cluster, client, "chaos-kill", NODES).await;
+    r.create_objects("slow-1s").await;
+    let t0 = Instant::now();
+    let mut n = 0;
+    let mut running = r.command.spawn(n);
+    let mut kills = 0;
+    // Kill every 5 s until the rollout has reached 80 % (then let the last process finish it, so
+    // the suite's time stays bounded whatever the machine's speed).
+    let total = i32::try_from(NODES * IMAGES).unwrap();
+    while r.pulled().await < total * 4 / 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no progress under kills"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        running.kill();
+        kills += 1;
+        n += 1;
+        running = r.command.spawn(n);
+    }
+    let last_kill = Instant::now();
+    let settled = r.settle(&running, last_kill).await;
+    println!(
+        "chaos kill: {kills} SIGKILLs every 5 s, rollout of {NODES}x{IMAGES} done {:.1}s after the start, converged {:.1}s after the last kill",
+        t0.elapsed().as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    assert!(kills >= 3, "the rollout outran the faults: {kills} kills");
+    r.check("chaos kill");
+    running.kill();
+    r.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_leader_killed_then_frozen_hands_over_without_overlap() {
+    let (cluster, client) = cluster().await.unwrap();
+    let mut r = Rollout::prepare(cluster, client.clone(), "chaos-leader", NODES).await;
+    r.command.extra = [
+        "--leader-elect",
+        "--leader-elect-lease-duration",
+        "4s",
+        "--leader-elect-renew-deadline",
+        "3s",
+        "--leader-elect-retry-period",
+        "500ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), r.ns.name());
+    let holder = || async {
+        leases
+            .get_opt("drop-leader")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+            .unwrap_or_default()
+    };
+    let mut replicas: BTreeMap<String, DropProcess> = BTreeMap::new();
+    replicas.insert("drop-0".into(), r.command.spawn(0));
+    let first = eventually(Duration::from_secs(30), "a leader", || async {
+        match holder().await {
+            h if h == "drop-0" => Ok(h),
+            h => Err(format!("holder {h:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    replicas.insert("drop-1".into(), r.command.spawn(1));
+    r.create_objects("slow-1s").await;
+    let t0 = Instant::now();
+    eventually(Duration::from_secs(60), "the rollout under way", || async {
+        match r.pulled().await {
+            n if n >= 50 => Ok(()),
+            n => Err(format!("{n} pulled")),
+        }
+    })
+    .await
+    .unwrap();
+
+    // 1. The leader is killed: the standby takes over once the lease has run out.
+    let killed_at = Instant::now();
+    replicas.remove(&first).unwrap().kill();
+    let second = eventually(Duration::from_secs(30), "the standby leads", || async {
+        match holder().await {
+            h if h == "drop-1" => Ok(h),
+            h => Err(format!("holder {h:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    let handover = killed_at.elapsed();
+    replicas.insert("drop-2".into(), r.command.spawn(2));
+
+    // 2. The new leader is frozen past its lease; the fresh standby takes over; the frozen one is
+    // resumed and must step down (it exits) instead of carrying on.
+    let frozen = replicas.get(&second).unwrap();
+    frozen.signal("STOP");
+    let frozen_at = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the fresh standby leads",
+        || async {
+            match holder().await {
+                h if h == "drop-2" => Ok(()),
+                h => Err(format!("holder {h:?}")),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let takeover = frozen_at.elapsed();
+    let frozen = replicas.get_mut(&second).unwrap();
+    frozen.signal("CONT");
+    let status = eventually(
+        Duration::from_secs(30),
+        "the resumed one steps down",
+        || {
+            let s = frozen.exited();
+            async move { s.ok_or("still running") }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        !status.success(),
+        "losing the lease ends the process with an error"
+    );
+    let log = std::fs::read_to_string(&frozen.log).unwrap_or_default();
+    assert!(log.contains("lost leadership"), "{log}");
+
+    let leader = replicas.get("drop-2").unwrap();
+    let settled = r.settle(leader, Instant::now()).await;
+    println!(
+        "chaos leader: handover after SIGKILL {:.1}s, takeover from a frozen leader {:.1}s (lease 4s), rollout {:.1}s, converged {:.1}s after the last fault",
+        handover.as_secs_f64(),
+        takeover.as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    r.check("chaos leader");
+    drop(replicas);
+    r.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_api_server_restart_mid_rollout_is_survived() {
+    // Its own control plane: restarting the shared one would fail the other tests.
+    let cluster = TestCluster::start(0).unwrap();
+    let client = cluster.client().await.unwrap();
+    let mut r = Rollout::prepare(&cluster, client, "chaos-apiserver", NODES / 2).await;
+    r.create_objects("slow-1s").await;
+    let running = r.command.spawn(0);
+    let t0 = Instant::now();
+    eventually(Duration::from_secs(60), "the rollout under way", || async {
+        match r.pulled().await {
+            n if n >= 50 => Ok(()),
+            n => Err(format!("{n} pulled")),
+        }
+    })
+    .await
+    .unwrap();
+    let restart_at = Instant::now();
+    e2e::chaos::restart_component(cluster.state_dir().unwrap(), "kube-apiserver");
+    let down = restart_at.elapsed();
+    let settled = r.settle(&running, Instant::now()).await;
+    println!(
+        "chaos apiserver: restarted in {:.1}s mid-rollout, rollout {:.1}s, converged {:.1}s after it was back",
+        down.as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    r.check("chaos apiserver");
+    drop(running);
+}
