@@ -157,7 +157,8 @@ impl PodRecorder {
         tokio::spawn(async move {
             let mut events =
                 std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
-            while let Some(Ok(event)) = events.next().await {
+            while let Some(event) = events.next().await {
+                let Ok(event) = event else { continue };
                 let (pod, gone) = match event {
                     watcher::Event::Apply(p) | watcher::Event::InitApply(p) => (p, false),
                     watcher::Event::Delete(p) => (p, true),

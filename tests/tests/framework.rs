@@ -118,7 +118,8 @@ async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
     let seen_deletions = deletions.clone();
     let watching = tokio::spawn(async move {
         let mut events = std::pin::pin!(watcher(cms, watcher::Config::default()).default_backoff());
-        while let Some(Ok(event)) = events.next().await {
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { continue };
             let (cm, gone) = match event {
                 watcher::Event::Apply(c) | watcher::Event::InitApply(c) => (c, false),
                 watcher::Event::Delete(c) => (c, true),
