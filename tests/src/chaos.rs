@@ -168,16 +168,8 @@ impl InvariantWatch {
             // Pulls in flight: (image, node) -> live Pod names.
             let mut live: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
             let mut all: BTreeSet<String> = BTreeSet::new();
-            let mut events =
-                std::pin::pin!(watcher(pods, watcher::Config::default()).default_backoff());
-            // Errors (the API server restarting) are retried by the backoff: keep watching.
-            while let Some(event) = events.next().await {
-                let Ok(event) = event else { continue };
-                let (pod, gone) = match event {
-                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => (p, false),
-                    watcher::Event::Delete(p) => (p, true),
-                    _ => continue,
-                };
+            let mut events = std::pin::pin!(crate::changes(pods));
+            while let Some((pod, gone)) = events.next().await {
                 let Some(view) = PullPodView::of(&pod) else {
                     continue;
                 };

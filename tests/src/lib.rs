@@ -118,6 +118,25 @@ pub async fn restrict_namespace(client: &Client, namespace: &str) {
         .expect("label namespace");
 }
 
+/// Every change `api` sees, as (object, gone), from a watch that keeps going through errors (its
+/// backoff retries, as when the API server restarts): the tests' way to see objects change.
+pub fn changes<K>(api: kube::Api<K>) -> impl futures::Stream<Item = (K, bool)> + Send
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(|event| async move {
+            match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => Some((o, false)),
+                Ok(watcher::Event::Delete(o)) => Some((o, true)),
+                _ => None,
+            }
+        })
+}
+
 /// What a test saw of one pull Pod.
 #[derive(Clone, Debug)]
 pub struct PodRecord {
@@ -149,21 +168,13 @@ impl PodRecorder {
     /// Starts recording Pods in `namespace`.
     pub fn start(client: &Client, namespace: &str) -> Self {
         use futures::StreamExt;
-        use kube::runtime::{WatchStreamExt, watcher};
         let rec = Self::default();
         let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
             kube::Api::namespaced(client.clone(), namespace);
         let records = rec.records.clone();
         tokio::spawn(async move {
-            let mut events =
-                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
-            while let Some(event) = events.next().await {
-                let Ok(event) = event else { continue };
-                let (pod, gone) = match event {
-                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => (p, false),
-                    watcher::Event::Delete(p) => (p, true),
-                    _ => continue,
-                };
+            let mut events = std::pin::pin!(changes(api));
+            while let Some((pod, gone)) = events.next().await {
                 let Some(view) = drop::podbuilder::PullPodView::of(&pod) else {
                     continue;
                 };

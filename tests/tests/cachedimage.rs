@@ -1195,20 +1195,14 @@ async fn cachedimage_deleted_while_its_status_is_written_is_no_error() {
     use k8s_openapi::api::core::v1::Event;
     use std::sync::Arc;
     use tokio::sync::watch;
-    let (cluster, client) = cluster().await.unwrap();
-    let ns = cluster.namespace(&client, "ci-gone").await.unwrap();
-    let pool = BTreeMap::from([(POOL.to_owned(), ns.name().to_owned())]);
-    let _nodes = cluster
-        .add_nodes(&client, ns.name(), 1, &pool)
-        .await
-        .unwrap();
-    let name = format!("{}-gone", ns.name());
-    // The operator's status writes of this image wait until the test has deleted it.
+    let (cluster, _) = cluster().await.unwrap();
+    // The operator's status writes of the image "<ns>-gone" wait until the test has deleted it.
     let (deleted, is_deleted) = watch::channel(false);
-    let (held, is_held) = watch::channel(false);
-    let path = format!("/cachedimages/{name}/status");
+    let (held, mut is_held) = watch::channel(false);
     let hook: e2e::Hook = Arc::new(move |method, uri| {
-        let status_write = *method == http::Method::PATCH && uri.path().ends_with(&path);
+        let status_write = *method == http::Method::PATCH
+            && uri.path().contains("/cachedimages/")
+            && uri.path().ends_with("-gone/status");
         let mut is_deleted = is_deleted.clone();
         let held = held.clone();
         status_write.then(|| {
@@ -1219,37 +1213,20 @@ async fn cachedimage_deleted_while_its_status_is_written_is_no_error() {
         })
     });
     let hooked = e2e::hooked_client(cluster, hook).await;
-    let drop = DropUnderTest::start(&hooked, ns.name(), ns.name()).await;
-    let images: Api<CachedImage> = Api::all(client.clone());
-    let mut ci = CachedImage::new(
-        &name,
-        CachedImageSpec {
-            image: "docker.io/library/busybox".into(),
-            tag: Some("slow-60s".into()),
-            node_selector: pool.clone(),
-            ..CachedImageSpec::default()
-        },
-    );
-    ci.metadata.labels = Some(drop.labels());
-    eventually(Duration::from_secs(30), "CachedImage created", || async {
-        images
-            .create(&PostParams::default(), &ci)
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap();
-    let mut is_held = is_held.clone();
+    let s = scene_in(cluster, hooked, "ci-gone", 1).await;
+    let name = s
+        .create_image("gone", s.image_spec("docker.io/library/busybox", "slow-60s"))
+        .await;
     tokio::time::timeout(Duration::from_secs(30), is_held.wait_for(|h| *h))
         .await
         .expect("a status write")
         .unwrap();
-    images
+    s.images
         .delete(&name, &DeleteParams::default())
         .await
         .unwrap();
     eventually(Duration::from_secs(30), "image gone", || async {
-        match images.get_opt(&name).await {
+        match s.images.get_opt(&name).await {
             Ok(None) => Ok(()),
             other => Err(format!("{other:?}")),
         }
@@ -1258,25 +1235,22 @@ async fn cachedimage_deleted_while_its_status_is_written_is_no_error() {
     .unwrap();
     deleted.send_replace(true);
 
-    // The held write ends in 404; the reconcile that made it must not count as failed.
-    let events: Api<Event> = Api::all(client.clone());
-    let warnings = || async {
-        events
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .filter(|e| e.involved_object.name.as_deref() == Some(name.as_str()))
-            .filter(|e| e.type_.as_deref() == Some("Warning"))
-            .map(|e| format!("{:?}: {:?}", e.reason, e.message))
-            .collect::<Vec<_>>()
-    };
-    // Give a wrongly reported error the time to show (its Event follows the failed write at once),
-    // by waiting for a later, unrelated write of the same operator to land: its shutdown.
+    // The held write ends in 404; the reconcile that made it must not count as failed. Stopping
+    // the operator waits for that reconcile, and so for any Event it would publish.
+    let Scene { client, drop, .. } = s;
     drop.stop().await;
-    let found = warnings().await;
-    assert!(found.is_empty(), "{found:#?}");
+    let events: Api<Event> = Api::all(client);
+    let warnings: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name.as_str()))
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .map(|e| format!("{:?}: {:?}", e.reason, e.message))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
 }
 
 #[tokio::test]

@@ -127,6 +127,18 @@ impl Rollout {
         n
     }
 
+    /// Waits until the rollout is under way (50 pairs pulled).
+    async fn under_way(&self) {
+        eventually(Duration::from_secs(60), "the rollout under way", || async {
+            match self.pulled().await {
+                n if n >= 50 => Ok(()),
+                n => Err(format!("{n} pulled")),
+            }
+        })
+        .await
+        .unwrap();
+    }
+
     /// Waits until every image is Ready and the last process has settled: no pull Pod left, no
     /// slot held. Returns how long the rollout took to settle from `since`.
     async fn settle(&self, last: &DropProcess, since: Instant) -> Duration {
@@ -276,14 +288,7 @@ async fn chaos_leader_killed_then_frozen_hands_over_without_overlap() {
     replicas.insert("drop-1".into(), r.command.spawn(1));
     r.create_objects("slow-1s").await;
     let t0 = Instant::now();
-    eventually(Duration::from_secs(60), "the rollout under way", || async {
-        match r.pulled().await {
-            n if n >= 50 => Ok(()),
-            n => Err(format!("{n} pulled")),
-        }
-    })
-    .await
-    .unwrap();
+    r.under_way().await;
 
     // 1. The leader is killed: the standby takes over once the lease has run out.
     let killed_at = Instant::now();
@@ -359,14 +364,7 @@ async fn chaos_api_server_restart_mid_rollout_is_survived() {
     r.create_objects("slow-1s").await;
     let running = r.command.spawn(0);
     let t0 = Instant::now();
-    eventually(Duration::from_secs(60), "the rollout under way", || async {
-        match r.pulled().await {
-            n if n >= 50 => Ok(()),
-            n => Err(format!("{n} pulled")),
-        }
-    })
-    .await
-    .unwrap();
+    r.under_way().await;
     let restart_at = Instant::now();
     e2e::chaos::restart_component(cluster.state_dir().unwrap(), "kube-apiserver");
     let down = restart_at.elapsed();

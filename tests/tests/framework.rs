@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use kube::api::{Api, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,6 +93,20 @@ impl Reconciler for HolderReconciler {
     }
 }
 
+/// Creates the Holder `h` in `namespace` once its CRD (installed by the operator under test) is served.
+async fn create_holder(client: &kube::Client, namespace: &str) -> Api<Holder> {
+    let holders: Api<Holder> = Api::namespaced(client.clone(), namespace);
+    eventually(Duration::from_secs(30), "Holder created", || async {
+        holders
+            .create(&PostParams::default(), &Holder::new("h", HolderSpec {}))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    holders
+}
+
 #[tokio::test]
 async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
     let (cluster, client) = cluster().await.unwrap();
@@ -117,14 +131,8 @@ async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
     let deletions = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen_deletions = deletions.clone();
     let watching = tokio::spawn(async move {
-        let mut events = std::pin::pin!(watcher(cms, watcher::Config::default()).default_backoff());
-        while let Some(event) = events.next().await {
-            let Ok(event) = event else { continue };
-            let (cm, gone) = match event {
-                watcher::Event::Apply(c) | watcher::Event::InitApply(c) => (c, false),
-                watcher::Event::Delete(c) => (c, true),
-                _ => continue,
-            };
+        let mut events = std::pin::pin!(e2e::changes(cms));
+        while let Some((cm, gone)) = events.next().await {
             if gone || cm.metadata.deletion_timestamp.is_some() {
                 let name = cm.metadata.name.unwrap_or_default();
                 seen_deletions.lock().unwrap().push(name);
@@ -146,15 +154,7 @@ async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
         let _ = stopped.await;
     }));
 
-    let holders: Api<Holder> = Api::namespaced(client.clone(), ns.name());
-    eventually(Duration::from_secs(30), "Holder created", || async {
-        holders
-            .create(&PostParams::default(), &Holder::new("h", HolderSpec {}))
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap();
+    let holders = create_holder(&client, ns.name()).await;
     eventually(
         Duration::from_secs(60),
         "a reconcile shown the child",
@@ -216,15 +216,7 @@ async fn framework_operator_fails_health_and_exits_when_a_controller_dies() {
         ));
     // Never told to stop: it must stop by itself.
     let running = tokio::spawn(operator.run_until(futures::future::pending::<()>()));
-    let holders: Api<Holder> = Api::namespaced(client.clone(), ns.name());
-    eventually(Duration::from_secs(30), "Holder created", || async {
-        holders
-            .create(&PostParams::default(), &Holder::new("h", HolderSpec {}))
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap();
+    create_holder(&client, ns.name()).await;
     let outcome = tokio::time::timeout(Duration::from_secs(60), running)
         .await
         .expect("the operator kept running without its controller")
@@ -322,11 +314,7 @@ async fn framework_leader_whose_renewals_hang_stops_writing_before_a_standby_tak
     let b = tokio::spawn(operator("replica-b", client.clone()).run_until(async move {
         let _ = stopped_b.await;
     }));
-    let holders: Api<Holder> = Api::namespaced(client.clone(), ns.name());
-    holders
-        .create(&PostParams::default(), &Holder::new("h", HolderSpec {}))
-        .await
-        .unwrap();
+    create_holder(&client, ns.name()).await;
     eventually(Duration::from_secs(30), "replica-a writing", || async {
         if writes_a.lock().unwrap().len() >= 3 {
             Ok(())

@@ -18,14 +18,17 @@ mod operator;
 mod report;
 
 use clap::Parser;
-use drop::api::{CachedImage, CachedImageSpec, PolicyReference, PullPolicy, PullPolicySpec};
+use drop::api::{
+    CachedImage, CachedImageSet, CachedImageSetSpec, CachedImageSpec, ImageEntry, PolicyReference,
+    PullPolicy, PullPolicySpec,
+};
 use e2e::PodRecorder;
 use framework::testing::{TestCluster, simulated_node};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
-use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
 use report::Report;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -62,6 +65,13 @@ struct Args {
     /// Give up on the rollout after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
+    /// Put the images in one CachedImageSet (its children are the CachedImages) instead of creating
+    /// them one by one: what a set costs on top.
+    #[arg(long)]
+    set: bool,
+    /// At the end, delete every node and report the operator's memory once it has let go of them.
+    #[arg(long)]
+    remove_nodes: bool,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -142,6 +152,11 @@ async fn main() -> Result<(), Error> {
         .filter_map(|i| serde_json::to_vec(&i.status).ok().map(|v| v.len()))
         .max()
         .unwrap_or(0);
+    let after_removal = if args.remove_nodes {
+        Some(remove_nodes(&client, &images, &op).await?)
+    } else {
+        None
+    };
     let requests = audit::read(&audit_log);
     let report = Report::new(report::Inputs {
         args: &args,
@@ -156,6 +171,7 @@ async fn main() -> Result<(), Error> {
         cpu_seconds: op.cpu_seconds()?,
         largest_status,
         warm: &warm,
+        after_removal,
     });
     op.stop();
     println!("{}", report.table());
@@ -247,6 +263,29 @@ async fn create_scenario(client: &Client, args: &Args) -> Result<(), Error> {
     Api::<PullPolicy>::all(client.clone())
         .create(&PostParams::default(), &policy)
         .await?;
+    if args.set {
+        let set = CachedImageSet::new(
+            "bench",
+            CachedImageSetSpec {
+                policy_ref: Some(PolicyReference {
+                    name: "bench".into(),
+                }),
+                node_selector: BTreeMap::from([("type".to_owned(), "kwok".to_owned())]),
+                images: (0..args.images)
+                    .map(|i| ImageEntry {
+                        image: format!("registry.bench.example/app{i}"),
+                        tag: Some(args.tag.clone()),
+                        digest: None,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        );
+        Api::<CachedImageSet>::all(client.clone())
+            .create(&PostParams::default(), &set)
+            .await?;
+        return Ok(());
+    }
     let images: Api<CachedImage> = Api::all(client.clone());
     for i in 0..args.images {
         let ci = CachedImage::new(
@@ -312,6 +351,46 @@ async fn wait_cached(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Deletes every node, waits until every image has let go of them (no target left), and returns
+/// the operator's (peak, current) RSS then.
+async fn remove_nodes(
+    client: &Client,
+    images: &Api<CachedImage>,
+    op: &operator::Operator,
+) -> Result<(f64, f64), Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let names: Vec<String> = nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    eprintln!("[fleet] deleting {} nodes", names.len());
+    for name in &names {
+        nodes.delete(name, &Default::default()).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let targeted: i32 = images
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|i| i.status.as_ref())
+            .map(|s| s.nodes_targeted)
+            .sum();
+        if targeted == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{targeted} targets left 600 s after the nodes went").into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    op.memory()
 }
 
 async fn wait_no_pods(pods: &Api<Pod>) -> Result<(), Error> {

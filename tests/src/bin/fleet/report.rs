@@ -25,6 +25,8 @@ pub struct Inputs<'a> {
     pub cpu_seconds: f64,
     pub largest_status: usize,
     pub warm: &'a [f64],
+    /// (peak, current) RSS once every node was deleted and let go of.
+    pub after_removal: Option<(f64, f64)>,
 }
 
 /// The figures.
@@ -54,6 +56,8 @@ pub struct Report {
     pub rss_peak_mib: f64,
     pub rss_after_rollout_mib: f64,
     pub rss_end_mib: f64,
+    pub rss_after_node_removal_mib: Option<f64>,
+    pub set: bool,
     pub largest_status_bytes: usize,
     pub idle_s: f64,
     pub idle_requests_per_min: f64,
@@ -164,6 +168,8 @@ impl Report {
             rss_peak_mib: i.memory.1.0,
             rss_after_rollout_mib: i.memory.0.1,
             rss_end_mib: i.memory.1.1,
+            rss_after_node_removal_mib: i.after_removal.map(|m| m.1),
+            set: a.set,
             largest_status_bytes: i.largest_status,
             idle_s,
             idle_requests_per_min: idle_requests as f64 * 60.0 / idle_s.max(1.0),
@@ -180,8 +186,17 @@ impl Report {
     pub fn table(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         let mut out = format!(
-            "fleet: {} nodes x {} images, c={}, d={}s, {}s pulls\n",
-            self.nodes, self.images, self.concurrency, self.min_delay_s, self.pull_s
+            "fleet: {} nodes x {} images{}, c={}, d={}s, {}s pulls\n",
+            self.nodes,
+            self.images,
+            if self.set {
+                " (one CachedImageSet)"
+            } else {
+                ""
+            },
+            self.concurrency,
+            self.min_delay_s,
+            self.pull_s
         );
         let rows: Vec<(&str, String)> = vec![
             ("makespan", format!("{:.1} s", self.makespan_s)),
@@ -222,8 +237,13 @@ impl Report {
             (
                 "RSS",
                 format!(
-                    "peak {:.1} MiB, after rollout {:.1} MiB, end {:.1} MiB",
-                    self.rss_peak_mib, self.rss_after_rollout_mib, self.rss_end_mib
+                    "peak {:.1} MiB, after rollout {:.1} MiB, end {:.1} MiB{}",
+                    self.rss_peak_mib,
+                    self.rss_after_rollout_mib,
+                    self.rss_end_mib,
+                    self.rss_after_node_removal_mib
+                        .map(|m| format!(", after deleting every node {m:.1} MiB"))
+                        .unwrap_or_default()
                 ),
             ),
             (
