@@ -9,7 +9,7 @@
 use crate::api::{
     DiscoveryPolicy, DiscoveryPolicyStatus, DiscoverySource, MAX_MAX_IMAGES, SourceType,
 };
-use crate::discovery::client::Credentials;
+use crate::discovery::client::{Credentials, redact};
 use crate::discovery::{self, FailureKind, Found, SourceError, prometheus, registry};
 use crate::metrics::Metrics;
 use framework::conditions::{self, Cond};
@@ -172,8 +172,12 @@ fn ready_condition(answered: usize, failed: &[(String, SourceError)], count: i32
 /// How a source is named in `discoveredImages[].source`: stable across reorderings of the list.
 pub fn source_id(src: &DiscoverySource) -> String {
     match (src.type_, &src.prometheus, &src.registry) {
-        (SourceType::Prometheus, Some(p), _) => format!("prometheus {}", p.endpoint),
-        (SourceType::Registry, _, Some(r)) => format!("registry {}", r.url),
+        (SourceType::Prometheus, Some(p), _) => {
+            format!("prometheus {}", redact(&p.endpoint).trim_end_matches('/'))
+        }
+        (SourceType::Registry, _, Some(r)) => {
+            format!("registry {}", redact(&r.url).trim_end_matches('/'))
+        }
         (t, _, _) => format!("{t:?}").to_lowercase(),
     }
 }

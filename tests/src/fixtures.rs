@@ -427,13 +427,24 @@ pub struct FakeRegistryConfig {
     pub token_for: Option<(String, String)>,
     /// Require this header (name, value) on tag listings.
     pub required_header: Option<(String, String)>,
+    /// The bearer challenge's realm (default: this server's `/token`).
+    pub realm: Option<String>,
+    /// Pagination `Link`s are absolute, to this origin (default: relative, this server).
+    pub link_origin: Option<String>,
+    /// Answer tag listings with a 307 redirect to the same path on this origin.
+    pub redirect_to: Option<String>,
 }
+
+/// Requests a fake server received: (path, headers as `name: value`).
+pub type SeenRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>)>>>;
 
 /// A small HTTP server speaking the parts of the distribution API Debian's registry does not:
 /// tag-list pagination and the bearer-token challenge. Stops when dropped.
 pub struct FakeRegistry {
     /// `http://127.0.0.1:<port>`.
     pub url: String,
+    /// Every request it received: the path and the headers (name: value), to see what reached it.
+    pub seen: SeenRequests,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -503,11 +514,16 @@ fn respond(
     else {
         return reply(404, String::new(), vec![]);
     };
+    if let Some(target) = &cfg.redirect_to {
+        let to = format!("{target}{}", req.uri());
+        return reply(307, String::new(), vec![("location", to)]);
+    }
     if cfg.token_for.is_some()
         && header("authorization").as_deref() != Some(&format!("Bearer {TOKEN}"))
     {
+        let realm = cfg.realm.clone().unwrap_or_else(|| format!("{base}/token"));
         let challenge = format!(
-            "Bearer realm=\"{base}/token\",service=\"fake\",scope=\"repository:{repo}:pull,push\""
+            "Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:{repo}:pull,push\""
         );
         return reply(401, "{}".into(), vec![("www-authenticate", challenge)]);
     }
@@ -542,9 +558,10 @@ fn respond(
     if start + page.len() < cfg.tags.len()
         && let Some(last) = page.last()
     {
+        let origin = cfg.link_origin.as_deref().unwrap_or_default();
         headers.push((
             "link",
-            format!("</v2/{repo}/tags/list?n={n}&last={last}>; rel=\"next\""),
+            format!("<{origin}/v2/{repo}/tags/list?n={n}&last={last}>; rel=\"next\""),
         ));
     }
     reply(
@@ -560,14 +577,25 @@ impl FakeRegistry {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let base = url.clone();
+        let seen = SeenRequests::default();
+        let record = seen.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (cfg, base) = (cfg.clone(), base.clone());
+                let (cfg, base, record) = (cfg.clone(), base.clone(), record.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        let headers = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or_default()))
+                            .collect();
+                        record
+                            .lock()
+                            .unwrap()
+                            .push((req.uri().path().to_owned(), headers));
                         let slow = req.uri().path().starts_with("/v2/slow/");
                         let resp = respond(&cfg, &base, &req);
                         async move {
@@ -584,6 +612,6 @@ impl FakeRegistry {
                 });
             }
         });
-        Self { url, task }
+        Self { url, seen, task }
     }
 }

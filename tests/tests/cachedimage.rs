@@ -1215,7 +1215,10 @@ async fn cachedimage_deleted_while_its_status_is_written_is_no_error() {
     let hooked = e2e::hooked_client(cluster, hook).await;
     let s = scene_in(cluster, hooked, "ci-gone", 1).await;
     let name = s
-        .create_image("gone", s.image_spec("docker.io/library/busybox", "slow-60s"))
+        .create_image(
+            "gone",
+            s.image_spec("docker.io/library/busybox", "slow-60s"),
+        )
         .await;
     tokio::time::timeout(Duration::from_secs(30), is_held.wait_for(|h| *h))
         .await

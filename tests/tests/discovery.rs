@@ -623,3 +623,96 @@ async fn discovery_prometheus_with_custom_ca_client_certificate_and_basic_auth()
     .unwrap_err();
     assert_eq!(e.kind, FailureKind::Unauthorized, "{e}");
 }
+
+/// The source's secret values, to look for in what reached another origin.
+fn credentials_with_secrets() -> Credentials {
+    secret(&[
+        ("username", b"robot".to_vec()),
+        ("password", b"s3cret-pw".to_vec()),
+        ("headers.X-Api-Key", b"s3cret-header".to_vec()),
+    ])
+}
+
+/// Fails if `spy` received any request, or any request carrying a secret value.
+fn assert_nothing_reached(spy: &e2e::fixtures::FakeRegistry) {
+    let seen = spy.seen.lock().unwrap().clone();
+    let leaked: Vec<_> = seen
+        .iter()
+        .filter(|(_, headers)| {
+            headers.iter().any(|h| {
+                let h = h.to_lowercase();
+                h.starts_with("authorization") || h.contains("s3cret")
+            })
+        })
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "credentials reached another origin: {leaked:?}"
+    );
+    assert!(
+        seen.is_empty(),
+        "a request reached another origin: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn discovery_credentials_pagination_to_another_origin_is_not_followed() {
+    framework::install_crypto_provider();
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    let spy = FakeRegistry::start(FakeRegistryConfig::default()).await;
+    let f = FakeRegistry::start(FakeRegistryConfig {
+        tags: tags(4),
+        page_size: 2,
+        link_origin: Some(spy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let e = registry::list(&reg(&f.url, &["team/app"]), &credentials_with_secrets())
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("another origin"), "{e}");
+    assert_nothing_reached(&spy);
+}
+
+#[tokio::test]
+async fn discovery_credentials_basic_are_not_sent_to_a_plain_http_realm_elsewhere() {
+    framework::install_crypto_provider();
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    let spy = FakeRegistry::start(FakeRegistryConfig::default()).await;
+    let f = FakeRegistry::start(FakeRegistryConfig {
+        tags: tags(2),
+        token_for: Some(("robot".into(), "s3cret-pw".into())),
+        realm: Some(format!("{}/token", spy.url)),
+        ..Default::default()
+    })
+    .await;
+    let e = registry::list(&reg(&f.url, &["team/app"]), &credentials_with_secrets())
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("neither HTTPS nor the registry itself"),
+        "{e}"
+    );
+    assert_nothing_reached(&spy);
+}
+
+#[tokio::test]
+async fn discovery_credentials_and_headers_do_not_follow_a_redirect_to_another_origin() {
+    framework::install_crypto_provider();
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    let spy = FakeRegistry::start(FakeRegistryConfig {
+        tags: tags(2),
+        ..Default::default()
+    })
+    .await;
+    let f = FakeRegistry::start(FakeRegistryConfig {
+        redirect_to: Some(spy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let e = registry::list(&reg(&f.url, &["team/app"]), &credentials_with_secrets())
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("redirect to another origin"), "{e}");
+    assert_nothing_reached(&spy);
+}

@@ -86,6 +86,9 @@ pub(crate) const REPULL_INTERVAL_RULE: &str = concat!(
     "') || duration(self) == duration('0s') || duration(self) >= duration('1m')"
 );
 
+/// CEL: a URL without userinfo (`user:password@host`): credentials belong in a Secret.
+pub(crate) const NO_USERINFO_RULE: &str = "!self.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')";
+
 /// CEL: an image repository without tag or digest.
 pub(crate) const IMAGE_RULE: &str = "!self.contains('@') && !self.matches(':[^/]*$')";
 /// Message of [`IMAGE_RULE`].

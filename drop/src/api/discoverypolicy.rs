@@ -130,7 +130,10 @@ pub struct DiscoverySource {
 pub struct PrometheusSource {
     /// Base URL of the API, including any path prefix: `http://prometheus.monitoring.svc:9090`.
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^https?://[^/]+')").message("endpoint must be an http:// or https:// URL"))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^https?://[^/]+')").message("endpoint must be an http:// or https:// URL"),
+        validation = Rule::new(NO_USERINFO_RULE).message("endpoint must not carry credentials (user:password@): put them in the Secret named by secretRef")
+    )]
     pub endpoint: String,
     /// PromQL whose results carry an `image` label (the image reference); the value is the score,
     /// higher meaning more worth caching.
@@ -175,8 +178,11 @@ impl Default for PrometheusSource {
 pub struct RegistrySource {
     /// Base URL of the registry, without repository: `https://ghcr.io`.
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^https?://[^/]+/?$')")
-        .message("url must be the registry's base URL, like https://registry.example.com (no repository path)"))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^https?://[^/]+/?$')")
+            .message("url must be the registry's base URL, like https://registry.example.com (no repository path)"),
+        validation = Rule::new(NO_USERINFO_RULE).message("url must not carry credentials (user:password@): put them in the Secret named by secretRef")
+    )]
     pub url: String,
     /// Repositories whose tags to list: `team/app`.
     #[schemars(length(max = 100), inner(length(max = 255)))]

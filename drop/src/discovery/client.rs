@@ -94,16 +94,41 @@ impl Credentials {
         })
     }
 
-    /// The HTTP client for a source using these credentials.
+    /// The HTTP client for a source using these credentials: it trusts `ca.crt`, presents the
+    /// client certificate, and refuses redirects to another origin (so no credential, custom header
+    /// or certificate follows a redirect off the endpoint's own scheme, host and port).
     pub fn client(&self) -> Result<reqwest::Client, SourceError> {
+        self.build_client(true)
+    }
+
+    /// A client for a host that is not the source's own (a token realm elsewhere): it trusts
+    /// `ca.crt` but presents no client certificate.
+    pub fn foreign_client(&self) -> Result<reqwest::Client, SourceError> {
+        self.build_client(false)
+    }
+
+    fn build_client(&self, with_identity: bool) -> Result<reqwest::Client, SourceError> {
         let config = |what: &str, e: reqwest::Error| {
             SourceError::new(FailureKind::InvalidConfig, format!("{what}: {e}"))
         };
         let mut b = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
-            // Credentials are not re-sent when a redirect leaves the host (reqwest drops them).
-            .redirect(reqwest::redirect::Policy::limited(5))
+            // reqwest drops only Authorization and cookies on a cross-host redirect; custom headers
+            // and the client certificate would follow. So a redirect may not leave the origin.
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let from = attempt.previous().first().map(origin);
+                if attempt.previous().len() > 5 {
+                    attempt.error("more than 5 redirects")
+                } else if from.is_some_and(|f| f != origin(attempt.url())) {
+                    let to = redact(attempt.url().as_str());
+                    attempt.error(format!(
+                        "redirect to another origin ({to}) refused: credentials stay with their origin"
+                    ))
+                } else {
+                    attempt.follow()
+                }
+            }))
             .user_agent(concat!("drop/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &self.ca {
             for cert in
@@ -112,7 +137,7 @@ impl Credentials {
                 b = b.add_root_certificate(cert);
             }
         }
-        if let Some((cert, key)) = &self.client_cert {
+        if let Some((cert, key)) = self.client_cert.as_ref().filter(|_| with_identity) {
             let mut pem = cert.clone();
             pem.push(b'\n');
             pem.extend_from_slice(key);
@@ -137,6 +162,36 @@ impl Credentials {
             (None, Some((u, p))) => req.basic_auth(u, Some(p)),
             (None, None) => req,
         }
+    }
+}
+
+/// Scheme, host and port of a URL: where credentials may go.
+pub fn origin(url: &reqwest::Url) -> (String, String, Option<u16>) {
+    (
+        url.scheme().to_owned(),
+        url.host_str().unwrap_or_default().to_owned(),
+        url.port_or_known_default(),
+    )
+}
+
+/// Whether `a` and `b` (absolute URLs) share an origin; `false` if either does not parse.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    match (reqwest::Url::parse(a), reqwest::Url::parse(b)) {
+        (Ok(a), Ok(b)) => origin(&a) == origin(&b),
+        _ => false,
+    }
+}
+
+/// A URL as it may be shown (status, Events, logs, metric labels): without userinfo and query.
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => url.split('?').next().unwrap_or(url).to_owned(),
     }
 }
 
@@ -170,8 +225,7 @@ pub fn classify(url: &str, e: &reqwest::Error) -> SourceError {
     } else {
         parts.last().cloned().unwrap_or_default()
     };
-    let url = url.split('?').next().unwrap_or(url);
-    SourceError::new(kind, format!("{url}: {cause}"))
+    SourceError::new(kind, format!("{}: {cause}", redact(url)))
 }
 
 /// Two Secret keys that only make sense together: both or neither.
@@ -199,7 +253,10 @@ pub fn status_error(url: &str, status: reqwest::StatusCode, body: &[u8]) -> Sour
         _ => FailureKind::SourceError,
     };
     let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
-    SourceError::new(kind, format!("{url}: HTTP {status}: {}", snippet.trim()))
+    SourceError::new(
+        kind,
+        format!("{}: HTTP {status}: {}", redact(url), snippet.trim()),
+    )
 }
 
 /// Decodes a JSON answer from `url`; `what` names what it should have been ("a tag list").
@@ -211,7 +268,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(body).map_err(|e| {
         SourceError::new(
             FailureKind::InvalidResponse,
-            format!("{url}: not {what}: {e}"),
+            format!("{}: not {what}: {e}", redact(url)),
         )
     })
 }
@@ -230,7 +287,8 @@ pub async fn send(
             return Err(SourceError::new(
                 FailureKind::ResponseTooLarge,
                 format!(
-                    "{url}: response larger than {} MiB",
+                    "{}: response larger than {} MiB",
+                    redact(url),
                     MAX_BODY / (1024 * 1024)
                 ),
             ));

@@ -74,13 +74,17 @@ pub async fn query(
     if answer.status != "success" {
         return Err(SourceError::new(
             FailureKind::SourceError,
-            format!("{url}: query failed: {}", answer.error.unwrap_or_default()),
+            format!(
+                "{}: query failed: {}",
+                client::redact(&url),
+                answer.error.unwrap_or_default()
+            ),
         ));
     }
     let data = answer.data.ok_or_else(|| {
         SourceError::new(
             FailureKind::InvalidResponse,
-            format!("{url}: answer has no data"),
+            format!("{}: answer has no data", client::redact(&url)),
         )
     })?;
     if !matches!(data.result_type.as_str(), "vector" | "matrix") {

@@ -54,25 +54,46 @@ pub fn render(
     Ok(out)
 }
 
-/// The `next` URL of a `Link` header, resolved against the registry's base URL.
-fn next_link(base: &str, headers: &reqwest::header::HeaderMap) -> Option<String> {
-    let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
-    let part = link
+/// The `next` URL of a `Link` header, resolved against the registry's base URL. A link to another
+/// origin is refused: pagination would carry the source's credentials there.
+fn next_link(
+    base: &str,
+    headers: &reqwest::header::HeaderMap,
+) -> Result<Option<String>, SourceError> {
+    let Some(link) = headers
+        .get(reqwest::header::LINK)
+        .and_then(|l| l.to_str().ok())
+    else {
+        return Ok(None);
+    };
+    let Some(part) = link
         .split(',')
-        .find(|p| p.contains("rel=\"next\"") || p.contains("rel=next"))?;
+        .find(|p| p.contains("rel=\"next\"") || p.contains("rel=next"))
+    else {
+        return Ok(None);
+    };
     let target = part
         .split(';')
-        .next()?
+        .next()
+        .unwrap_or_default()
         .trim()
         .trim_start_matches('<')
         .trim_end_matches('>');
-    Some(
-        if target.starts_with("http://") || target.starts_with("https://") {
-            target.to_owned()
-        } else {
-            format!("{base}{target}")
-        },
-    )
+    if !(target.starts_with("http://") || target.starts_with("https://")) {
+        return Ok(Some(format!("{base}{target}")));
+    }
+    if client::same_origin(base, target) {
+        Ok(Some(target.to_owned()))
+    } else {
+        Err(SourceError::new(
+            FailureKind::InvalidResponse,
+            format!(
+                "{}: the next page is on another origin ({}); not followed, credentials stay with their origin",
+                client::redact(base),
+                client::redact(target)
+            ),
+        ))
+    }
 }
 
 /// The parameters of a `Bearer` challenge.
@@ -124,7 +145,25 @@ async fn tags(
             && let Some((realm, query)) = challenge(&headers)
         {
             // The token flow: ask the realm for a token (with the basic credentials, if any), retry.
-            let mut req = http.get(&realm).query(&query);
+            let same_origin = client::same_origin(base, &realm);
+            if creds.basic.is_some() && !same_origin && !realm.starts_with("https://") {
+                return Err(SourceError::new(
+                    FailureKind::InvalidResponse,
+                    format!(
+                        "{}: the token realm {} is neither HTTPS nor the registry itself; the credentials are not sent there",
+                        client::redact(base),
+                        client::redact(&realm)
+                    ),
+                ));
+            }
+            let foreign;
+            let realm_http = if same_origin {
+                http
+            } else {
+                foreign = creds.foreign_client()?;
+                &foreign
+            };
+            let mut req = realm_http.get(&realm).query(&query);
             if let Some((u, p)) = &creds.basic {
                 req = req.basic_auth(u, Some(p));
             }
@@ -137,7 +176,7 @@ async fn tags(
             if bearer.is_none() {
                 return Err(SourceError::new(
                     FailureKind::InvalidResponse,
-                    format!("{realm}: the answer has no token"),
+                    format!("{}: the answer has no token", client::redact(&realm)),
                 ));
             }
             (status, headers, body) =
@@ -146,20 +185,23 @@ async fn tags(
         if !status.is_success() {
             let mut e = client::status_error(&url, status, &body);
             if e.kind == FailureKind::RepositoryNotFound {
-                e.message = format!("repository {repo:?} not found at {base}");
+                e.message = format!("repository {repo:?} not found at {}", client::redact(base));
             }
             return Err(e);
         }
         let page: TagList = client::decode(&url, &body, "a tag list")?;
         all.extend(page.tags.unwrap_or_default());
-        match next_link(base, &headers) {
+        match next_link(base, &headers)? {
             Some(next) => url = next,
             None => return Ok(all),
         }
     }
     Err(SourceError::new(
         FailureKind::ResponseTooLarge,
-        format!("{base}/v2/{repo}/tags/list: more than {MAX_PAGES} pages of tags"),
+        format!(
+            "{}/v2/{repo}/tags/list: more than {MAX_PAGES} pages of tags",
+            client::redact(base).trim_end_matches('/')
+        ),
     ))
 }
 
@@ -199,6 +241,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn discovery_credentials_do_not_follow_a_link_to_another_origin() {
+        let link = |v: &str| {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::LINK, v.parse().unwrap());
+            h
+        };
+        let same = link("<http://r:5000/v2/a/tags/list?last=x>; rel=\"next\"");
+        assert!(next_link("http://r:5000", &same).unwrap().is_some());
+        for other in [
+            "<http://r:5001/v2/a/tags/list?last=x>; rel=\"next\"",
+            "<https://r:5000/v2/a/tags/list?last=x>; rel=\"next\"",
+            "<http://evil.example:5000/v2/a/tags/list>; rel=\"next\"",
+        ] {
+            let e = next_link("http://r:5000", &link(other)).unwrap_err();
+            assert!(e.message.contains("another origin"), "{}", e.message);
+        }
+    }
+
+    #[test]
     fn discovery_template_renders_and_rejects_unknown_fields() {
         assert_eq!(
             render(DEFAULT_TEMPLATE, "r:5000", "team/app", "v1").unwrap(),
@@ -229,7 +290,7 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(
-            next_link("http://r:5000", &h).as_deref(),
+            next_link("http://r:5000", &h).unwrap().as_deref(),
             Some("http://r:5000/v2/a/tags/list?last=t2&n=2")
         );
         h.insert(
