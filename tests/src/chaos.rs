@@ -36,6 +36,8 @@ pub struct DropCommand {
     pub dir: PathBuf,
     /// Extra arguments (leader election, ...).
     pub extra: Vec<String>,
+    /// The log filter (`RUST_LOG`).
+    pub log_filter: String,
 }
 
 fn free_port() -> u16 {
@@ -68,7 +70,7 @@ impl DropCommand {
             .args(&self.extra)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("POD_NAME", format!("drop-{n}"))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)

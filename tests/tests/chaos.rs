@@ -50,6 +50,7 @@ impl Rollout {
             id: ns.name().to_owned(),
             dir: log_dir(id),
             extra: Vec::new(),
+            log_filter: "info".into(),
         };
         Self {
             client,

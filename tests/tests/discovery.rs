@@ -716,3 +716,133 @@ async fn discovery_credentials_and_headers_do_not_follow_a_redirect_to_another_o
     assert!(e.message.contains("redirect to another origin"), "{e}");
     assert_nothing_reached(&spy);
 }
+
+#[tokio::test]
+async fn discovery_secrets_never_appear_in_logs_events_status_or_metrics() {
+    use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
+    use k8s_openapi::api::core::v1::{Event, Secret};
+    framework::install_crypto_provider();
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster
+        .namespace(&client, "discovery-secrets")
+        .await
+        .unwrap();
+    // Known secret values: a password, a header value, a token of the Secret, and the token the
+    // registry issues.
+    const PASSWORD: &str = "pw-7f3a9c-secret";
+    const HEADER: &str = "hdr-51be0d-secret";
+    const TOKEN: &str = "tok-c28e44-secret";
+    const ISSUED: &str = "fake-token-123";
+    let f = FakeRegistry::start(FakeRegistryConfig {
+        tags: tags(2),
+        token_for: Some(("robot".into(), PASSWORD.into())),
+        required_header: Some(("x-api-key".into(), HEADER.into())),
+        ..Default::default()
+    })
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    let make_secret = |name: &str, password: &str| {
+        let mut s = Secret::default();
+        s.metadata.name = Some(name.into());
+        s.string_data = Some(
+            [
+                ("username", "robot"),
+                ("password", password),
+                ("headers.X-Api-Key", HEADER),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+        s
+    };
+    secrets
+        .create(&PostParams::default(), &make_secret("good", PASSWORD))
+        .await
+        .unwrap();
+    // The same secrets, refused: the error path must not print them either.
+    secrets
+        .create(
+            &PostParams::default(),
+            &make_secret("wrong", &format!("{TOKEN}-wrong")),
+        )
+        .await
+        .unwrap();
+
+    e2e::install_drop_crds(&client).await.unwrap();
+    let command = e2e::chaos::DropCommand {
+        program: std::path::PathBuf::from(env!("CARGO_BIN_EXE_drop-process")),
+        kubeconfig: cluster.kubeconfig().to_owned(),
+        namespace: ns.name().to_owned(),
+        id: ns.name().to_owned(),
+        dir: e2e::chaos::log_dir("discovery-secrets"),
+        extra: Vec::new(),
+        log_filter: "debug".into(),
+    };
+    let process = command.spawn(0);
+    let policies: Api<DiscoveryPolicy> = Api::all(client.clone());
+    let labels =
+        std::collections::BTreeMap::from([(e2e::TEST_LABEL.to_owned(), ns.name().to_owned())]);
+    for (name, secret) in [("good", "good"), ("wrong", "wrong")] {
+        let mut source = source_reg(&f.url, "team/app");
+        source.secret_ref = Some(k8s_openapi::api::core::v1::LocalObjectReference {
+            name: secret.into(),
+        });
+        let mut dp = DiscoveryPolicy::new(
+            &format!("{}-{name}", ns.name()),
+            DiscoveryPolicySpec {
+                sources: vec![source],
+                ..DiscoveryPolicySpec::default()
+            },
+        );
+        dp.metadata.labels = Some(labels.clone());
+        policies.create(&PostParams::default(), &dp).await.unwrap();
+    }
+    let good = wait_reason(&policies, &format!("{}-good", ns.name()), "Synced").await;
+    assert_eq!(good.status.as_ref().unwrap().image_count, 2);
+    let wrong = wait_reason(&policies, &format!("{}-wrong", ns.name()), "Unauthorized").await;
+
+    // Everything a user or a log collector can read.
+    let mut searched: Vec<(String, String)> = Vec::new();
+    searched.push((
+        "operator log (debug)".into(),
+        std::fs::read_to_string(&process.log).unwrap(),
+    ));
+    for dp in [&good, &wrong] {
+        searched.push((
+            format!(
+                "status of {}",
+                dp.metadata.name.as_deref().unwrap_or_default()
+            ),
+            serde_json::to_string(&dp.status).unwrap(),
+        ));
+    }
+    let events: Api<Event> = Api::all(client.clone());
+    searched.push((
+        "every Event".into(),
+        serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap(),
+    ));
+    searched.push((
+        "/metrics".into(),
+        reqwest::get(format!("http://{}/metrics", process.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    ));
+    for (place, text) in &searched {
+        for secret in [PASSWORD, HEADER, TOKEN, ISSUED] {
+            assert!(!text.contains(secret), "{secret:?} appears in {place}");
+        }
+    }
+    println!(
+        "searched for 4 secret values in: {}",
+        searched
+            .iter()
+            .map(|(p, t)| format!("{p} ({} bytes)", t.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    process.kill();
+}
