@@ -128,6 +128,26 @@ pub fn image_reference(image: &str, tag: Option<&str>, digest: Option<&str>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x0d20_9bad),
+            ..ProptestConfig::default()
+        })]
+
+        /// Every duration admission accepts parses in the operator without a panic (kube's parser
+        /// panics on numbers too long for it; the format's bounds keep them out).
+        #[test]
+        fn hostile_durations_admission_accepts_parse(
+            value in proptest::string::string_regex(
+                duration_format!().trim_start_matches('^').trim_end_matches('$')
+            ).unwrap()
+        ) {
+            let parsed = serde_json::from_value::<kube::core::Duration>(serde_json::json!(value));
+            prop_assert!(parsed.is_ok(), "{value}: {parsed:?}");
+        }
+    }
 
     #[test]
     fn cachedimage_reference_prefers_digest_then_tag_then_latest() {

@@ -70,13 +70,20 @@ pub async fn query(
     if !status.is_success() {
         return Err(client::status_error(&url, status, &body));
     }
-    let answer: Answer = client::decode(&url, &body, "a Prometheus API answer")?;
+    scores(&url, &body)
+}
+
+/// The scores a Prometheus API answer (`body`, from `url`) gives each image: the sum of each
+/// series' samples, rounded, per `image` label. Anything the answer holds is handled: a malformed
+/// answer is an error, a non-numeric or infinite sample is skipped, sums saturate.
+pub fn scores(url: &str, body: &[u8]) -> Result<Found, SourceError> {
+    let answer: Answer = client::decode(url, body, "a Prometheus API answer")?;
     if answer.status != "success" {
         return Err(SourceError::new(
             FailureKind::SourceError,
             format!(
                 "{}: query failed: {}",
-                client::redact(&url),
+                client::redact(url),
                 answer.error.unwrap_or_default()
             ),
         ));
@@ -84,14 +91,15 @@ pub async fn query(
     let data = answer.data.ok_or_else(|| {
         SourceError::new(
             FailureKind::InvalidResponse,
-            format!("{}: answer has no data", client::redact(&url)),
+            format!("{}: answer has no data", client::redact(url)),
         )
     })?;
     if !matches!(data.result_type.as_str(), "vector" | "matrix") {
         return Err(SourceError::new(
             FailureKind::InvalidConfig,
             format!(
-                "{url}: the query returns a {}, not a vector of series with an image label",
+                "{}: the query returns a {}, not a vector of series with an image label",
+                client::redact(url),
                 data.result_type
             ),
         ));
@@ -106,7 +114,8 @@ pub async fn query(
             .filter_map(|(_, v)| v.parse::<f64>().ok())
             .filter(|v| v.is_finite())
             .sum();
-        *found.entry(image.clone()).or_default() += sum.round() as i64;
+        let score = found.entry(image.clone()).or_default();
+        *score = score.saturating_add(sum.round() as i64);
     }
     Ok(found)
 }

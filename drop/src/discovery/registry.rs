@@ -239,6 +239,34 @@ pub async fn list(src: &RegistrySource, creds: &Credentials) -> Result<Found, So
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x0d20_9bad),
+            ..ProptestConfig::default()
+        })]
+
+        /// `Link` and `WWW-Authenticate` values as a hostile registry would send them.
+        #[test]
+        fn hostile_link_and_challenge_headers(
+            value in prop_oneof![
+                ".{0,200}",
+                "<[ -~]{0,60}>; rel=\"?next\"?(, .{0,20})?",
+                "[Bb]earer (realm|service|scope|x)=\"[ -~]{0,40}\"(,(realm|scope)=\"[^\"]{0,20}\"){0,3}",
+            ]
+        ) {
+            let mut h = reqwest::header::HeaderMap::new();
+            if let Ok(v) = reqwest::header::HeaderValue::from_str(&value) {
+                h.insert(reqwest::header::LINK, v.clone());
+                h.insert(reqwest::header::WWW_AUTHENTICATE, v);
+            }
+            if let Ok(Some(next)) = next_link("http://r:5000", &h) {
+                prop_assert!(client::same_origin("http://r:5000", &next) || next.starts_with("http://r:5000"));
+            }
+            let _ = challenge(&h);
+        }
+    }
 
     #[test]
     fn discovery_credentials_do_not_follow_a_link_to_another_origin() {
