@@ -11,7 +11,6 @@
 //! restart every child is applied once.
 
 use crate::children::{ChildKey, Existing};
-use kube::core::DynamicObject;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
@@ -71,9 +70,15 @@ impl Applied {
     }
 
     /// Remembers that body `body` was applied to `key`, which the API server answered with `obj`.
-    pub(crate) fn record(&self, owner: &str, key: &ChildKey, body: u64, obj: &DynamicObject) {
-        let meta = &obj.metadata;
-        if let Some(version) = Version::of(meta.generation, meta.resource_version.as_deref()) {
+    pub(crate) fn record(
+        &self,
+        owner: &str,
+        key: &ChildKey,
+        body: u64,
+        generation: Option<i64>,
+        resource_version: Option<&str>,
+    ) {
+        if let Some(version) = Version::of(generation, resource_version) {
             self.lock()
                 .entry(owner.to_owned())
                 .or_default()
@@ -135,23 +140,12 @@ mod tests {
         }
     }
 
-    fn answer(generation: Option<i64>, rv: &str) -> DynamicObject {
-        let mut o = DynamicObject {
-            types: None,
-            metadata: Default::default(),
-            data: serde_json::Value::Null,
-        };
-        o.metadata.generation = generation;
-        o.metadata.resource_version = Some(rv.into());
-        o
-    }
-
     #[test]
     fn applied_same_body_same_generation_is_unchanged() {
         let a = Applied::default();
         let body = body_hash(&serde_json::json!({"spec": {"size": 1}}));
         assert!(!a.unchanged("o", &existing(Some(1), "10"), body));
-        a.record("o", &key(), body, &answer(Some(1), "10"));
+        a.record("o", &key(), body, Some(1), Some("10"));
         // Status updates move the resourceVersion, not the generation.
         assert!(a.unchanged("o", &existing(Some(1), "11"), body));
         // Someone edited the spec, or the plan changed: apply again.
@@ -164,7 +158,7 @@ mod tests {
     fn applied_kinds_without_generation_compare_resource_versions() {
         let a = Applied::default();
         let body = body_hash(&serde_json::json!({"data": {"k": "v"}}));
-        a.record("o", &key(), body, &answer(None, "10"));
+        a.record("o", &key(), body, None, Some("10"));
         assert!(a.unchanged("o", &existing(None, "10"), body));
         assert!(!a.unchanged("o", &existing(None, "11"), body));
     }
@@ -173,7 +167,7 @@ mod tests {
     fn applied_deleted_children_are_deleted_once_and_applied_again() {
         let a = Applied::default();
         let body = body_hash(&serde_json::json!({}));
-        a.record("o", &key(), body, &answer(Some(1), "10"));
+        a.record("o", &key(), body, Some(1), Some("10"));
         a.deleted("o", &key());
         assert!(a.deleting("o", &key()));
         assert!(!a.unchanged("o", &existing(Some(1), "10"), body));
@@ -182,7 +176,7 @@ mod tests {
         assert!(a.deleting("o", &key()));
         a.settle("o", &[]);
         assert!(!a.deleting("o", &key()));
-        a.record("o", &key(), body, &answer(Some(1), "10"));
+        a.record("o", &key(), body, Some(1), Some("10"));
         a.forget_owner("o");
         assert!(!a.unchanged("o", &existing(Some(1), "10"), body));
     }

@@ -8,7 +8,7 @@ use crate::owned::ChildStore;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
-use kube::core::{ApiResource, DynamicObject};
+use kube::core::{ApiResource, DynamicObject, Resource};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -133,11 +133,17 @@ impl Executor {
         hash: u64,
     ) -> Result<Applying, ExecError> {
         let key = child.key();
-        let api = dynamic_api(&self.client, &child.resource, key.namespace.as_deref());
         let params = PatchParams::apply(&self.manager).force();
-        match api.patch(&key.name, &params, &Patch::Apply(body)).await {
-            Ok(obj) => {
-                self.applied.record(&owner.uid, key, hash, &obj);
+        match self.patch(child, &params, body).await {
+            Ok(answer) => {
+                let meta = answer.metadata;
+                self.applied.record(
+                    &owner.uid,
+                    key,
+                    hash,
+                    meta.generation,
+                    meta.resource_version.as_deref(),
+                );
                 Ok(Applying::Done)
             }
             // A child created by someone else between our look and our apply shows up as a 409 or
@@ -169,6 +175,22 @@ impl Executor {
         }
     }
 
+    /// Server-side applies `body` to the child, reading of the answer only the version it left
+    /// (decoding whole objects, managed fields included, was most of an apply's cost).
+    async fn patch(
+        &self,
+        child: &Child,
+        params: &PatchParams,
+        body: &serde_json::Value,
+    ) -> Result<Answer, kube::Error> {
+        let key = child.key();
+        let path = DynamicObject::url_path(&child.resource, key.namespace.as_deref());
+        let request = kube::core::Request::new(path)
+            .patch(&key.name, params, &Patch::Apply(body))
+            .map_err(kube::Error::BuildRequest)?;
+        self.client.request::<Answer>(request).await
+    }
+
     async fn delete(&self, key: &ChildKey) -> Result<(), ExecError> {
         // Deleted children were reported by a store, which knows their endpoint exactly.
         let Some(store) = self.store_of(key) else {
@@ -192,6 +214,19 @@ impl Executor {
             }),
         }
     }
+}
+
+/// What the executor reads of an apply's answer.
+#[derive(serde::Deserialize)]
+struct Answer {
+    metadata: AnswerMeta,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnswerMeta {
+    generation: Option<i64>,
+    resource_version: Option<String>,
 }
 
 /// The endpoint of kind `ar` in `namespace` (or cluster-wide).
