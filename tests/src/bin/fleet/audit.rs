@@ -64,9 +64,27 @@ impl Request {
 
 /// Reads every request in the log (lines it cannot read are skipped: the log may end mid-line).
 pub fn read(path: &Path) -> Vec<Request> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
+    // The API server rotates its audit log (every 100 MB unless told otherwise): read the rotated
+    // files (`audit-<time>.log` beside it) too.
+    let mut files: Vec<std::path::PathBuf> = path
+        .parent()
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("audit");
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(stem) && n.ends_with(".log"))
+        })
+        .collect();
+    files.sort();
+    let text: String = files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
     text.lines()
         .filter_map(|l| serde_json::from_str::<Line>(l).ok())
         .map(|l| {

@@ -96,7 +96,7 @@ async fn main() -> Result<(), Error> {
     let audit_log = work.path().join("audit.log");
     std::fs::write(&policy_file, audit::policy(USER))?;
     let extra = format!(
-        "--audit-policy-file={} --audit-log-path={} --audit-log-format=json",
+        "--audit-policy-file={} --audit-log-path={} --audit-log-format=json --audit-log-maxsize=100000",
         policy_file.display(),
         audit_log.display()
     );
