@@ -14,13 +14,16 @@ use proptest::prelude::*;
 
 /// JSON shaped like a Prometheus answer, with arbitrary values where a hostile server would put them.
 fn prometheus_answer() -> impl Strategy<Value = String> {
-    let sample = (any::<f64>(), prop_oneof![
-        any::<f64>().prop_map(|v| v.to_string()),
-        Just("NaN".to_owned()),
-        Just("+Inf".to_owned()),
-        Just("9e999".to_owned()),
-        ".{0,12}",
-    ]);
+    let sample = (
+        any::<f64>(),
+        prop_oneof![
+            any::<f64>().prop_map(|v| v.to_string()),
+            Just("NaN".to_owned()),
+            Just("+Inf".to_owned()),
+            Just("9e999".to_owned()),
+            ".{0,12}",
+        ],
+    );
     let series = (
         prop::option::of(".{0,40}"),
         prop::option::of(sample.clone()),
@@ -34,7 +37,11 @@ fn prometheus_answer() -> impl Strategy<Value = String> {
             serde_json::json!({"metric": metric, "value": value, "values": values})
         });
     (
-        prop_oneof![Just("success".to_owned()), Just("error".to_owned()), ".{0,8}"],
+        prop_oneof![
+            Just("success".to_owned()),
+            Just("error".to_owned()),
+            ".{0,8}"
+        ],
         prop_oneof![
             Just("vector".to_owned()),
             Just("matrix".to_owned()),

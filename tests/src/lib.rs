@@ -137,6 +137,21 @@ where
         })
 }
 
+/// The Warning Events (reason: message) about objects whose name `about` accepts, in every namespace.
+pub async fn warnings_about(client: &Client, about: impl Fn(&str) -> bool) -> Vec<String> {
+    let events: kube::Api<k8s_openapi::api::core::v1::Event> = kube::Api::all(client.clone());
+    events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| about(e.involved_object.name.as_deref().unwrap_or_default()))
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .map(|e| format!("{:?}: {:?}", e.reason, e.message))
+        .collect()
+}
+
 /// What a test saw of one pull Pod.
 #[derive(Clone, Debug)]
 pub struct PodRecord {

@@ -69,6 +69,16 @@ impl Scene {
         }
     }
 
+    /// The spec of `image:1` on this test's nodes under PullPolicy `policy`.
+    fn image_under(&self, image: &str, policy: &str) -> CachedImageSpec {
+        CachedImageSpec {
+            policy_ref: Some(PolicyReference {
+                name: policy.to_owned(),
+            }),
+            ..self.image_spec(image, "1")
+        }
+    }
+
     async fn create_image(&self, suffix: &str, spec: CachedImageSpec) -> String {
         let name = self.name(suffix);
         let mut ci = CachedImage::new(&name, spec);
@@ -1136,13 +1146,7 @@ async fn cachedimage_refused_pull_pod_is_reported_and_frees_its_policy() {
             },
         )
         .await;
-    let with_policy = |image: &str| {
-        let mut spec = s.image_spec(image, "1");
-        spec.policy_ref = Some(PolicyReference {
-            name: policy.clone(),
-        });
-        spec
-    };
+    let with_policy = |image: &str| s.image_under(image, &policy);
     let mut refused_spec = with_policy("registry.example.com/forbidden-app");
     refused_spec.priority = Some(10);
     let refused = s.create_image("forbidden", refused_spec).await;
@@ -1192,7 +1196,6 @@ async fn cachedimage_refused_pull_pod_is_reported_and_frees_its_policy() {
 
 #[tokio::test]
 async fn cachedimage_deleted_while_its_status_is_written_is_no_error() {
-    use k8s_openapi::api::core::v1::Event;
     use std::sync::Arc;
     use tokio::sync::watch;
     let (cluster, _) = cluster().await.unwrap();
@@ -1242,17 +1245,7 @@ async fn cachedimage_deleted_while_its_status_is_written_is_no_error() {
     // the operator waits for that reconcile, and so for any Event it would publish.
     let Scene { client, drop, .. } = s;
     drop.stop().await;
-    let events: Api<Event> = Api::all(client);
-    let warnings: Vec<String> = events
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.involved_object.name.as_deref() == Some(name.as_str()))
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .map(|e| format!("{:?}: {:?}", e.reason, e.message))
-        .collect();
+    let warnings = e2e::warnings_about(&client, |about| about == name).await;
     assert!(warnings.is_empty(), "{warnings:#?}");
 }
 
@@ -1269,13 +1262,7 @@ async fn cachedimage_image_stuck_terminating_does_not_hold_its_policy_after_a_re
             },
         )
         .await;
-    let with_policy = |image: &str| {
-        let mut spec = s.image_spec(image, "1");
-        spec.policy_ref = Some(PolicyReference {
-            name: policy.clone(),
-        });
-        spec
-    };
+    let with_policy = |image: &str| s.image_under(image, &policy);
     let (stuck_spec, next_spec) = (
         with_policy("docker.io/library/stuck"),
         with_policy("docker.io/library/next"),

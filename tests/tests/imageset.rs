@@ -484,20 +484,10 @@ async fn imageset_deletion_leaves_no_children_or_pull_pods() {
     .unwrap();
     // Deleting is normal: no Warning about the sets or their children (a status write racing the
     // deletion once showed as "ReconcileError: writing status ...: NotFound" with a debug dump).
-    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(s.client.clone());
-    let warnings: Vec<String> = events
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| {
-            let about = e.involved_object.name.as_deref().unwrap_or_default();
-            about.starts_with(&background) || about.starts_with(&foreground)
-        })
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .map(|e| format!("{:?}: {:?}", e.reason, e.message))
-        .collect();
+    let warnings = e2e::warnings_about(&s.client, |about| {
+        about.starts_with(&background) || about.starts_with(&foreground)
+    })
+    .await;
     assert!(warnings.is_empty(), "{warnings:#?}");
     s.finish().await;
 }
