@@ -1,8 +1,10 @@
 //! Shared helpers of the end-to-end suites (`tests/tests/*.rs`). Every suite runs against a real local
 //! control plane started (or reused) through `framework::testing`.
 
+pub mod audit;
 pub mod chaos;
 pub mod fixtures;
+pub mod identity;
 
 use framework::testing::{TestCluster, TestError};
 use futures::future::BoxFuture;

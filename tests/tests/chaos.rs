@@ -379,3 +379,215 @@ async fn chaos_api_server_restart_mid_rollout_is_survived() {
     r.check("chaos apiserver");
     drop(running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
+    // Its own control plane, with an audit log of the two replicas' requests, each replica under
+    // its own ServiceAccount so the log tells them apart.
+    let dir = log_dir("chaos-audit");
+    let (ns_name, a, b) = ("chaos-audit", "drop-a", "drop-b");
+    let users = [
+        e2e::identity::username(ns_name, a),
+        e2e::identity::username(ns_name, b),
+    ];
+    let policy_file = dir.join("audit-policy.yaml");
+    let audit_log = dir.join("audit.log");
+    std::fs::write(
+        &policy_file,
+        e2e::audit::policy(&[users[0].as_str(), users[1].as_str()]),
+    )
+    .unwrap();
+    let cluster = TestCluster::start_with_env(
+        0,
+        &[(
+            "KUBE_APISERVER_EXTRA_ARGS",
+            &e2e::audit::apiserver_args(&policy_file, &audit_log),
+        )],
+    )
+    .unwrap();
+    let client = cluster.client().await.unwrap();
+    install_drop_crds(&client).await.unwrap();
+    let mut ns = k8s_openapi::api::core::v1::Namespace::default();
+    ns.metadata.name = Some(ns_name.into());
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    e2e::restrict_namespace(&client, ns_name).await;
+    let pool = BTreeMap::from([(POOL.to_owned(), ns_name.to_owned())]);
+    let _nodes = cluster
+        .add_nodes(&client, ns_name, 20, &pool)
+        .await
+        .unwrap();
+    let mut kubeconfigs = Vec::new();
+    for name in [a, b] {
+        kubeconfigs.push(
+            e2e::identity::service_account_kubeconfig(
+                &client,
+                cluster.kubeconfig(),
+                ns_name,
+                name,
+                &dir,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let command = |kubeconfig: &std::path::Path| DropCommand {
+        program: env!("CARGO_BIN_EXE_drop-process").into(),
+        kubeconfig: kubeconfig.to_owned(),
+        namespace: ns_name.to_owned(),
+        id: ns_name.to_owned(),
+        dir: dir.clone(),
+        extra: [
+            "--leader-elect",
+            "--leader-elect-lease-duration",
+            "4s",
+            "--leader-elect-renew-deadline",
+            "3s",
+            "--leader-elect-retry-period",
+            "500ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        log_filter: "info".into(),
+    };
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), ns_name);
+    let holder = || async {
+        leases
+            .get_opt("drop-leader")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+            .unwrap_or_default()
+    };
+    let mut first = command(&kubeconfigs[0]).spawn(0);
+    eventually(Duration::from_secs(30), "drop-0 leads", || async {
+        match holder().await {
+            h if h == "drop-0" => Ok(()),
+            h => Err(format!("holder {h:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    let second = command(&kubeconfigs[1]).spawn(1);
+
+    // A rollout of about 30 s (60 pulls of 5 s, 10 at a time), so there is work to write all along.
+    let labels = BTreeMap::from([(TEST_LABEL.to_owned(), ns_name.to_owned())]);
+    let mut policy = PullPolicy::new(
+        "chaos-audit",
+        PullPolicySpec {
+            max_concurrent_nodes: CONCURRENCY,
+            min_delay_between_pulls: Some(Duration::ZERO.into()),
+            ..PullPolicySpec::default()
+        },
+    );
+    policy.metadata.labels = Some(labels.clone());
+    Api::<PullPolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let images: Api<CachedImage> = Api::all(client.clone());
+    for i in 0..3 {
+        let mut ci = CachedImage::new(
+            &format!("audit-{i}"),
+            CachedImageSpec {
+                image: format!("docker.io/library/audit{i}"),
+                tag: Some("slow-5s".into()),
+                node_selector: pool.clone(),
+                policy_ref: Some(PolicyReference {
+                    name: "chaos-audit".into(),
+                }),
+                ..CachedImageSpec::default()
+            },
+        );
+        ci.metadata.labels = Some(labels.clone());
+        images.create(&PostParams::default(), &ci).await.unwrap();
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns_name);
+    eventually(Duration::from_secs(60), "pulls under way", || async {
+        match pods.list(&Default::default()).await {
+            Ok(l) if !l.items.is_empty() => Ok(()),
+            _ => Err("no pull Pod yet"),
+        }
+    })
+    .await
+    .unwrap();
+
+    first.signal("STOP");
+    eventually(Duration::from_secs(30), "drop-1 takes over", || async {
+        match holder().await {
+            h if h == "drop-1" => Ok(()),
+            h => Err(format!("holder {h:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    // The standby writes as the new leader before the old one is resumed.
+    let resumed_at = jiff::Timestamp::now();
+    first.signal("CONT");
+    let status = eventually(Duration::from_secs(30), "drop-0 steps down", || {
+        let s = first.exited();
+        async move { s.ok_or("still running") }
+    })
+    .await
+    .unwrap();
+    assert!(!status.success());
+    // The new leader keeps writing a while after (so the log covers the old one's whole end).
+    eventually(
+        Duration::from_secs(60),
+        "the rollout finished by drop-1",
+        || async {
+            let list = images
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let ready = list
+                .items
+                .iter()
+                .filter(|i| {
+                    i.status.as_ref().and_then(|s| s.phase) == Some(CachedImagePhase::Ready)
+                })
+                .count();
+            if ready == 3 {
+                Ok(())
+            } else {
+                Err(format!("{ready}/3 Ready"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    let requests = e2e::audit::read(&audit_log);
+    let (old, new) = (users[0].as_str(), users[1].as_str());
+    let old_writes_after: Vec<String> = requests
+        .iter()
+        .filter(|r| r.user == old)
+        .filter(|r| r.is_write() && r.at >= resumed_at)
+        .map(|r| format!("{} {} at {}", r.verb, r.resource, r.at))
+        .collect();
+    let new_writes = requests
+        .iter()
+        .filter(|r| r.user == new && r.is_write())
+        .count();
+    let old_writes_before = requests
+        .iter()
+        .filter(|r| r.user == old && r.is_write() && r.at < resumed_at)
+        .count();
+    println!(
+        "chaos audit: drop-0 wrote {old_writes_before} times before its freeze, {} after its resume; drop-1 wrote {new_writes} times",
+        old_writes_after.len()
+    );
+    assert!(
+        old_writes_before > 0 && new_writes > 0,
+        "both replicas wrote as leaders"
+    );
+    assert!(
+        old_writes_after.is_empty(),
+        "the resumed old leader wrote: {old_writes_after:?}"
+    );
+    drop(second);
+}

@@ -13,7 +13,6 @@
 //!
 //! See `docs/performance.md` for the scenarios and their figures.
 
-mod audit;
 mod operator;
 mod report;
 
@@ -22,11 +21,10 @@ use drop::api::{
     CachedImage, CachedImageSet, CachedImageSetSpec, CachedImageSpec, ImageEntry, PolicyReference,
     PullPolicy, PullPolicySpec,
 };
-use e2e::PodRecorder;
+use e2e::{PodRecorder, audit};
 use framework::testing::{TestCluster, simulated_node};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use report::Report;
@@ -94,12 +92,8 @@ async fn main() -> Result<(), Error> {
     let work = tempfile::Builder::new().prefix("drop-fleet-").tempdir()?;
     let policy_file = work.path().join("audit-policy.yaml");
     let audit_log = work.path().join("audit.log");
-    std::fs::write(&policy_file, audit::policy(USER))?;
-    let extra = format!(
-        "--audit-policy-file={} --audit-log-path={} --audit-log-format=json --audit-log-maxsize=100000",
-        policy_file.display(),
-        audit_log.display()
-    );
+    std::fs::write(&policy_file, audit::policy(&[USER]))?;
+    let extra = audit::apiserver_args(&policy_file, &audit_log);
     let started = Instant::now();
     eprintln!("[fleet] starting a cluster with {} nodes", args.nodes);
     let cluster =
@@ -185,8 +179,8 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
-/// A ServiceAccount for the operator with cluster-admin (the benchmark measures cost, not RBAC), and a
-/// kubeconfig that authenticates as it.
+/// The operator's namespace (Pod Security "restricted") and its own identity: a kubeconfig
+/// authenticating as ServiceAccount `drop` there.
 async fn operator_identity(
     client: &Client,
     cluster: &TestCluster,
@@ -201,54 +195,7 @@ async fn operator_identity(
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
         .await?;
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
-    let mut sa = ServiceAccount::default();
-    sa.metadata.name = Some("drop".into());
-    sas.create(&PostParams::default(), &sa).await?;
-    let binding = ClusterRoleBinding {
-        metadata: kube::core::ObjectMeta {
-            name: Some("drop-bench".into()),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "ClusterRole".into(),
-            name: "cluster-admin".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: "drop".into(),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        }]),
-    };
-    Api::<ClusterRoleBinding>::all(client.clone())
-        .create(&PostParams::default(), &binding)
-        .await?;
-    let request = k8s_openapi::api::authentication::v1::TokenRequest {
-        spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
-            expiration_seconds: Some(24 * 3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let token = sas
-        .create_token_request("drop", &PostParams::default(), &request)
-        .await?
-        .status
-        .and_then(|s| s.token)
-        .ok_or("the token request returned no token")?;
-    let mut kc = kube::config::Kubeconfig::read_from(cluster.kubeconfig())?;
-    for user in &mut kc.auth_infos {
-        user.auth_info = Some(kube::config::AuthInfo {
-            token: Some(token.clone().into()),
-            ..Default::default()
-        });
-    }
-    let path = dir.join("operator.kubeconfig");
-    // JSON is YAML: the operator reads it as any kubeconfig.
-    std::fs::write(&path, serde_json::to_vec(&kc)?)?;
-    Ok(path)
+    e2e::identity::service_account_kubeconfig(client, cluster.kubeconfig(), NS, "drop", dir).await
 }
 
 async fn create_scenario(client: &Client, args: &Args) -> Result<(), Error> {

@@ -1,8 +1,8 @@
 //! The figures of one run, computed from what the run observed.
 
 use super::Args;
-use super::audit::{self, Request};
 use e2e::PodRecord;
+use e2e::audit::{self, Request};
 use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -1,16 +1,31 @@
-//! The kube-apiserver's audit log, reduced to what the benchmark reports: the operator's requests by
-//! verb and resource, in a time window.
+//! The kube-apiserver's audit log, reduced to what the benchmark and the fault suite read: who made
+//! which request, by verb and resource, when.
 
 use jiff::Timestamp;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The audit policy: metadata of every request the operator's identity makes, nothing else.
-pub fn policy(user: &str) -> String {
+/// The audit policy: metadata of every request these identities make, nothing else.
+pub fn policy(users: &[&str]) -> String {
+    let users = users
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\n\
-         rules:\n- level: Metadata\n  users: [\"{user}\"]\n- level: None\n"
+         rules:\n- level: Metadata\n  users: [{users}]\n- level: None\n"
+    )
+}
+
+/// The kube-apiserver arguments that write the audit log `log` with the policy in `policy_file`
+/// (for `KUBE_APISERVER_EXTRA_ARGS`), rotating only past 100 GB.
+pub fn apiserver_args(policy_file: &Path, log: &Path) -> String {
+    format!(
+        "--audit-policy-file={} --audit-log-path={} --audit-log-format=json --audit-log-maxsize=100000",
+        policy_file.display(),
+        log.display()
     )
 }
 
@@ -19,10 +34,18 @@ pub fn policy(user: &str) -> String {
 struct Line {
     verb: String,
     #[serde(default)]
+    user: Option<User>,
+    #[serde(default)]
     object_ref: Option<ObjectRef>,
     request_received_timestamp: Timestamp,
     #[serde(default)]
     response_status: Option<Status>,
+}
+
+#[derive(Deserialize)]
+struct User {
+    #[serde(default)]
+    username: String,
 }
 
 #[derive(Deserialize)]
@@ -42,6 +65,8 @@ struct Status {
 /// One request of the operator.
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// Who made it.
+    pub user: String,
     /// `create`, `patch`, `delete`, `get`, `list`, `watch`, …
     pub verb: String,
     /// `pods`, `cachedimages/status`, …
@@ -93,6 +118,7 @@ pub fn read(path: &Path) -> Vec<Request> {
                 .map(|o| (o.resource.unwrap_or_default(), o.subresource))
                 .unwrap_or_default();
             Request {
+                user: l.user.map(|u| u.username).unwrap_or_default(),
                 verb: l.verb,
                 resource: match sub {
                     Some(s) => format!("{resource}/{s}"),
