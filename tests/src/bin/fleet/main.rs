@@ -70,6 +70,11 @@ struct Args {
     /// At the end, delete every node and report the operator's memory once it has let go of them.
     #[arg(long)]
     remove_nodes: bool,
+    /// Kill the operator (SIGKILL) this many seconds apart during the rollout, restarting it at
+    /// once, until 80 % of the pairs are cached; then report the faults and the invariants (duplicate
+    /// pulls, most in flight, status regressions) instead of the cost figures. 0: no faults.
+    #[arg(long, default_value_t = 0)]
+    kill_every: u64,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -106,6 +111,14 @@ async fn main() -> Result<(), Error> {
     let kubeconfig = operator_identity(&client, &cluster, work.path()).await?;
     let mut op = operator::Operator::start(&bin, &kubeconfig, NS, work.path(), &args.log)?;
     op.wait_ready().await?;
+    if args.kill_every > 0 {
+        let kill = Kill {
+            bin: &bin,
+            kubeconfig: &kubeconfig,
+            dir: work.path(),
+        };
+        return fault_run(&client, &args, kill, op).await;
+    }
 
     let recorder = PodRecorder::start(&client, NS);
     let images: Api<CachedImage> = Api::all(client.clone());
@@ -179,6 +192,69 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
+/// How to restart the operator.
+struct Kill<'a> {
+    bin: &'a std::path::Path,
+    kubeconfig: &'a std::path::Path,
+    dir: &'a std::path::Path,
+}
+
+/// The rollout under SIGKILLs every `--kill-every` seconds, with the fault suite's invariants
+/// checked on every watch event.
+async fn fault_run(
+    client: &Client,
+    args: &Args,
+    kill: Kill<'_>,
+    mut op: operator::Operator,
+) -> Result<(), Error> {
+    let watch = e2e::chaos::InvariantWatch::start(client, NS, FLEET);
+    let recorder = PodRecorder::start(client, NS);
+    let images: Api<CachedImage> = Api::all(client.clone());
+    let t0 = Instant::now();
+    create_scenario(client, args).await?;
+    let all_nodes: BTreeSet<String> = (0..args.nodes).map(|i| format!("kwok-node-{i}")).collect();
+    let want = all_nodes.len() * args.images;
+    let mut kills = 0;
+    loop {
+        let done = cached_pairs(
+            &images.list(&ListParams::default()).await?.items,
+            &all_nodes,
+        );
+        if done * 5 >= want * 4 {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(args.timeout) {
+            return Err(format!("{done}/{want} pairs after {} s under kills", args.timeout).into());
+        }
+        tokio::time::sleep(Duration::from_secs(args.kill_every)).await;
+        op.stop();
+        kills += 1;
+        op = operator::Operator::start(kill.bin, kill.kubeconfig, NS, kill.dir, &args.log)?;
+        eprintln!("[fleet] kill {kills}: {done}/{want} pairs cached");
+    }
+    let last_kill = Instant::now();
+    wait_cached(&images, &all_nodes, args.images, &recorder, args.timeout).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    wait_no_pods(&pods).await?;
+    let v = watch.violations();
+    println!(
+        "fleet under faults: {} nodes x {} images, c={}, SIGKILL every {} s\n  kills                    {kills}\n  makespan                 {:.1} s\n  converged after the last kill {:.1} s\n  pull Pods                {} for {want} pairs\n  most in flight           {} (limit {})\n  duplicate pulls          {}\n  status regressions       {}",
+        args.nodes,
+        args.images,
+        args.concurrency,
+        args.kill_every,
+        t0.elapsed().as_secs_f64(),
+        last_kill.elapsed().as_secs_f64(),
+        v.pods_seen,
+        v.most_in_flight,
+        args.concurrency,
+        v.duplicates.len(),
+        v.regressions.len()
+    );
+    op.stop();
+    Ok(())
+}
+
 /// The operator's namespace (Pod Security "restricted") and its own identity: a kubeconfig
 /// authenticating as ServiceAccount `drop` there.
 async fn operator_identity(
@@ -196,6 +272,13 @@ async fn operator_identity(
         .create(&PostParams::default(), &ns)
         .await?;
     e2e::identity::service_account_kubeconfig(client, cluster.kubeconfig(), NS, "drop", dir).await
+}
+
+/// The label value of the benchmark's objects (under `e2e::TEST_LABEL`), for the invariant watch.
+const FLEET: &str = "fleet";
+
+fn fleet_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(e2e::TEST_LABEL.to_owned(), FLEET.to_owned())])
 }
 
 async fn create_scenario(client: &Client, args: &Args) -> Result<(), Error> {
@@ -228,6 +311,8 @@ async fn create_scenario(client: &Client, args: &Args) -> Result<(), Error> {
                 ..Default::default()
             },
         );
+        let mut set = set;
+        set.metadata.labels = Some(fleet_labels());
         Api::<CachedImageSet>::all(client.clone())
             .create(&PostParams::default(), &set)
             .await?;
@@ -247,6 +332,8 @@ async fn create_scenario(client: &Client, args: &Args) -> Result<(), Error> {
                 ..Default::default()
             },
         );
+        let mut ci = ci;
+        ci.metadata.labels = Some(fleet_labels());
         images.create(&PostParams::default(), &ci).await?;
     }
     Ok(())
