@@ -327,14 +327,10 @@ impl Reconciler for DiscoveryPolicyReconciler {
             ),
         };
         let ready = ready_condition(ok.len(), &failed, count);
-        let was = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == conditions::READY)
-            .map(|c| (c.status.clone(), c.reason.clone()));
+        let was = conditions::get(&status.conditions, conditions::READY).map(|c| c.reason.clone());
         let mut plan = Plan::new();
         // An Event when the outcome changes (not every retry): a failure, and the recovery.
-        if was.as_ref().map(|(_, r)| r.as_str()) != Some(ready.reason.as_str()) {
+        if was.as_deref() != Some(ready.reason.as_str()) {
             if failed.is_empty() {
                 if was.is_some() {
                     plan = plan.event("Synced", ready.message.clone());

@@ -40,17 +40,10 @@ pub struct DropCommand {
     pub log_filter: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 impl DropCommand {
     /// Starts process number `n` (its identity and log file are named after it).
     pub fn spawn(&self, n: usize) -> DropProcess {
-        let http = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", crate::fixtures::free_port());
         let log = self.dir.join(format!("drop-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(&self.program)

@@ -11,6 +11,7 @@ use drop::api::{
 use e2e::chaos::{DropCommand, DropProcess, InvariantWatch, log_dir};
 use e2e::{TEST_LABEL, cluster, install_drop_crds};
 use framework::testing::{TestCluster, TestNodes, eventually};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -214,6 +215,42 @@ impl Rollout {
     }
 }
 
+/// Leader election fast enough for a test: lease 4 s, renew deadline 3 s, retry every 0.5 s.
+fn fast_leader_election() -> Vec<String> {
+    [
+        "--leader-elect",
+        "--leader-elect-lease-duration",
+        "4s",
+        "--leader-elect-renew-deadline",
+        "3s",
+        "--leader-elect-retry-period",
+        "500ms",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Waits until replica `who` holds Drop's leader Lease in `namespace`.
+async fn wait_leader(client: &Client, namespace: &str, who: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    eventually(Duration::from_secs(30), "the expected leader", || async {
+        let holder = leases
+            .get_opt("drop-leader")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+            .unwrap_or_default();
+        if holder == who {
+            Ok(())
+        } else {
+            Err(format!("holder {holder:?}, waiting for {who}"))
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_operator_killed_every_5s_mid_rollout_loses_and_duplicates_nothing() {
     let (cluster, client) = cluster().await.unwrap();
@@ -254,38 +291,11 @@ async fn chaos_operator_killed_every_5s_mid_rollout_loses_and_duplicates_nothing
 async fn chaos_leader_killed_then_frozen_hands_over_without_overlap() {
     let (cluster, client) = cluster().await.unwrap();
     let mut r = Rollout::prepare(cluster, client.clone(), "chaos-leader", NODES).await;
-    r.command.extra = [
-        "--leader-elect",
-        "--leader-elect-lease-duration",
-        "4s",
-        "--leader-elect-renew-deadline",
-        "3s",
-        "--leader-elect-retry-period",
-        "500ms",
-    ]
-    .map(String::from)
-    .to_vec();
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), r.ns.name());
-    let holder = || async {
-        leases
-            .get_opt("drop-leader")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.holder_identity)
-            .unwrap_or_default()
-    };
+    r.command.extra = fast_leader_election();
     let mut replicas: BTreeMap<String, DropProcess> = BTreeMap::new();
     replicas.insert("drop-0".into(), r.command.spawn(0));
-    let first = eventually(Duration::from_secs(30), "a leader", || async {
-        match holder().await {
-            h if h == "drop-0" => Ok(h),
-            h => Err(format!("holder {h:?}")),
-        }
-    })
-    .await
-    .unwrap();
+    let first = "drop-0";
+    wait_leader(&client, r.ns.name(), first).await;
     replicas.insert("drop-1".into(), r.command.spawn(1));
     r.create_objects("slow-1s").await;
     let t0 = Instant::now();
@@ -293,37 +303,20 @@ async fn chaos_leader_killed_then_frozen_hands_over_without_overlap() {
 
     // 1. The leader is killed: the standby takes over once the lease has run out.
     let killed_at = Instant::now();
-    replicas.remove(&first).unwrap().kill();
-    let second = eventually(Duration::from_secs(30), "the standby leads", || async {
-        match holder().await {
-            h if h == "drop-1" => Ok(h),
-            h => Err(format!("holder {h:?}")),
-        }
-    })
-    .await
-    .unwrap();
+    replicas.remove(first).unwrap().kill();
+    let second = "drop-1";
+    wait_leader(&client, r.ns.name(), second).await;
     let handover = killed_at.elapsed();
     replicas.insert("drop-2".into(), r.command.spawn(2));
 
     // 2. The new leader is frozen past its lease; the fresh standby takes over; the frozen one is
     // resumed and must step down (it exits) instead of carrying on.
-    let frozen = replicas.get(&second).unwrap();
+    let frozen = replicas.get(second).unwrap();
     frozen.signal("STOP");
     let frozen_at = Instant::now();
-    eventually(
-        Duration::from_secs(30),
-        "the fresh standby leads",
-        || async {
-            match holder().await {
-                h if h == "drop-2" => Ok(()),
-                h => Err(format!("holder {h:?}")),
-            }
-        },
-    )
-    .await
-    .unwrap();
+    wait_leader(&client, r.ns.name(), "drop-2").await;
     let takeover = frozen_at.elapsed();
-    let frozen = replicas.get_mut(&second).unwrap();
+    let frozen = replicas.get_mut(second).unwrap();
     frozen.signal("CONT");
     let status = eventually(
         Duration::from_secs(30),
@@ -439,39 +432,11 @@ async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
         namespace: ns_name.to_owned(),
         id: ns_name.to_owned(),
         dir: dir.clone(),
-        extra: [
-            "--leader-elect",
-            "--leader-elect-lease-duration",
-            "4s",
-            "--leader-elect-renew-deadline",
-            "3s",
-            "--leader-elect-retry-period",
-            "500ms",
-        ]
-        .map(String::from)
-        .to_vec(),
+        extra: fast_leader_election(),
         log_filter: "info".into(),
     };
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), ns_name);
-    let holder = || async {
-        leases
-            .get_opt("drop-leader")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.holder_identity)
-            .unwrap_or_default()
-    };
     let mut first = command(&kubeconfigs[0]).spawn(0);
-    eventually(Duration::from_secs(30), "drop-0 leads", || async {
-        match holder().await {
-            h if h == "drop-0" => Ok(()),
-            h => Err(format!("holder {h:?}")),
-        }
-    })
-    .await
-    .unwrap();
+    wait_leader(&client, ns_name, "drop-0").await;
     let second = command(&kubeconfigs[1]).spawn(1);
 
     // A rollout of about 30 s (60 pulls of 5 s, 10 at a time), so there is work to write all along.
@@ -517,14 +482,7 @@ async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
     .unwrap();
 
     first.signal("STOP");
-    eventually(Duration::from_secs(30), "drop-1 takes over", || async {
-        match holder().await {
-            h if h == "drop-1" => Ok(()),
-            h => Err(format!("holder {h:?}")),
-        }
-    })
-    .await
-    .unwrap();
+    wait_leader(&client, ns_name, "drop-1").await;
     // The standby writes as the new leader before the old one is resumed.
     let resumed_at = jiff::Timestamp::now();
     first.signal("CONT");
