@@ -119,10 +119,11 @@ fn measure(images: usize, nodes: usize, cached: bool) -> Figures {
         })
         .collect();
     let (paces, earlier_starts) = (BTreeMap::new(), BTreeMap::new());
+    let target_refs: Vec<&pacing::Target> = targets.iter().collect();
     let input = pacing::Input {
         now,
         paces: &paces,
-        targets: &targets,
+        targets: &target_refs,
         earlier_starts: &earlier_starts,
         in_flight: &in_flight,
         history: &history,

@@ -159,7 +159,7 @@ pub struct Input<'a> {
     /// The (image, node) pairs that should hold their image. A caller may leave out targets it
     /// knows are not due before `now` (cached with no re-pull due, waiting out a backoff), provided
     /// it reports their latest start per policy in `earlier_starts`.
-    pub targets: &'a [Target],
+    pub targets: &'a [&'a Target],
     /// The latest pull start under each policy among targets left out of `targets`; they still
     /// space the next start.
     pub earlier_starts: &'a BTreeMap<PolicyKey, Timestamp>,

@@ -755,15 +755,17 @@ where
         if let Some(list) = status.conditions_mut() {
             conditions::stamp_generation(list, generation);
         }
-        let to_value = |s: &<R::Resource as HasStatus>::Status| {
-            serde_json::to_value(s).map_err(|source| ExecError::Status {
+        // Compared as serialised bytes: an object with a long list in its status is reconciled
+        // often, and building two JSON trees of it each time would cost more than the reconcile.
+        let to_vec = |s: &<R::Resource as HasStatus>::Status| {
+            serde_json::to_vec(s).map_err(|source| ExecError::Status {
                 name: obj.name_any(),
                 source,
             })
         };
-        let new = to_value(&status)?;
+        let new = to_vec(&status)?;
         if let Some(current) = obj.status()
-            && to_value(current)? == new
+            && to_vec(current)? == new
         {
             return Ok(None);
         }
@@ -779,7 +781,7 @@ where
         let body = serde_json::json!({
             "apiVersion": R::Resource::api_version(&()),
             "kind": R::Resource::kind(&()),
-            "status": new,
+            "status": status,
         });
         let answer = self
             .api_for(obj)

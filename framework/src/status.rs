@@ -9,6 +9,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 /// status, records reconcile errors as a condition, and declares the conditions list as a map list keyed
 /// by `type` in the generated CRD schema.
 ///
+/// A status is written only when its serialised form differs from the stored one, so it must
+/// serialise the same way each time: use `BTreeMap`, not `HashMap`, for map fields (a `HashMap`'s
+/// order changes between runs, and every reconcile would write).
+///
 /// ```
 /// use framework::{ObjectStatus, Status};
 /// use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

@@ -440,7 +440,7 @@ fn ideal_makespan(pace: &drop::pacing::Pace, nodes: usize, secs: i64) -> i64 {
         let d = decide(&Input {
             now: t(now),
             paces: &paces,
-            targets: &targets,
+            targets: &targets.iter().collect::<Vec<_>>(),
             earlier_starts: &BTreeMap::new(),
             in_flight: &in_flight,
             history: &history,

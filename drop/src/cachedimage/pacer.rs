@@ -257,17 +257,26 @@ impl Pacer {
             Ok((policy, pace)) => {
                 st.paces.insert(policy.clone(), pace.clone());
                 let priority = step.image.spec.priority.unwrap_or(0);
-                st.targets.insert(
-                    name.clone(),
-                    targets
-                        .iter()
-                        .map(|n| Target {
-                            key: key(n),
-                            priority,
-                            policy: policy.clone(),
+                // Most reconciles see the targets they registered last time: keep those.
+                let unchanged = st.targets.get(&name).is_some_and(|ts| {
+                    ts.len() == targets.len()
+                        && ts.iter().zip(&targets).all(|(t, n)| {
+                            t.key.node == *n && t.priority == priority && t.policy == *policy
                         })
-                        .collect(),
-                );
+                });
+                if !unchanged {
+                    st.targets.insert(
+                        name.clone(),
+                        targets
+                            .iter()
+                            .map(|n| Target {
+                                key: key(n),
+                                priority,
+                                policy: policy.clone(),
+                            })
+                            .collect(),
+                    );
+                }
             }
             Err(_) => {
                 st.targets.remove(&name);
@@ -363,7 +372,7 @@ impl Pacer {
         // time. This keeps a reconcile's cost near its own targets' instead of the whole fleet's.
         let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
         let full = pacing::saturated(&st.paces, &in_flight);
-        let mut due_targets: Vec<Target> = Vec::new();
+        let mut due_targets: Vec<&Target> = Vec::new();
         let mut earlier_starts: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
         for (image, targets) in &st.targets {
             if *image != name && targets.first().is_some_and(|t| full.contains(&t.policy)) {
@@ -377,7 +386,7 @@ impl Pacer {
                         *latest = (*latest).max(at);
                     }
                 }
-                _ => due_targets.extend(targets.iter().cloned()),
+                _ => due_targets.extend(targets),
             }
         }
         let decision = pacing::decide(&pacing::Input {
@@ -555,8 +564,10 @@ fn summarise(
         next: None,
         last_start: None,
     };
+    let mut k = PullKey::new(name, "");
     for node in targets {
-        let k = PullKey::new(name, node);
+        k.node.clear();
+        k.node.push_str(node);
         let h = st.history.get(&k).unwrap_or(&never);
         summary.last_start = summary.last_start.max(h.last_start);
         if st.in_flight.contains_key(&k) {
@@ -619,9 +630,12 @@ fn observe(st: &State, name: &str, step: &Step<'_>, reference: &str) -> Observed
     let mut nodes = BTreeMap::new();
     let mut last_pulled_at = None;
     let mut last_attempted_at = None;
+    let never = History::default();
+    let mut k = PullKey::new(name, "");
     for node in step.targets {
-        let k = PullKey::new(name, node);
-        let h = st.history.get(&k).cloned().unwrap_or_default();
+        k.node.clear();
+        k.node.push_str(node);
+        let h = st.history.get(&k).unwrap_or(&never);
         let mem = st.nodes.get(&k);
         last_pulled_at = last_pulled_at.max(h.last_success);
         last_attempted_at = last_attempted_at.max(h.last_start);

@@ -80,7 +80,7 @@ impl Sim {
             let decision = decide(&Input {
                 now: self.now,
                 paces: &self.paces,
-                targets: &self.targets,
+                targets: &refs(&self.targets),
                 in_flight: &in_flight,
                 history: &self.history,
                 earlier_starts: &BTreeMap::new(),
@@ -258,7 +258,7 @@ fn pacing_new_nodes_go_before_refreshes_whatever_the_priority() {
     let d = decide(&Input {
         now: at(3600),
         paces: &paces,
-        targets: &targets,
+        targets: &refs(&targets),
         in_flight: &[],
         history: &history,
         earlier_starts: &BTreeMap::new(),
@@ -278,7 +278,7 @@ fn pacing_several_pulls_start_in_one_decision_when_limits_allow() {
     let d = decide(&Input {
         now: at(0),
         paces: &paces,
-        targets: &targets,
+        targets: &refs(&targets),
         in_flight: &[],
         history: &BTreeMap::new(),
         earlier_starts: &BTreeMap::new(),
@@ -302,7 +302,7 @@ fn pacing_policies_are_separate_budgets() {
     let d = decide(&Input {
         now: at(0),
         paces: &paces,
-        targets: &targets,
+        targets: &refs(&targets),
         in_flight: &[],
         history: &BTreeMap::new(),
         earlier_starts: &BTreeMap::new(),
@@ -325,10 +325,11 @@ fn pacing_reports_pulls_past_the_timeout() {
     let paces = BTreeMap::new();
     let history = BTreeMap::new();
     let earlier_starts = BTreeMap::new();
+    let target_refs = refs(&targets);
     let input = |now| Input {
         now,
         paces: &paces,
-        targets: &targets,
+        targets: &target_refs,
         in_flight: &in_flight,
         history: &history,
         earlier_starts: &earlier_starts,
@@ -533,7 +534,7 @@ proptest! {
             })).collect();
         let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 2, seed).is_multiple_of(5))
             .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(0) }).collect();
-        let input = Input { now: at(now), paces: &paces, targets: &targets, in_flight: &in_flight,
+        let input = Input { now: at(now), paces: &paces, targets: &refs(&targets), in_flight: &in_flight,
             history: &history,
         earlier_starts: &BTreeMap::new(), pull_timeout: Duration::from_secs(600) };
         let a = decide(&input);
@@ -542,7 +543,7 @@ proptest! {
         shuffled.reverse();
         let mut flying = in_flight.clone();
         flying.reverse();
-        let b = decide(&Input { targets: &shuffled, in_flight: &flying, ..input });
+        let b = decide(&Input { targets: &refs(&shuffled), in_flight: &flying, ..input });
         prop_assert_eq!(a, b, "the order of the inputs does not matter");
     }
 }
@@ -576,7 +577,7 @@ proptest! {
             .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(now / 2) }).collect();
         let builtin = Pace::builtin();
         let none = BTreeMap::new();
-        let whole = Input { now: at(now), paces: &paces, targets: &targets, earlier_starts: &none,
+        let whole = Input { now: at(now), paces: &paces, targets: &refs(&targets), earlier_starts: &none,
             in_flight: &in_flight, history: &history, pull_timeout: Duration::from_secs(600) };
 
         let mut kept = Vec::new();
@@ -600,7 +601,7 @@ proptest! {
             }
         }
         let a = decide(&whole);
-        let b = decide(&Input { targets: &kept, earlier_starts: &earlier, ..whole.clone() });
+        let b = decide(&Input { targets: &refs(&kept), earlier_starts: &earlier, ..whole.clone() });
         prop_assert_eq!(a.start, b.start);
         prop_assert_eq!(a.timed_out, b.timed_out);
         // Only the left-out targets' own due times can be missing from the wake-up.
@@ -613,4 +614,9 @@ proptest! {
 /// When a pull started at `start` ended, in a test world.
 fn pacing_end(start: Timestamp, k: &PullKey, seed: u64) -> Timestamp {
     after(start, Duration::from_secs(hashy(k, 5, seed) % 120))
+}
+
+/// The targets as the engine takes them.
+fn refs(targets: &[Target]) -> Vec<&Target> {
+    targets.iter().collect()
 }
