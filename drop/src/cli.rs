@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crd {
         /// Write `<plural>.yaml` files into this directory instead of printing.
@@ -32,6 +32,14 @@ struct RunArgs {
     /// Address of the /metrics endpoint ("0" disables it).
     #[arg(long, default_value = ":8080")]
     metrics_bind_address: String,
+    /// Serve /metrics over HTTPS, only to callers whose bearer token the API server accepts
+    /// (TokenReview) and who may `get` the non-resource URL /metrics (SubjectAccessReview).
+    #[arg(long)]
+    metrics_secure: bool,
+    /// Directory with `tls.crt` and `tls.key` for the secure /metrics endpoint (e.g. a mounted
+    /// cert-manager Secret); without it a self-signed certificate is made at start.
+    #[arg(long, requires = "metrics_secure")]
+    metrics_cert_dir: Option<std::path::PathBuf>,
     /// Address of /healthz and /readyz ("0" disables them).
     #[arg(long, default_value = ":8081")]
     health_probe_bind_address: String,
@@ -107,7 +115,7 @@ pub fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return report(Err(format!("starting the async runtime: {e}").into())),
             };
-            report(rt.block_on(run(args)))
+            report(rt.block_on(run(*args)))
         }
     }
 }
@@ -158,6 +166,10 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         pod_namespace: args.pod_namespace,
         pull_timeout: args.pull_timeout,
         metrics_addr,
+        metrics_tls: args.metrics_secure.then(|| match args.metrics_cert_dir {
+            Some(dir) => framework::metrics_auth::Certificate::in_dir(dir),
+            None => framework::metrics_auth::Certificate::SelfSigned,
+        }),
         health_addr,
         leader_election,
         install_crds: args.install_crds,

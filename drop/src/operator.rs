@@ -21,6 +21,9 @@ pub struct Settings {
     pub pull_timeout: Duration,
     /// Where to serve `/metrics`.
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve `/metrics` over TLS to authorised callers only, with this certificate (`None`: plain
+    /// HTTP to anyone who can reach the port).
+    pub metrics_tls: Option<framework::metrics_auth::Certificate>,
     /// Where to serve `/healthz` and `/readyz`.
     pub health_addr: Option<SocketAddr>,
     /// Reconcile only while holding this Lease.
@@ -100,6 +103,9 @@ pub async fn run(
         .controller(discovery);
     if let Some(addr) = settings.metrics_addr {
         operator = operator.metrics_addr(addr);
+    }
+    if let Some(certificate) = settings.metrics_tls {
+        operator = operator.secure_metrics(certificate);
     }
     if let Some(addr) = settings.health_addr {
         operator = operator.health_addr(addr);

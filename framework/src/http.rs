@@ -1,4 +1,6 @@
-//! `/metrics`, `/healthz` and `/readyz` over plain HTTP (hyper 1; no router needed for three paths).
+//! `/metrics`, `/healthz` and `/readyz` over plain HTTP (hyper 1; no router needed for three paths),
+//! and `/metrics` alone over TLS for authorised callers ([`bind_secure`], see
+//! [`crate::metrics_auth`]).
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -11,6 +13,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
+
+use crate::metrics_auth::{self, Certificate, TlsError, Verdict};
+use kube::Client;
 
 /// What the endpoints report.
 #[derive(Clone, Default)]
@@ -54,11 +59,6 @@ impl Probes {
     }
 
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let text = |status: StatusCode, body: String| {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            *r.status_mut() = status;
-            r
-        };
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
@@ -72,16 +72,56 @@ impl Probes {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "caches not synced\n".into(),
             ),
-            "/metrics" => {
-                let mut r = text(StatusCode::OK, crate::metrics::render(&self.registry));
-                if let Ok(v) = http::HeaderValue::from_str(prometheus::TEXT_FORMAT) {
-                    r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-                }
-                r
-            }
+            "/metrics" => self.metrics(),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let mut r = text(StatusCode::OK, crate::metrics::render(&self.registry));
+        if let Ok(v) = http::HeaderValue::from_str(prometheus::TEXT_FORMAT) {
+            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        }
+        r
+    }
+
+    /// `/metrics` for a caller the API server authenticates and allows to `get` it.
+    async fn respond_secure(
+        &self,
+        client: &Client,
+        req: &Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        if req.uri().path() != METRICS {
+            return text(StatusCode::NOT_FOUND, "not found\n".into());
+        }
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        }
+        let authorization = req.headers().get(http::header::AUTHORIZATION);
+        match metrics_auth::authorize(client, authorization, METRICS).await {
+            Verdict::Allowed => self.metrics(),
+            Verdict::Unauthenticated(why) => {
+                tracing::debug!(reason = %why, "metrics caller not authenticated");
+                text(StatusCode::UNAUTHORIZED, format!("Unauthorized: {why}\n"))
+            }
+            Verdict::Forbidden(why) => {
+                tracing::debug!(reason = %why, "metrics caller not allowed");
+                text(StatusCode::FORBIDDEN, format!("Forbidden: {why}\n"))
+            }
+            Verdict::Failed(why) => {
+                tracing::warn!(reason = %why, "could not review a metrics caller");
+                text(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n"))
+            }
+        }
+    }
+}
+
+const METRICS: &str = "/metrics";
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
 }
 
 /// Binds `addr` and returns the bound address (port 0 picks a free one) and the serving future.
@@ -119,4 +159,79 @@ pub async fn bind(
         }
     };
     Ok((local, serve))
+}
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds `addr` for `/metrics` over TLS with `certificate`, each caller reviewed through `client`
+/// (TokenReview, then SubjectAccessReview for `get /metrics`), and returns the bound address and
+/// the serving future. Other paths answer 404.
+pub async fn bind_secure(
+    addr: SocketAddr,
+    probes: Probes,
+    client: Client,
+    certificate: &Certificate,
+) -> Result<
+    (
+        SocketAddr,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ),
+    SecureBindError,
+> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(metrics_auth::server_config(certificate)?);
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let serve = async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting connection");
+                    continue;
+                }
+            };
+            let (probes, client, acceptor) = (probes.clone(), client.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let svc = service_fn(move |req| {
+                    let (probes, client) = (probes.clone(), client.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            probes.respond_secure(&client, &req).await,
+                        )
+                    }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(error = %e, "serving connection");
+                }
+            });
+        }
+    };
+    Ok((local, serve))
+}
+
+/// Errors binding the secure `/metrics` endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SecureBindError {
+    /// The certificate could not be loaded or made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The address could not be bound.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }

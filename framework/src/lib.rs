@@ -35,6 +35,7 @@ pub mod http;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_auth;
 pub mod operator;
 mod owned;
 mod per_kind;

@@ -3,9 +3,10 @@
 use crate::ObjectStatus;
 use crate::controller::Controller;
 use crate::crd::{self, CrdError};
-use crate::http::{self, Probes};
+use crate::http::{self, Probes, SecureBindError};
 use crate::leader::{Candidate, LeaderElection, LeaderError};
 use crate::metrics::Metrics;
+use crate::metrics_auth::Certificate;
 use crate::reconciler::Reconciler;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -33,6 +34,9 @@ pub enum OperatorError {
         #[source]
         source: std::io::Error,
     },
+    /// The secure metrics endpoint's certificate could not be loaded or made.
+    #[error("metrics TLS: {0}")]
+    MetricsTls(#[from] crate::metrics_auth::TlsError),
     /// CRDs are missing or could not be installed.
     #[error(transparent)]
     Crd(#[from] CrdError),
@@ -91,6 +95,7 @@ pub struct Operator {
     registry: Registry,
     starts: Vec<StartFn>,
     metrics_addr: Option<SocketAddr>,
+    metrics_tls: Option<Certificate>,
     health_addr: Option<SocketAddr>,
     leader: Option<LeaderElection>,
     crds: CrdMode,
@@ -107,6 +112,7 @@ impl Operator {
             registry: Registry::new(),
             starts: Vec::new(),
             metrics_addr: None,
+            metrics_tls: None,
             health_addr: None,
             leader: None,
             crds: CrdMode::None,
@@ -157,6 +163,27 @@ impl Operator {
         self
     }
 
+    /// Serves `/metrics` over TLS, only to callers the API server authenticates (TokenReview) and
+    /// allows to `get` the non-resource URL `/metrics` (SubjectAccessReview); the health probes stay
+    /// on [`Operator::health_addr`]. The operator's identity needs `create` on `tokenreviews` and
+    /// `subjectaccessreviews`. See [`crate::metrics_auth`].
+    ///
+    /// ```no_run
+    /// # use framework::{Operator, metrics_auth::Certificate};
+    /// # async fn run(client: kube::Client) -> Result<(), framework::OperatorError> {
+    /// Operator::new("my-operator", client)
+    ///     .metrics_addr("0.0.0.0:8443".parse().unwrap())
+    ///     .secure_metrics(Certificate::SelfSigned)
+    ///     .health_addr("0.0.0.0:8081".parse().unwrap())
+    ///     .run()
+    ///     .await
+    /// # }
+    /// ```
+    pub fn secure_metrics(mut self, certificate: Certificate) -> Self {
+        self.metrics_tls = Some(certificate);
+        self
+    }
+
     /// Serves `/healthz` and `/readyz` on `addr`.
     pub fn health_addr(mut self, addr: SocketAddr) -> Self {
         self.health_addr = Some(addr);
@@ -196,8 +223,24 @@ impl Operator {
         let mut metrics = Metrics::register(&self.registry)?;
         metrics.also_reconciles = self.reconcile_counters;
         let probes = Probes::new(self.registry.clone());
+        if let (Some(addr), Some(certificate)) = (self.metrics_addr, &self.metrics_tls) {
+            let (bound, serve) =
+                http::bind_secure(addr, probes.clone(), self.client.clone(), certificate)
+                    .await
+                    .map_err(|e| match e {
+                        SecureBindError::Tls(e) => OperatorError::MetricsTls(e),
+                        SecureBindError::Io(source) => OperatorError::Bind {
+                            what: "metrics",
+                            addr,
+                            source,
+                        },
+                    })?;
+            tracing::info!(%bound, "serving metrics over TLS to authorised callers");
+            tokio::spawn(serve);
+        }
+        let plain_metrics = self.metrics_addr.filter(|_| self.metrics_tls.is_none());
         for (what, addr) in [
-            ("metrics", self.metrics_addr),
+            ("metrics", plain_metrics),
             ("health probe", self.health_addr),
         ] {
             let Some(addr) = addr else { continue };

@@ -63,6 +63,7 @@ impl DropUnderTest {
             pod_namespace: namespace.to_owned(),
             pull_timeout: std::time::Duration::from_secs(120),
             metrics_addr: None,
+            metrics_tls: None,
             health_addr: None,
             leader_election: None,
             install_crds: true,

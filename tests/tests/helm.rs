@@ -52,6 +52,22 @@ fn helm_charts_lint_cleanly_with_every_option() {
             "lint",
             "deploy/charts/drop",
             "--set",
+            "metrics.certSecret=drop-metrics-tls",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+        ],
+        vec![
+            "lint",
+            "deploy/charts/drop",
+            "--set",
+            "metrics.secure=false",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+        ],
+        vec![
+            "lint",
+            "deploy/charts/drop",
+            "--set",
             "leaderElection.enabled=false",
             "--set",
             "podNamespace.create=false",
@@ -155,8 +171,103 @@ fn helm_operator_pod_is_locked_down() {
     );
 }
 
-/// A client that authenticates as the ServiceAccount, with a short-lived token.
-async fn client_as(admin: &Client, cluster: &TestCluster, namespace: &str, sa: &str) -> Client {
+fn render(sets: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["template", "r", "deploy/charts/drop"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let (ok, out) = helm(&args, None);
+    assert!(ok, "{out}");
+    serde_saphyr::from_multiple(&out).unwrap()
+}
+
+fn operator_args(docs: &[serde_json::Value]) -> Vec<String> {
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn cluster_role<'a>(docs: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    docs.iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+}
+
+/// What the chart renders for `/metrics`: secure by default (the flag, port 8443, the review rights
+/// for the operator and a reader role for scrapers), a mounted certificate when one is named, an
+/// HTTPS ServiceMonitor, and plain HTTP without any of it when turned off.
+#[test]
+fn helm_metrics_chart_serves_securely_by_default_and_can_turn_it_off() {
+    let docs = render(&["metrics.serviceMonitor.enabled=true"]);
+    let args = operator_args(&docs);
+    assert!(args.contains(&"--metrics-secure".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--metrics-bind-address=:8443".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--metrics-cert-dir")),
+        "{args:?}"
+    );
+    let auth = cluster_role(&docs, "r-drop-metrics-auth").expect("review rights");
+    let rules = serde_json::to_string(&auth["rules"]).unwrap();
+    assert!(
+        rules.contains("tokenreviews") && rules.contains("subjectaccessreviews"),
+        "{rules}"
+    );
+    let reader = cluster_role(&docs, "r-drop-metrics-reader").expect("reader role");
+    assert_eq!(reader["rules"][0]["nonResourceURLs"][0], "/metrics");
+    assert_eq!(reader["rules"][0]["verbs"], serde_json::json!(["get"]));
+    let monitor = docs.iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(endpoint["tlsConfig"]["insecureSkipVerify"], true);
+    assert!(
+        endpoint["bearerTokenFile"]
+            .as_str()
+            .unwrap()
+            .ends_with("/token")
+    );
+
+    let docs = render(&["metrics.certSecret=drop-metrics-tls"]);
+    let args = operator_args(&docs);
+    assert!(
+        args.contains(&"--metrics-cert-dir=/etc/drop/metrics-certs".to_owned()),
+        "{args:?}"
+    );
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "drop-metrics-tls"
+    );
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/etc/drop/metrics-certs"
+    );
+
+    let docs = render(&[
+        "metrics.secure=false",
+        "metrics.port=8080",
+        "metrics.serviceMonitor.enabled=true",
+    ]);
+    let args = operator_args(&docs);
+    assert!(!args.contains(&"--metrics-secure".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--metrics-bind-address=:8080".to_owned()),
+        "{args:?}"
+    );
+    assert!(cluster_role(&docs, "r-drop-metrics-auth").is_none());
+    assert!(cluster_role(&docs, "r-drop-metrics-reader").is_none());
+    let monitor = docs.iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    assert!(monitor["spec"]["endpoints"][0].get("scheme").is_none());
+}
+
+/// A token of ServiceAccount `namespace/sa`, valid for an hour.
+async fn token_of(admin: &Client, namespace: &str, sa: &str) -> String {
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
     let req = TokenRequest {
         spec: Some(TokenRequestSpec {
@@ -165,13 +276,18 @@ async fn client_as(admin: &Client, cluster: &TestCluster, namespace: &str, sa: &
         }),
         ..TokenRequest::default()
     };
-    let token = sas
-        .create_token_request(sa, &PostParams::default(), &req)
+    sas.create_token_request(sa, &PostParams::default(), &req)
         .await
         .unwrap()
         .status
         .unwrap()
-        .token;
+        .token
+        .expect("a token in the TokenRequest's answer")
+}
+
+/// A client that authenticates as the ServiceAccount, with a short-lived token.
+async fn client_as(admin: &Client, cluster: &TestCluster, namespace: &str, sa: &str) -> Client {
+    let token = token_of(admin, namespace, sa).await;
     let admin_kc: serde_json::Value =
         serde_saphyr::from_str(&std::fs::read_to_string(cluster.kubeconfig()).unwrap()).unwrap();
     let kc = serde_json::json!({
@@ -254,6 +370,7 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         pod_namespace: "drop-system".into(),
         pull_timeout: Duration::from_secs(120),
         metrics_addr: None,
+        metrics_tls: None,
         health_addr: None,
         leader_election: Some(framework::LeaderElection::new(
             "drop-leader",
@@ -404,4 +521,144 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         images.get_opt("helm-basic").await.unwrap().is_some(),
         "and so do users' objects"
     );
+}
+
+/// The chart's default: `/metrics` over HTTPS, for callers allowed to read it. The operator runs
+/// out of cluster as the chart's ServiceAccount with the chart's metrics flags, so the chart's RBAC
+/// must let it review callers; a ServiceAccount bound to the chart's metrics-reader role gets the
+/// metrics, one without it is refused, and so are callers without a (valid) token.
+#[tokio::test]
+async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
+    framework::install_crypto_provider();
+    framework::testing::init_logging();
+    let (cluster, admin) = e2e::cluster().await.unwrap();
+    e2e::install_drop_crds(&admin).await.unwrap();
+    let kc = cluster.kubeconfig().to_path_buf();
+    let ns = "helm-metrics";
+    let (ok, out) = helm(
+        &[
+            "upgrade",
+            "--install",
+            "metrics",
+            "deploy/charts/drop",
+            "-n",
+            ns,
+            "--create-namespace",
+            "--set",
+            "podNamespace.name=helm-metrics-pods",
+            "--set",
+            "leaderElection.enabled=false",
+        ],
+        Some(&kc),
+    );
+    assert!(ok, "{out}");
+    let sa = "metrics-drop";
+    let operator = client_as(&admin, cluster, ns, sa).await;
+
+    // Drop as the chart runs it: its flags for metrics (the default values), nothing to reconcile.
+    let port = e2e::fixtures::free_port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = drop::operator::Settings {
+        pod_namespace: "helm-metrics-pods".into(),
+        pull_timeout: Duration::from_secs(120),
+        metrics_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+        metrics_tls: Some(framework::metrics_auth::Certificate::SelfSigned),
+        health_addr: None,
+        leader_election: None,
+        install_crds: false,
+        watch_selector: Some("e2e.drop.corewire.io/none=none".into()),
+        status_interval: drop::operator::STATUS_INTERVAL,
+    };
+    let running = tokio::spawn(drop::operator::run(operator, settings, async move {
+        let _ = stopped.await;
+    }));
+
+    // A scraper bound to the chart's reader role, and a stranger who is not.
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    for name in ["scraper", "stranger"] {
+        let mut account = ServiceAccount::default();
+        account.metadata.name = Some(name.into());
+        let _ = sas.create(&PostParams::default(), &account).await;
+    }
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "helm-metrics-scraper"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "metrics-drop-metrics-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "scraper", "namespace": ns}],
+        }))
+        .unwrap();
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
+    let _ = bindings.create(&PostParams::default(), &binding).await;
+    let scraper = token_of(&admin, ns, "scraper").await;
+    let stranger = token_of(&admin, ns, "stranger").await;
+
+    // The chart's default certificate is self-signed: a scraper skips verifying it.
+    let https = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{port}/metrics");
+    let get = |token: Option<String>, url: String| {
+        let https = https.clone();
+        async move {
+            let mut req = https.get(&url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            Ok::<_, String>((status, resp.text().await.unwrap_or_default()))
+        }
+    };
+    // Served once the operator is up; the reader gets the metrics.
+    let body = eventually(Duration::from_secs(60), "metrics for the reader", || {
+        let (token, url) = (scraper.clone(), url.clone());
+        async move {
+            match get(Some(token), url).await? {
+                (200, body) => Ok(body),
+                (status, body) => Err(format!("{status}: {body}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(body.contains("drop_active_pulls"), "{body}");
+
+    let (status, body) = get(Some(stranger.clone()), url.clone()).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("system:serviceaccount:helm-metrics:stranger"),
+        "{body}"
+    );
+    let (status, _) = get(None, url.clone()).await.unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = get(Some("not-a-token".into()), url.clone()).await.unwrap();
+    assert_eq!(status, 401);
+    // Only /metrics is there; the probes stay on their own port.
+    let (status, _) = get(
+        Some(scraper.clone()),
+        format!("https://127.0.0.1:{port}/healthz"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404);
+    // Nothing is served in clear text.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .bearer_auth(&scraper)
+        .send()
+        .await;
+    assert!(
+        plain.as_ref().map_or(true, |r| !r.status().is_success()),
+        "{plain:?}"
+    );
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let _ = bindings
+        .delete("helm-metrics-scraper", &Default::default())
+        .await;
+    let (ok, out) = helm(&["uninstall", "metrics", "-n", ns, "--wait"], Some(&kc));
+    assert!(ok, "{out}");
 }
