@@ -219,6 +219,61 @@ fn due(h: &History, pace: &Pace, now: Timestamp) -> Option<(Timestamp, Need)> {
     }
 }
 
+/// What one image's targets can contribute to a decision while nothing about them changes: see
+/// [`leaders`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Leaders {
+    /// Indices (into the targets handed to [`leaders`]) of the due targets not in flight that the
+    /// engine would start first, in its order, at most the limit.
+    pub first: Vec<usize>,
+    /// When the earliest target not in flight is due (`None`: none will be by itself).
+    pub next: Option<Timestamp>,
+    /// When a target not due at `now` becomes due: until then the due set, and so `first`, stays
+    /// as it is (`None`: never by itself).
+    pub until: Option<Timestamp>,
+    /// The latest pull start among the targets.
+    pub last_start: Option<Timestamp>,
+}
+
+/// The targets of one image that a decision could start first, for a caller that keeps them between
+/// decisions. No decision starts more than `max_concurrent` pulls of one policy, so an image whose
+/// targets share one pace (one image, one policy) never has more than that many started at once; the
+/// engine takes them in its own order. A caller may therefore hand the engine only `first` of such an
+/// image (reporting `last_start` in [`Input::earlier_starts`]) in place of all its targets, and get
+/// the same starts, for as long as the image's history and pulls in flight are unchanged and
+/// `until` has not passed.
+pub fn leaders(
+    targets: &[Target],
+    history: &BTreeMap<PullKey, History>,
+    in_flight: impl Fn(&PullKey) -> bool,
+    pace: &Pace,
+    now: Timestamp,
+) -> Leaders {
+    let never = History::default();
+    let mut out = Leaders::default();
+    let mut due_now: Vec<(Need, i32, &PullKey, usize)> = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let h = history.get(&t.key).unwrap_or(&never);
+        out.last_start = out.last_start.max(h.last_start);
+        if in_flight(&t.key) {
+            continue;
+        }
+        let Some((at, need)) = due(h, pace, now) else {
+            continue;
+        };
+        out.next = Some(out.next.map_or(at, |n| n.min(at)));
+        if at <= now {
+            due_now.push((need, t.priority, &t.key, i));
+        } else {
+            out.until = Some(out.until.map_or(at, |u| u.min(at)));
+        }
+    }
+    due_now.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let limit = usize::try_from(pace.max_concurrent).unwrap_or(usize::MAX);
+    out.first = due_now.iter().take(limit).map(|d| d.3).collect();
+    out
+}
+
 /// Records a start under `policy`, keeping the latest.
 fn note_start<'a>(
     map: &mut BTreeMap<&'a PolicyKey, Timestamp>,

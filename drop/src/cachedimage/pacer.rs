@@ -95,14 +95,9 @@ struct ImageMemory {
 }
 
 /// What the other images' decisions need to know of an image until it reconciles again. Only its
-/// own reconcile changes its history and its pulls in flight, so this stays true until then.
-#[derive(Clone, Copy)]
-struct DueSummary {
-    /// When its earliest target not in flight is next due (`None`: none will be by itself).
-    next: Option<Timestamp>,
-    /// Its latest pull start.
-    last_start: Option<Timestamp>,
-}
+/// own reconcile changes its history and its pulls in flight, so this stays true until then (a
+/// refused pull, recorded outside a reconcile, clears it).
+type DueSummary = pacing::Leaders;
 
 #[derive(Default)]
 struct State {
@@ -201,6 +196,9 @@ impl Pacer {
         }
         st.seen_pulling.remove(&k);
         record_failure(&mut st, &k, now, POD_REFUSED, message);
+        if let Some(m) = st.images.get_mut(image) {
+            m.due = None;
+        }
         drop(st);
         let _ = self.wake.send(ObjectRef::new(image));
     }
@@ -378,13 +376,27 @@ impl Pacer {
             if *image != name && targets.first().is_some_and(|t| full.contains(&t.policy)) {
                 continue;
             }
-            let summary = st.images.get(image).and_then(|m| m.due);
+            let summary = st.images.get(image).and_then(|m| m.due.as_ref());
+            let mut note_earlier = |due: &DueSummary| {
+                if let (Some(at), Some(t)) = (due.last_start, targets.first()) {
+                    let latest = earlier_starts.entry(t.policy.clone()).or_insert(at);
+                    *latest = (*latest).max(at);
+                }
+            };
             match summary {
+                // Nothing due: it only spaces its policy's starts.
                 Some(due) if *image != name && due.next.is_none_or(|t| t > now) => {
-                    if let (Some(at), Some(t)) = (due.last_start, targets.first()) {
-                        let latest = earlier_starts.entry(t.policy.clone()).or_insert(at);
-                        *latest = (*latest).max(at);
-                    }
+                    note_earlier(due);
+                }
+                // Its due set is as its last reconcile left it: only the few it could start first
+                // can be started now (in a rollout, a handful instead of every node).
+                Some(due)
+                    if *image != name
+                        && due.until.is_none_or(|t| t > now)
+                        && due.first.len() < targets.len() =>
+                {
+                    note_earlier(due);
+                    due_targets.extend(due.first.iter().filter_map(|&i| targets.get(i)));
                 }
                 _ => due_targets.extend(targets),
             }
@@ -453,11 +465,16 @@ impl Pacer {
         for image in wake {
             let _ = self.wake.send(ObjectRef::new(&image));
         }
-        let due = step
-            .pace
-            .as_ref()
-            .ok()
-            .map(|(_, pace)| summarise(st, &name, &targets, pace, now));
+        let due = match (&step.pace, st.targets.get(&name)) {
+            (Ok((_, pace)), Some(registered)) => Some(pacing::leaders(
+                registered,
+                &st.history,
+                |k| st.in_flight.contains_key(k),
+                pace,
+                now,
+            )),
+            _ => None,
+        };
         st.images.entry(name.clone()).or_default().due = due;
 
         let observed = observe(st, &name, step, &reference);
@@ -549,35 +566,6 @@ fn prune_nodes<V>(map: &mut BTreeMap<PullKey, V>, image: &str, targets: &BTreeSe
     for k in gone {
         map.remove(&k);
     }
-}
-
-/// The image's [`DueSummary`] after its reconcile.
-fn summarise(
-    st: &State,
-    name: &str,
-    targets: &BTreeSet<&str>,
-    pace: &Pace,
-    now: Timestamp,
-) -> DueSummary {
-    let never = History::default();
-    let mut summary = DueSummary {
-        next: None,
-        last_start: None,
-    };
-    let mut k = PullKey::new(name, "");
-    for node in targets {
-        k.node.clear();
-        k.node.push_str(node);
-        let h = st.history.get(&k).unwrap_or(&never);
-        summary.last_start = summary.last_start.max(h.last_start);
-        if st.in_flight.contains_key(&k) {
-            continue;
-        }
-        if let Some(at) = pacing::next_due(h, pace, now) {
-            summary.next = Some(summary.next.map_or(at, |n| n.min(at)));
-        }
-    }
-    summary
 }
 
 fn record_failure(st: &mut State, k: &PullKey, now: Timestamp, reason: &str, message: &str) {

@@ -611,6 +611,65 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// The contract of [`leaders`]: handing the engine only the leaders of some images (their
+    /// targets sharing one pace) and their latest starts, instead of all their targets, changes no
+    /// start and no timeout.
+    #[test]
+    fn pacing_only_the_leaders_of_an_image_change_no_start(
+        (paces, targets, _, seed) in arb_world(),
+        now in 0i64..2000,
+    ) {
+        let history: BTreeMap<PullKey, History> = targets.iter()
+            .filter(|t| !hashy(&t.key, 0, seed).is_multiple_of(3))
+            .map(|t| {
+                let start = at((hashy(&t.key, 1, seed) % 1500) as i64);
+                let failures = (hashy(&t.key, 2, seed) % 3) as u32;
+                let end = Some(pacing_end(start, &t.key, seed));
+                (t.key.clone(), History {
+                    last_start: Some(start),
+                    last_success: if failures == 0 { end } else { None },
+                    last_failure: if failures > 0 { end } else { None },
+                    consecutive_failures: failures,
+                })
+            })
+            .collect();
+        let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 3, seed).is_multiple_of(7))
+            .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(now / 2) }).collect();
+        let builtin = Pace::builtin();
+        let none = BTreeMap::new();
+        let whole = Input { now: at(now), paces: &paces, targets: &refs(&targets), earlier_starts: &none,
+            in_flight: &in_flight, history: &history, pull_timeout: Duration::from_secs(600) };
+
+        // An "image" of the pacer: targets of one image under one policy.
+        let mut groups: BTreeMap<(&str, &PolicyKey), Vec<Target>> = BTreeMap::new();
+        for t in &targets {
+            groups.entry((t.key.image.as_str(), &t.policy)).or_default().push(t.clone());
+        }
+        let mut kept: Vec<Target> = Vec::new();
+        let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
+        for ((image, policy), group) in &groups {
+            let pace = paces.get(*policy).unwrap_or(&builtin);
+            let lead = leaders(group, &history, |k| in_flight.iter().any(|f| &f.key == k), pace, at(now));
+            let use_leaders = hashy(&PullKey::new(image, ""), 4, seed).is_multiple_of(2);
+            if use_leaders {
+                kept.extend(lead.first.iter().map(|&i| group[i].clone()));
+                if let Some(s) = lead.last_start {
+                    let e = earlier.entry((*policy).clone()).or_insert(s);
+                    *e = (*e).max(s);
+                }
+            } else {
+                kept.extend(group.iter().cloned());
+            }
+        }
+        let a = decide(&whole);
+        let b = decide(&Input { targets: &refs(&kept), earlier_starts: &earlier, ..whole.clone() });
+        prop_assert_eq!(a.start, b.start);
+        prop_assert_eq!(a.timed_out, b.timed_out);
+    }
+}
+
 /// When a pull started at `start` ended, in a test world.
 fn pacing_end(start: Timestamp, k: &PullKey, seed: u64) -> Timestamp {
     after(start, Duration::from_secs(hashy(k, 5, seed) % 120))
