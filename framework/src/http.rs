@@ -124,6 +124,41 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// Accepts connections on `listener` for ever, each handled by `handle` in its own task.
+async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(stream));
+            }
+            Err(e) => tracing::warn!(error = %e, "accepting connection"),
+        }
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until it closes.
+async fn serve_http1<I, S>(io: I, service: S)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(error = %e, "serving connection");
+    }
+}
+
 /// Binds `addr` and returns the bound address (port 0 picks a free one) and the serving future.
 pub async fn bind(
     addr: SocketAddr,
@@ -134,30 +169,16 @@ pub async fn bind(
 )> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let serve = async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting connection");
-                    continue;
-                }
-            };
-            let probes = probes.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let resp = probes.respond(&req);
-                    async move { Ok::<_, std::convert::Infallible>(resp) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    tracing::debug!(error = %e, "serving connection");
-                }
+    let serve = accept_loop(listener, move |stream| {
+        let probes = probes.clone();
+        async move {
+            let svc = service_fn(move |req| {
+                let resp = probes.respond(&req);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
             });
+            serve_http1(stream, svc).await;
         }
-    };
+    });
     Ok((local, serve))
 }
 
@@ -182,46 +203,30 @@ pub async fn bind_secure(
     let acceptor = tokio_rustls::TlsAcceptor::from(metrics_auth::server_config(certificate)?);
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let serve = async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting connection");
-                    continue;
-                }
-            };
-            let (probes, client, acceptor) = (probes.clone(), client.clone(), acceptor.clone());
-            tokio::spawn(async move {
-                let stream =
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!("TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let svc = service_fn(move |req| {
-                    let (probes, client) = (probes.clone(), client.clone());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            probes.respond_secure(&client, &req).await,
-                        )
+    let serve = accept_loop(listener, move |stream| {
+        let (probes, client, acceptor) = (probes.clone(), client.clone(), acceptor.clone());
+        async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake");
+                        return;
                     }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    tracing::debug!(error = %e, "serving connection");
+                    Err(_) => {
+                        tracing::debug!("TLS handshake timed out");
+                        return;
+                    }
+                };
+            let svc = service_fn(move |req| {
+                let (probes, client) = (probes.clone(), client.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(probes.respond_secure(&client, &req).await)
                 }
             });
+            serve_http1(stream, svc).await;
         }
-    };
+    });
     Ok((local, serve))
 }
 

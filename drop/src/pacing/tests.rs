@@ -559,22 +559,7 @@ proptest! {
         (paces, targets, _, seed) in arb_world(),
         now in 0i64..2000,
     ) {
-        let history: BTreeMap<PullKey, History> = targets.iter()
-            .filter(|t| !hashy(&t.key, 0, seed).is_multiple_of(4))
-            .map(|t| {
-                let start = at((hashy(&t.key, 1, seed) % 1500) as i64);
-                let failures = (hashy(&t.key, 2, seed) % 3) as u32;
-                let end = Some(pacing_end(start, &t.key, seed));
-                (t.key.clone(), History {
-                    last_start: Some(start),
-                    last_success: if failures == 0 { end } else { None },
-                    last_failure: if failures > 0 { end } else { None },
-                    consecutive_failures: failures,
-                })
-            })
-            .collect();
-        let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 3, seed).is_multiple_of(6))
-            .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(now / 2) }).collect();
+        let (history, in_flight) = past(&targets, seed, 4, 6, now);
         let builtin = Pace::builtin();
         let none = BTreeMap::new();
         let whole = Input { now: at(now), paces: &paces, targets: &refs(&targets), earlier_starts: &none,
@@ -621,22 +606,7 @@ proptest! {
         (paces, targets, _, seed) in arb_world(),
         now in 0i64..2000,
     ) {
-        let history: BTreeMap<PullKey, History> = targets.iter()
-            .filter(|t| !hashy(&t.key, 0, seed).is_multiple_of(3))
-            .map(|t| {
-                let start = at((hashy(&t.key, 1, seed) % 1500) as i64);
-                let failures = (hashy(&t.key, 2, seed) % 3) as u32;
-                let end = Some(pacing_end(start, &t.key, seed));
-                (t.key.clone(), History {
-                    last_start: Some(start),
-                    last_success: if failures == 0 { end } else { None },
-                    last_failure: if failures > 0 { end } else { None },
-                    consecutive_failures: failures,
-                })
-            })
-            .collect();
-        let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 3, seed).is_multiple_of(7))
-            .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(now / 2) }).collect();
+        let (history, in_flight) = past(&targets, seed, 3, 7, now);
         let builtin = Pace::builtin();
         let none = BTreeMap::new();
         let whole = Input { now: at(now), paces: &paces, targets: &refs(&targets), earlier_starts: &none,
@@ -668,6 +638,43 @@ proptest! {
         prop_assert_eq!(a.start, b.start);
         prop_assert_eq!(a.timed_out, b.timed_out);
     }
+}
+
+/// A past for a test world: every `never`-th target never pulled, the others started, some failed;
+/// every `flying`-th target in flight since `now / 2`.
+fn past(
+    targets: &[Target],
+    seed: u64,
+    never: u64,
+    flying: u64,
+    now: i64,
+) -> (BTreeMap<PullKey, History>, Vec<InFlight>) {
+    let history = targets
+        .iter()
+        .filter(|t| !hashy(&t.key, 0, seed).is_multiple_of(never))
+        .map(|t| {
+            let start = at((hashy(&t.key, 1, seed) % 1500) as i64);
+            let failures = (hashy(&t.key, 2, seed) % 3) as u32;
+            let end = Some(pacing_end(start, &t.key, seed));
+            let history = History {
+                last_start: Some(start),
+                last_success: if failures == 0 { end } else { None },
+                last_failure: if failures > 0 { end } else { None },
+                consecutive_failures: failures,
+            };
+            (t.key.clone(), history)
+        })
+        .collect();
+    let in_flight = targets
+        .iter()
+        .filter(|t| hashy(&t.key, 3, seed).is_multiple_of(flying))
+        .map(|t| InFlight {
+            key: t.key.clone(),
+            policy: t.policy.clone(),
+            started: at(now / 2),
+        })
+        .collect();
+    (history, in_flight)
 }
 
 /// When a pull started at `start` ended, in a test world.
