@@ -111,6 +111,7 @@ async fn main() -> Result<(), Error> {
     let kubeconfig = operator_identity(&client, &cluster, work.path()).await?;
     let mut op = operator::Operator::start(&bin, &kubeconfig, NS, work.path(), &args.log)?;
     op.wait_ready().await?;
+    let rss_start = op.memory()?.1;
     if args.kill_every > 0 {
         let kill = Kill {
             bin: &bin,
@@ -175,6 +176,7 @@ async fn main() -> Result<(), Error> {
         reconciles: reconciles_after - reconciles_before,
         idle: (idle_from, idle_to, idle_reconciles),
         memory: (rss_rollout, op.memory()?),
+        rss_start,
         cpu_seconds: op.cpu_seconds()?,
         largest_status,
         warm: &warm,
