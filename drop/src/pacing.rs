@@ -226,8 +226,6 @@ pub struct Leaders {
     /// Indices (into the targets handed to [`leaders`]) of the due targets not in flight that the
     /// engine would start first, in its order, at most the limit.
     pub first: Vec<usize>,
-    /// When the earliest target not in flight is due (`None`: none will be by itself).
-    pub next: Option<Timestamp>,
     /// When a target not due at `now` becomes due: until then the due set, and so `first`, stays
     /// as it is (`None`: never by itself).
     pub until: Option<Timestamp>,
@@ -261,7 +259,6 @@ pub fn leaders(
         let Some((at, need)) = due(h, pace, now) else {
             continue;
         };
-        out.next = Some(out.next.map_or(at, |n| n.min(at)));
         if at <= now {
             due_now.push((need, t.priority, &t.key, i));
         } else {

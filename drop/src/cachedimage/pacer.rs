@@ -364,10 +364,11 @@ impl Pacer {
         prune_nodes(&mut st.nodes, &name, &targets);
 
         // Decide over this image (its wake-up needs its own targets) and the other images that may
-        // start a pull now: not those whose policy has every slot taken (in a rollout, most of the
-        // time), and not those with nothing due (in a settled fleet, nearly all), which only space
-        // the starts of their policy. Each left-out image's own reconcile woke it for its next due
-        // time. This keeps a reconcile's cost near its own targets' instead of the whole fleet's.
+        // start a pull now: not those whose policy has every slot taken, and of the others only
+        // the targets they could start first ([`pacing::leaders`]: none for those with nothing
+        // due, which only space the starts of their policy). Each image's own reconcile woke it for
+        // its next due time. This keeps a reconcile's cost near its own targets' instead of the
+        // whole fleet's.
         let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
         let full = pacing::saturated(&st.paces, &in_flight);
         let mut due_targets: Vec<&Target> = Vec::new();
@@ -377,25 +378,15 @@ impl Pacer {
                 continue;
             }
             let summary = st.images.get(image).and_then(|m| m.due.as_ref());
-            let mut note_earlier = |due: &DueSummary| {
-                if let (Some(at), Some(t)) = (due.last_start, targets.first()) {
-                    let latest = earlier_starts.entry(t.policy.clone()).or_insert(at);
-                    *latest = (*latest).max(at);
-                }
-            };
             match summary {
-                // Nothing due: it only spaces its policy's starts.
-                Some(due) if *image != name && due.next.is_none_or(|t| t > now) => {
-                    note_earlier(due);
-                }
                 // Its due set is as its last reconcile left it: only the few it could start first
-                // can be started now (in a rollout, a handful instead of every node).
-                Some(due)
-                    if *image != name
-                        && due.until.is_none_or(|t| t > now)
-                        && due.first.len() < targets.len() =>
-                {
-                    note_earlier(due);
+                // can start now (none if nothing is due; in a rollout, a handful instead of every
+                // node), and its latest start still spaces its policy's next one.
+                Some(due) if *image != name && due.until.is_none_or(|t| t > now) => {
+                    if let (Some(at), Some(t)) = (due.last_start, targets.first()) {
+                        let latest = earlier_starts.entry(t.policy.clone()).or_insert(at);
+                        *latest = (*latest).max(at);
+                    }
                     due_targets.extend(due.first.iter().filter_map(|&i| targets.get(i)));
                 }
                 _ => due_targets.extend(targets),
