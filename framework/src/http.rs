@@ -58,7 +58,9 @@ impl Probes {
         self.ready.load(Ordering::SeqCst)
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    /// The probes, and `/metrics` when `metrics` (an endpoint in clear text never serves metrics
+    /// that are meant to be served only to authorised callers).
+    fn respond(&self, req: &Request<Incoming>, metrics: bool) -> Response<Full<Bytes>> {
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
@@ -72,7 +74,7 @@ impl Probes {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "caches not synced\n".into(),
             ),
-            "/metrics" => self.metrics(),
+            "/metrics" if metrics => self.metrics(),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }
@@ -159,10 +161,12 @@ where
     }
 }
 
-/// Binds `addr` and returns the bound address (port 0 picks a free one) and the serving future.
+/// Binds `addr` for the probes (and `/metrics` too if `metrics`) over plain HTTP, and returns the
+/// bound address (port 0 picks a free one) and the serving future.
 pub async fn bind(
     addr: SocketAddr,
     probes: Probes,
+    metrics: bool,
 ) -> std::io::Result<(
     SocketAddr,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -173,7 +177,7 @@ pub async fn bind(
         let probes = probes.clone();
         async move {
             let svc = service_fn(move |req| {
-                let resp = probes.respond(&req);
+                let resp = probes.respond(&req, metrics);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             serve_http1(stream, svc).await;

@@ -243,34 +243,24 @@ mod tests {
 
     #[test]
     fn metrics_secure_certificate_files_are_read_and_checked() {
-        let dir = tempfile_dir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         std::fs::write(dir.join("tls.crt"), made.cert.pem()).unwrap();
         std::fs::write(dir.join("tls.key"), made.signing_key.serialize_pem()).unwrap();
-        assert!(server_config(&Certificate::in_dir(&dir)).is_ok());
+        assert!(server_config(&Certificate::in_dir(dir)).is_ok());
 
         // A key that does not belong to the certificate is refused at start-up.
         let other = rcgen::KeyPair::generate().unwrap();
         std::fs::write(dir.join("tls.key"), other.serialize_pem()).unwrap();
-        let err = server_config(&Certificate::in_dir(&dir)).unwrap_err();
+        let err = server_config(&Certificate::in_dir(dir)).unwrap_err();
         assert!(matches!(err, TlsError::Config(_)), "{err}");
 
         std::fs::write(dir.join("tls.crt"), "not a certificate").unwrap();
-        let err = server_config(&Certificate::in_dir(&dir)).unwrap_err();
+        let err = server_config(&Certificate::in_dir(dir)).unwrap_err();
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
 
         let err = server_config(&Certificate::in_dir(dir.join("missing"))).unwrap_err();
         assert!(err.to_string().contains("missing/tls.crt"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "framework-metrics-tls-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 }

@@ -238,13 +238,15 @@ impl Operator {
             tracing::info!(%bound, "serving metrics over TLS to authorised callers");
             tokio::spawn(serve);
         }
-        let plain_metrics = self.metrics_addr.filter(|_| self.metrics_tls.is_none());
+        // In clear text: the probes everywhere, and `/metrics` unless they are served securely.
+        let plain = self.metrics_tls.is_none();
+        let plain_metrics = self.metrics_addr.filter(|_| plain);
         for (what, addr) in [
             ("metrics", plain_metrics),
             ("health probe", self.health_addr),
         ] {
             let Some(addr) = addr else { continue };
-            let (bound, serve) = http::bind(addr, probes.clone())
+            let (bound, serve) = http::bind(addr, probes.clone(), plain)
                 .await
                 .map_err(|source| OperatorError::Bind { what, addr, source })?;
             tracing::info!(%bound, "serving {what}");

@@ -17,6 +17,79 @@ pub fn username(namespace: &str, name: &str) -> String {
     format!("system:serviceaccount:{namespace}:{name}")
 }
 
+/// Creates ServiceAccount `name` in `namespace` (which must exist), bound to ClusterRole
+/// `cluster_role` if given (by a ClusterRoleBinding named `<namespace>-<name>`). Either may exist
+/// already (a test run again on the same control plane).
+pub async fn service_account(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    cluster_role: Option<&str>,
+) -> Result<(), Error> {
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some(name.into());
+    exists_ok(
+        Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+            .create(&PostParams::default(), &sa)
+            .await,
+    )?;
+    let Some(role) = cluster_role else {
+        return Ok(());
+    };
+    let binding = ClusterRoleBinding {
+        metadata: kube::core::ObjectMeta {
+            name: Some(format!("{namespace}-{name}")),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: role.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: name.into(),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        }]),
+    };
+    exists_ok(
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .create(&PostParams::default(), &binding)
+            .await,
+    )
+}
+
+fn exists_ok<T>(created: Result<T, kube::Error>) -> Result<(), Error> {
+    match created {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A token of ServiceAccount `name` in `namespace`, valid for `hours`.
+pub async fn token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    hours: i64,
+) -> Result<String, Error> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(hours * 3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| "the token request returned no token".into())
+}
+
 /// Creates ServiceAccount `name` in `namespace` (which must exist) with cluster-admin, and writes
 /// `<dir>/<name>.kubeconfig`: the cluster's kubeconfig `base`, authenticating as it.
 pub async fn service_account_kubeconfig(
@@ -26,43 +99,8 @@ pub async fn service_account_kubeconfig(
     name: &str,
     dir: &Path,
 ) -> Result<PathBuf, Error> {
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let mut sa = ServiceAccount::default();
-    sa.metadata.name = Some(name.into());
-    sas.create(&PostParams::default(), &sa).await?;
-    let binding = ClusterRoleBinding {
-        metadata: kube::core::ObjectMeta {
-            name: Some(format!("{namespace}-{name}")),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "ClusterRole".into(),
-            name: "cluster-admin".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: name.into(),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        }]),
-    };
-    Api::<ClusterRoleBinding>::all(client.clone())
-        .create(&PostParams::default(), &binding)
-        .await?;
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(24 * 3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let token = sas
-        .create_token_request(name, &PostParams::default(), &request)
-        .await?
-        .status
-        .and_then(|s| s.token)
-        .ok_or("the token request returned no token")?;
+    service_account(client, namespace, name, Some("cluster-admin")).await?;
+    let token = token(client, namespace, name, 24).await?;
     let mut kc = kube::config::Kubeconfig::read_from(base)?;
     for user in &mut kc.auth_infos {
         user.auth_info = Some(kube::config::AuthInfo {

@@ -5,7 +5,6 @@
 use drop::api::{CachedImage, CachedImagePhase, CachedImageSpec, PullPolicy, PullPolicySpec};
 use e2e::{repo, tool};
 use framework::testing::{TestCluster, eventually};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
@@ -134,18 +133,7 @@ fn helm_rendered_crds_equal_the_generated_ones() {
 
 #[test]
 fn helm_operator_pod_is_locked_down() {
-    let (ok, out) = helm(
-        &[
-            "template",
-            "r",
-            "deploy/charts/drop",
-            "--set",
-            "replicaCount=2",
-        ],
-        None,
-    );
-    assert!(ok, "{out}");
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
+    let docs = render(&["replicaCount=2"]);
     let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
     let pod = &dep["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
@@ -157,13 +145,8 @@ fn helm_operator_pod_is_locked_down() {
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert!(args.contains(&"--leader-elect"), "{args:?}");
+    let args = operator_args(&docs);
+    assert!(args.contains(&"--leader-elect".to_owned()), "{args:?}");
     let ns = docs.iter().find(|d| d["kind"] == "Namespace").unwrap();
     assert_eq!(
         ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
@@ -266,28 +249,9 @@ fn helm_metrics_chart_serves_securely_by_default_and_can_turn_it_off() {
     assert!(monitor["spec"]["endpoints"][0].get("scheme").is_none());
 }
 
-/// A token of ServiceAccount `namespace/sa`, valid for an hour.
-async fn token_of(admin: &Client, namespace: &str, sa: &str) -> String {
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
-    let req = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    sas.create_token_request(sa, &PostParams::default(), &req)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token
-        .expect("a token in the TokenRequest's answer")
-}
-
 /// A client that authenticates as the ServiceAccount, with a short-lived token.
 async fn client_as(admin: &Client, cluster: &TestCluster, namespace: &str, sa: &str) -> Client {
-    let token = token_of(admin, namespace, sa).await;
+    let token = e2e::identity::token(admin, namespace, sa, 1).await.unwrap();
     let admin_kc: serde_json::Value =
         serde_saphyr::from_str(&std::fs::read_to_string(cluster.kubeconfig()).unwrap()).unwrap();
     let kc = serde_json::json!({
@@ -557,13 +521,14 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
 
     // Drop as the chart runs it: its flags for metrics (the default values), nothing to reconcile.
     let port = e2e::fixtures::free_port();
+    let health_port = e2e::fixtures::free_port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let settings = drop::operator::Settings {
         pod_namespace: "helm-metrics-pods".into(),
         pull_timeout: Duration::from_secs(120),
         metrics_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
         metrics_tls: Some(framework::metrics_auth::Certificate::SelfSigned),
-        health_addr: None,
+        health_addr: Some(format!("127.0.0.1:{health_port}").parse().unwrap()),
         leader_election: None,
         install_crds: false,
         watch_selector: Some("e2e.drop.corewire.io/none=none".into()),
@@ -574,24 +539,14 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
     }));
 
     // A scraper bound to the chart's reader role, and a stranger who is not.
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
-    for name in ["scraper", "stranger"] {
-        let mut account = ServiceAccount::default();
-        account.metadata.name = Some(name.into());
-        let _ = sas.create(&PostParams::default(), &account).await;
-    }
-    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "helm-metrics-scraper"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "metrics-drop-metrics-reader"},
-            "subjects": [{"kind": "ServiceAccount", "name": "scraper", "namespace": ns}],
-        }))
+    use e2e::identity::{service_account, token};
+    let reader = Some("metrics-drop-metrics-reader");
+    service_account(&admin, ns, "scraper", reader)
+        .await
         .unwrap();
-    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
-    let _ = bindings.create(&PostParams::default(), &binding).await;
-    let scraper = token_of(&admin, ns, "scraper").await;
-    let stranger = token_of(&admin, ns, "stranger").await;
+    service_account(&admin, ns, "stranger", None).await.unwrap();
+    let scraper = token(&admin, ns, "scraper", 1).await.unwrap();
+    let stranger = token(&admin, ns, "stranger", 1).await.unwrap();
 
     // The chart's default certificate is self-signed: a scraper skips verifying it.
     let https = reqwest::Client::builder()
@@ -643,7 +598,15 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
     .await
     .unwrap();
     assert_eq!(status, 404);
-    // Nothing is served in clear text.
+    // The probes' port serves the probes in clear text, and not the metrics.
+    let plain = |path: &str| {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{health_port}{path}"))
+            .send()
+    };
+    assert_eq!(plain("/healthz").await.unwrap().status().as_u16(), 200);
+    assert_eq!(plain("/metrics").await.unwrap().status().as_u16(), 404);
+    // Nothing is served in clear text on the metrics port.
     let plain = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .bearer_auth(&scraper)
@@ -656,6 +619,7 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
 
     let _ = stop.send(());
     running.await.unwrap().unwrap();
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
     let _ = bindings
         .delete("helm-metrics-scraper", &Default::default())
         .await;
