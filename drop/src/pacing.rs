@@ -180,6 +180,9 @@ pub struct Decision {
     pub timed_out: Vec<PullKey>,
     /// The next instant at which deciding again could start something (besides pulls ending).
     pub wake_at: Option<Timestamp>,
+    /// Per policy held back only by its `minDelayBetweenPulls`, the target it starts next and when:
+    /// the one image that needs waking then (the others' targets wait behind it).
+    pub next_in_line: Vec<(PullKey, Timestamp)>,
 }
 
 /// Why a due pull is wanted: a node lacking the image comes before a refresh.
@@ -310,6 +313,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
     let mut decision = Decision::default();
     let mut wake: Option<Timestamp> = None;
     let mut wake_at = |t: Timestamp| wake = Some(wake.map_or(t, |w| w.min(t)));
+    let mut next_in_line: BTreeMap<&PolicyKey, (PullKey, Timestamp)> = BTreeMap::new();
 
     let mut count: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
     let mut last_start: BTreeMap<&PolicyKey, Timestamp> = BTreeMap::new();
@@ -358,6 +362,9 @@ pub fn decide(input: &Input<'_>) -> Decision {
             let next = after(*last, pace.min_delay);
             if next > now {
                 wake_at(next);
+                next_in_line
+                    .entry(&t.policy)
+                    .or_insert_with(|| (t.key.clone(), next));
                 continue;
             }
         }
@@ -366,6 +373,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
         last_start.insert(&t.policy, now);
     }
     decision.wake_at = wake;
+    decision.next_in_line = next_in_line.into_values().collect();
     decision
 }
 

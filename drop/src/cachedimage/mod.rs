@@ -157,6 +157,14 @@ impl Reconciler for CachedImageReconciler {
         {
             plan = plan.emit(kind, reason, message);
         }
+        for (other, at) in out.wake_others {
+            let wait = at.duration_since(ctx.now()).unsigned_abs();
+            let pacer = Arc::clone(&self.pacer);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                pacer.wake(&other);
+            });
+        }
         if let Some(at) = out.wake_at {
             let wait = at.duration_since(ctx.now()).unsigned_abs();
             plan = plan.requeue_after(wait.max(std::time::Duration::from_millis(100)));

@@ -69,8 +69,13 @@ pub struct Outcome {
     pub keep: Vec<String>,
     /// Pulls to start now: (node, attempt).
     pub start: Vec<(String, u32)>,
-    /// When to reconcile again, at the latest.
+    /// When to reconcile again, at the latest: only for this image's own reasons (its next pull
+    /// when it is next in line, a backoff or re-pull falling due, a pull timing out).
     pub wake_at: Option<Timestamp>,
+    /// Other images to wake later: each is next in line under its policy at that time. Waking
+    /// only the image whose pull can start, rather than every image with a pull waiting, keeps a
+    /// paced rollout at a few reconciles per pull.
+    pub wake_others: Vec<(String, Timestamp)>,
     /// Pulls that ended since last time.
     pub ended: Vec<Ended>,
     /// The input of the status.
@@ -113,6 +118,8 @@ struct State {
     history: BTreeMap<PullKey, History>,
     nodes: BTreeMap<PullKey, NodeMemory>,
     images: BTreeMap<String, ImageMemory>,
+    /// Images told (through [`Outcome::wake_others`]) to wake at a time, until they reconcile.
+    appointed: BTreeMap<String, Timestamp>,
 }
 
 /// The shared pacing state.
@@ -203,9 +210,32 @@ impl Pacer {
         let _ = self.wake.send(ObjectRef::new(image));
     }
 
-    /// Forgets an image that is deleted or being deleted.
+    /// Forgets an image that is deleted or being deleted. The other images under its policy are
+    /// woken: it may have been next in line, the one they were waiting behind.
     pub fn forget(&self, image: &str) {
-        forget(&mut self.lock(), image);
+        let mut st = self.lock();
+        let policy = st
+            .targets
+            .get(image)
+            .and_then(|ts| ts.first())
+            .map(|t| t.policy.clone());
+        forget(&mut st, image);
+        let Some(policy) = policy else { return };
+        let others: Vec<String> = st
+            .targets
+            .iter()
+            .filter(|(_, ts)| ts.first().is_some_and(|t| t.policy == policy))
+            .map(|(name, _)| name.clone())
+            .collect();
+        drop(st);
+        for other in others {
+            self.wake(&other);
+        }
+    }
+
+    /// Wakes `image` now.
+    pub fn wake(&self, image: &str) {
+        let _ = self.wake.send(ObjectRef::new(image));
     }
 
     /// One reconcile's worth of bookkeeping and decision.
@@ -216,6 +246,7 @@ impl Pacer {
         let mut st = self.lock();
         let st = &mut *st;
         let key = |node: &str| PullKey::new(&name, node);
+        st.appointed.remove(&name);
 
         // Images the cache no longer has (a deletion the watch missed while it re-listed, so no
         // `deleted` call came) leave with everything they held: their slots, their due pulls.
@@ -453,6 +484,17 @@ impl Pacer {
             );
             start.push((k.node.clone(), attempt));
         }
+        // Who wakes when the policy's delay ends: the image next in line, no other.
+        let mut wake_at = grace_ends;
+        let mut wake_others = Vec::new();
+        for (k, t) in &decision.next_in_line {
+            if k.image == name {
+                wake_at = earliest(wake_at, *t);
+            } else if !wake.contains(&k.image) && st.appointed.get(&k.image).is_none_or(|a| a > t) {
+                st.appointed.insert(k.image.clone(), *t);
+                wake_others.push((k.image.clone(), *t));
+            }
+        }
         for image in wake {
             let _ = self.wake.send(ObjectRef::new(&image));
         }
@@ -466,20 +508,33 @@ impl Pacer {
             )),
             _ => None,
         };
+        // Its own targets falling due (a backoff ending, a re-pull), and its pulls timing out.
+        if let Some(until) = due.as_ref().and_then(|d| d.until) {
+            wake_at = earliest(wake_at, until);
+        }
+        let own = st
+            .in_flight
+            .range(PullKey::new(&name, "")..)
+            .take_while(|(k, _)| k.image == name);
+        for (_, f) in own {
+            wake_at = earliest(wake_at, pacing::after(f.started, self.pull_timeout));
+        }
         st.images.entry(name.clone()).or_default().due = due;
 
         let observed = observe(st, &name, step, &reference);
         Outcome {
             keep,
             start,
-            wake_at: match (decision.wake_at, grace_ends) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
+            wake_at,
+            wake_others,
             ended,
             observed,
         }
     }
+}
+
+fn earliest(a: Option<Timestamp>, b: Timestamp) -> Option<Timestamp> {
+    Some(a.map_or(b, |a| a.min(b)))
 }
 
 /// Drops everything about `image`.
@@ -490,6 +545,7 @@ fn forget(st: &mut State, image: &str) {
     st.seen_pulling.retain(|k, _| k.image != image);
     st.history.retain(|k, _| k.image != image);
     st.nodes.retain(|k, _| k.image != image);
+    st.appointed.remove(image);
 }
 
 /// Settles the image's pulls in flight that its Pods do not show: on a node that is no longer a

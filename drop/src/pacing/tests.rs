@@ -640,6 +640,52 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// The contract the pacer wakes images by: when a policy's delay ends, the target a decision then
+    /// starts first under it is the one `next_in_line` named (unless another of its targets fell due
+    /// in between, whose image wakes for that itself).
+    #[test]
+    fn pacing_next_in_line_is_what_starts_when_the_delay_ends(
+        (paces, targets, _, seed) in arb_world(),
+        now in 0i64..2000,
+    ) {
+        let (mut history, mut in_flight) = past(&targets, seed, 3, 7, now);
+        let builtin = Pace::builtin();
+        let none = BTreeMap::new();
+        let first = decide(&Input { now: at(now), paces: &paces, targets: &refs(&targets),
+            earlier_starts: &none, in_flight: &in_flight, history: &history,
+            pull_timeout: Duration::from_secs(600) });
+        for k in &first.start {
+            let t = targets.iter().find(|t| &t.key == k).unwrap();
+            in_flight.push(InFlight { key: k.clone(), policy: t.policy.clone(), started: at(now) });
+            history.entry(k.clone()).or_default().last_start = Some(at(now));
+        }
+        let policy_of = |k: &PullKey| &targets.iter().find(|t| &t.key == k).unwrap().policy;
+        let mut policies = BTreeSet::new();
+        for (key, when) in &first.next_in_line {
+            let policy = policy_of(key);
+            prop_assert!(policies.insert(policy), "one target per policy");
+            prop_assert!(*when > at(now));
+            let pace = paces.get(policy).unwrap_or(&builtin);
+            let fell_due = targets.iter().any(|t| {
+                &t.policy == policy
+                    && !in_flight.iter().any(|f| f.key == t.key)
+                    && next_due(history.get(&t.key).unwrap_or(&History::default()), pace, at(now))
+                        .is_some_and(|d| d > at(now) && d <= *when)
+            });
+            if fell_due {
+                continue;
+            }
+            let then = decide(&Input { now: *when, paces: &paces, targets: &refs(&targets),
+                earlier_starts: &none, in_flight: &in_flight, history: &history,
+                pull_timeout: Duration::from_secs(600) });
+            let started = then.start.iter().find(|k| policy_of(k) == policy);
+            prop_assert_eq!(started, Some(key));
+        }
+    }
+}
+
 /// A past for a test world: every `never`-th target never pulled, the others started, some failed;
 /// every `flying`-th target in flight since `now / 2`.
 fn past(

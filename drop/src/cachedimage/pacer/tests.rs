@@ -43,17 +43,30 @@ struct World {
     images: Vec<CachedImage>,
     known: Vec<(String, PolicyKey)>,
     nodes: Vec<String>,
+    pace: Pace,
+    wakes: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<CachedImage>>,
 }
 
 impl World {
     fn new(names: &[&str]) -> Self {
-        let (wake, _) = tokio::sync::mpsc::unbounded_channel();
+        let (wake, wakes) = tokio::sync::mpsc::unbounded_channel();
         Self {
             pacer: Pacer::new(wake, Duration::from_secs(600)),
             images: names.iter().map(|n| image(n)).collect(),
             known: names.iter().map(|n| ((*n).to_owned(), None)).collect(),
             nodes: vec!["n1".to_owned()],
+            pace: Pace::builtin(),
+            wakes,
         }
+    }
+
+    /// The images woken since last asked, by name.
+    fn woken(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        while let Ok(r) = self.wakes.try_recv() {
+            names.push(r.name);
+        }
+        names
     }
 
     fn step(&self, i: usize, now: i64, pods: &[PullPodView]) -> Outcome {
@@ -61,7 +74,7 @@ impl World {
             now: at(now),
             image: &self.images[i],
             targets: &self.nodes,
-            pace: Ok((None, Pace::builtin())),
+            pace: Ok((None, self.pace.clone())),
             policy: None,
             pods,
             known_images: &self.known,
@@ -118,6 +131,44 @@ fn pacing_a_settled_image_still_spaces_the_next_start() {
     assert!(out.start.is_empty());
     assert_eq!(out.wake_at, Some(at(10)));
     assert_eq!(starts(&w.step(1, 10, &[])), [("n1", 1)]);
+}
+
+#[test]
+fn pacing_only_the_image_next_in_line_wakes_when_the_delay_ends() {
+    // Three images on two nodes under ten slots and one second between starts: a's two pulls go
+    // first, then b's, then c's. At each delay's end exactly one image has a reason to reconcile.
+    let mut w = World::new(&["a", "b", "c"]);
+    w.nodes = vec!["n1".to_owned(), "n2".to_owned()];
+    w.pace = Pace {
+        max_concurrent: 10,
+        min_delay: Duration::from_secs(1),
+        ..Pace::builtin()
+    };
+    let a = w.images[0].clone();
+    w.step(1, 0, &[]);
+    w.step(2, 0, &[]);
+    let out = w.step(0, 0, &[]);
+    assert_eq!(starts(&out), [("n1", 1)]);
+    assert_eq!(out.wake_at, Some(at(1)), "a is next in line");
+    assert!(out.wake_others.is_empty());
+    // b and c, reconciling in between (their own events), have nothing to wake for.
+    assert_eq!(w.step(1, 0, &[]).wake_at, None);
+    assert_eq!(w.step(2, 0, &[]).wake_at, None);
+    // a starts its last pull; b is next, at 2 s: a says so, and b alone is woken then.
+    let out = w.step(0, 1, &[pod(&a, "n1", 1, 0, PullOutcome::Pulling)]);
+    assert_eq!(starts(&out), [("n2", 1)]);
+    assert_eq!(out.wake_others, [("b".to_owned(), at(2))]);
+    assert!(out.wake_at.is_none_or(|t| t > at(2)), "{:?}", out.wake_at);
+    // Another reconcile of a before then does not wake b twice.
+    assert!(w.step(0, 1, &[]).wake_others.is_empty());
+    let out = w.step(1, 2, &[]);
+    assert_eq!(starts(&out), [("n1", 1)]);
+    assert_eq!(out.wake_at, Some(at(3)));
+    assert_eq!(w.step(2, 2, &[]).wake_at, None);
+    // b is deleted while next in line: c, waiting behind it, is woken.
+    w.woken();
+    w.pacer.forget("b");
+    assert_eq!(w.woken(), ["a", "c"]);
 }
 
 fn failure_reason(out: &Outcome) -> Option<String> {
