@@ -3,7 +3,9 @@
 # kube-scheduler and KWOK
 # (simulated nodes whose "kubelet" follows the stages in kwok/pod-stages.yaml).
 #
-#   cluster.sh up [--nodes N]   start everything (builds the tools on first use), wait until N nodes are Ready
+#   cluster.sh up [--nodes N] [--real-nodes 0|1]
+#                               start everything (builds the tools on first use), wait until N nodes are Ready;
+#                               with --real-nodes 1, also a real kubelet and containerd (realnode.sh)
 #   cluster.sh ensure [--nodes N]  reuse the cluster if every component runs, else (re)start it; prints the env line
 #   cluster.sh down             stop every process this cluster started (by recorded PID) and remove its state
 #   cluster.sh env              print `export KUBECONFIG=...` for a shell
@@ -149,6 +151,7 @@ up() {
   while [[ $# -gt 0 ]]; do
     case $1 in
       --nodes) NODES=$2; shift 2 ;;
+      --real-nodes) REAL_NODES=$2; shift 2 ;;
       *) die "unknown option $1" ;;
     esac
   done
@@ -249,12 +252,20 @@ EOF
     sleep 0.2
   done
   t=$(now_ms); log "$NODES nodes Ready: $(elapsed $((t - s))) s"
+  case ${REAL_NODES:-0} in
+    0) ;;
+    1) DROP_E2E_STATE=$STATE "$HERE/realnode.sh" up >/dev/null || { stop_all; die "the real node did not start"; }
+       t=$(now_ms); log "real node Ready" ;;
+    *) die "--real-nodes: 0 or 1 (a real kubelet uses fixed paths of the machine)" ;;
+  esac
   log "up in $(elapsed $((t - t0))) s"
   echo "export KUBECONFIG=$kc"
 }
 
 stop_all() {
   local i name pid f
+  # The real node first: its Pods go through the API server, and it leaves machine state to restore.
+  [[ -d "$STATE/realnode" ]] && { DROP_E2E_STATE=$STATE "$HERE/realnode.sh" down || true; }
   # Processes that joined the cluster (e.g. the demo's operator) stop first.
   for f in "$STATE"/pids/*; do
     name=$(basename "$f")
@@ -342,5 +353,5 @@ case "$cmd" in
   status) status ;;
   logs) [[ -n "${1:-}" ]] || die "usage: $0 logs COMPONENT"; cat "$STATE/logs/$1.log" ;;
   restart) restart "$@" ;;
-  *) die "usage: $0 up [--nodes N] | ensure [--nodes N] | down | env | status | logs COMPONENT | restart COMPONENT" ;;
+  *) die "usage: $0 up [--nodes N] [--real-nodes 0|1] | ensure [--nodes N] | down | env | status | logs COMPONENT | restart COMPONENT" ;;
 esac

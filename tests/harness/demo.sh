@@ -9,6 +9,15 @@ export DROP_E2E_STATE=${DROP_E2E_STATE:-$REPO/target/demo-cluster}
 BIN=$("$HERE/tools.sh" ensure | tail -n1)
 eval "$("$HERE/cluster.sh" ensure --nodes 3)"
 k() { "$BIN/kubectl" "$@"; }
+# One real node too (a kubelet with containerd), where a real image is really pulled. A machine that
+# cannot run one (no writable cgroups, or another real node running) gets the demo without it.
+REAL_NODE=
+if real=$("$HERE/realnode.sh" ensure); then
+  eval "$real"
+  echo "[demo] real node $REAL_NODE (kubelet + containerd), its registry $REAL_NODE_REGISTRY" >&2
+else
+  echo "[demo] no real node on this machine (see above); the demo goes on with simulated nodes" >&2
+fi
 
 echo "[demo] building drop" >&2
 cargo build -q -p drop
@@ -40,12 +49,26 @@ sed -e "s#http://prometheus.e2e-infra.svc.cluster.local:9090#$PROMETHEUS_URL#" \
     -e "s#http://registry.e2e-infra.svc.cluster.local:5000#$REGISTRY_URL#" \
     "$REPO/deploy/samples/discoverypolicies.yaml" | k apply -f -
 
+if [[ -n $REAL_NODE ]]; then
+  # A real image (Debian's static busybox, built by the harness) for the real node alone.
+  k apply -f - <<YAML
+apiVersion: drop.corewire.io/v1alpha1
+kind: CachedImage
+metadata: {name: real-busybox}
+spec:
+  image: $REAL_NODE_REGISTRY/busybox
+  tag: "1"
+  nodeSelector: {drop.corewire.io/e2e-real-node: "true"}
+  tolerations: [{key: drop.corewire.io/e2e-real-node, operator: Exists, effect: NoSchedule}]
+YAML
+fi
 echo "[demo] every pull shares PullPolicy dev-conservative: one node at a time, 5 s apart" >&2
 reason() { k get "$1" "$2" -o jsonpath='{.status.conditions[?(@.type=="Ready")].reason}' 2>/dev/null; }
 settled() {
   [[ "$(reason cachedimage dev-nginx)" == Cached && "$(reason cachedimage dev-redis)" == Cached &&
      "$(reason cachedimage test-invalid-image)" == PullFailed && "$(reason cachedimageset dev-set)" == Ready &&
-     "$(reason cachedimageset dev-set-discovered)" == Ready ]]
+     "$(reason cachedimageset dev-set-discovered)" == Ready &&
+     ( -z $REAL_NODE || "$(reason cachedimage real-busybox)" == Cached ) ]]
 }
 applied=$SECONDS
 deadline=$((applied + 420))
@@ -65,12 +88,21 @@ echo
 k get cachedimagesets
 echo
 k get cachedimages -o wide
+if [[ -n $REAL_NODE ]]; then
+  echo
+  echo "[demo] real-busybox on $REAL_NODE: resolved digest $(k get cachedimage real-busybox -o jsonpath='{.status.resolvedDigest}')"
+  echo "[demo] and the node's containerd now holds it (ctr images ls):"
+  ctr --address "$REAL_NODE_CONTAINERD" -n k8s.io images ls |
+    awk 'NR == 1 || /busybox/ {printf "  %-40s %-72s %s %s\n", $1, $3, $4, $5}'
+fi
 cat <<MSG
 
 dev-nginx and dev-redis are cached on every node; dev-set's two images too; dev-set-discovered holds the
 last 3 tags the registry lists for test/myapp, found by DiscoveryPolicy dev-registry. test-invalid-image
 cannot be pulled (its registry does not resolve), is retried with backoff, and says so in its status
 and Events; the test-* DiscoveryPolicies show their DNSError and RepositoryNotFound failures.
+real-busybox went to the one real node (a kubelet with containerd): its bytes are in that node's
+containerd, under the digest Drop reports.
 
   export KUBECONFIG=$KUBECONFIG PATH=$BIN:\$PATH
   kubectl get events -A --field-selector involvedObject.kind=CachedImage

@@ -2,9 +2,12 @@
 # Installs the Debian packages the harness and the e2e suites use, if any is missing.
 set -euo pipefail
 need=()
-# prometheus (with promtool) and docker-registry are the real servers the discovery suites query.
+# prometheus (with promtool) and docker-registry are the real servers the discovery suites query;
+# containerd, runc, the CNI plugins and a static busybox (for the images it runs) make the real node.
 for pair in openssl:openssl curl:curl python3:python3 flock:util-linux setsid:util-linux \
-  prometheus:prometheus promtool:prometheus docker-registry:docker-registry htpasswd:apache2-utils; do
+  prometheus:prometheus promtool:prometheus docker-registry:docker-registry htpasswd:apache2-utils \
+  containerd:containerd ctr:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
+  busybox:busybox-static; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

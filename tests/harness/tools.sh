@@ -59,7 +59,7 @@ build_kube() {
   done
   (cd "$HERE/tools/kube" && CGO_ENABLED=0 go build -trimpath -buildvcs=false -tags=selinux,notest,grpcnotrace \
     -ldflags "$ldf" -o "$OUT/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler)
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet)
 }
 
 build_etcd() {
@@ -113,12 +113,13 @@ ensure() {
   build_into "$helm_key" helm build_helm
   build_into "$etcd_key" etcd build_etcd
   build_into "$kwok_key" kwok build_kwok
-  build_into "$kube_key" kube-scheduler build_kube
+  build_into "$kube_key" kubelet build_kube
   # One stable bin directory of links, so callers need no knowledge of the keys.
   mkdir -p "$BIN"
   ln -sfn "$CACHE/$kube_key/kube-apiserver" "$BIN/kube-apiserver"
   ln -sfn "$CACHE/$kube_key/kube-controller-manager" "$BIN/kube-controller-manager"
   ln -sfn "$CACHE/$kube_key/kube-scheduler" "$BIN/kube-scheduler"
+  ln -sfn "$CACHE/$kube_key/kubelet" "$BIN/kubelet"
   ln -sfn "$CACHE/$etcd_key/etcd" "$BIN/etcd"
   ln -sfn "$CACHE/$kwok_key/kwok" "$BIN/kwok"
   ln -sfn "$CACHE/$helm_key/helm" "$BIN/helm"
@@ -129,7 +130,7 @@ ensure() {
 }
 
 bindir() {
-  for t in kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm kubectl; do
+  for t in kube-apiserver kube-controller-manager kube-scheduler kubelet etcd kwok helm kubectl; do
     [[ -x "$BIN/$t" ]] || die "$t missing in $BIN: run $0 ensure"
   done
   echo "$BIN"

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod chaos;
 pub mod fixtures;
 pub mod identity;
+pub mod realnode;
 
 use framework::testing::{TestCluster, TestError};
 use futures::future::BoxFuture;

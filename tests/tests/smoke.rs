@@ -319,3 +319,135 @@ fn smoke_down_stops_a_joined_process_whose_binary_was_rebuilt() {
     let status = child.wait().unwrap();
     assert!(!status.success(), "stopped by a signal, not left running");
 }
+
+/// What a real kubelet and containerd leave on the machine while they run.
+#[derive(Debug, PartialEq)]
+struct MachineTraces {
+    processes: Vec<String>,
+    mounts: Vec<String>,
+    cgroups: Vec<String>,
+    netns: Vec<String>,
+    bridge: bool,
+}
+
+fn machine_traces(state: &Path) -> MachineTraces {
+    let state = state.to_string_lossy().into_owned();
+    let mut processes = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(exe) = std::fs::read_link(entry.path().join("exe")) else {
+            continue;
+        };
+        let exe = exe.to_string_lossy().into_owned();
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let ours = exe.ends_with("/kubelet")
+            || exe.contains("containerd")
+            || exe.ends_with("/docker-registry");
+        if ours && (cmdline.contains(&state) || exe.contains("containerd-shim")) {
+            processes.push(format!("{exe}: {cmdline}"));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&state) || l.contains("/run/netns/cni-"))
+        .map(str::to_owned)
+        .collect();
+    let cgroups = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|d| {
+            d.flatten()
+                .map(|h| h.path().join("kubepods"))
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let netns = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("cni-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let bridge = Path::new("/sys/class/net/drope2e0").exists();
+    MachineTraces {
+        processes,
+        mounts,
+        cgroups,
+        netns,
+        bridge,
+    }
+}
+
+fn sysctl(name: &str) -> String {
+    std::fs::read_to_string(Path::new("/proc/sys").join(name))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn smoke_real_node_down_leaves_nothing_behind() {
+    use e2e::realnode::{self, RealNode};
+    let (cluster, client) = cluster().await.unwrap();
+    let node = RealNode::ensure(cluster);
+    let state = realnode::state_dir(cluster);
+    // A Pod running on it, so there is a sandbox, a network namespace and mounts to tear down.
+    let ns = cluster.namespace(&client, "smoke-real").await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    node.copy_image("busybox:1", &format!("{}/busybox:1", ns.name()))
+        .await;
+    let mut sleeper = pod(
+        "sleeper",
+        &node.name,
+        &format!("{}/{}/busybox:1", node.registry, ns.name()),
+    );
+    let spec = sleeper.spec.as_mut().unwrap();
+    spec.tolerations = Some(node.placement().1);
+    spec.containers[0].command = Some(vec!["/bin/sleep".into(), "3600".into()]);
+    pods.create(&PostParams::default(), &sleeper).await.unwrap();
+    eventually(Duration::from_secs(60), "sleeper running", || async {
+        let p = pods.get("sleeper").await.map_err(|e| e.to_string())?;
+        match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            Some("Running") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    let running = machine_traces(&state);
+    assert!(!running.processes.is_empty() && !running.mounts.is_empty() && running.bridge);
+    eprintln!(
+        "while up: {} processes, {} mounts, cgroups {:?}, netns {:?}",
+        running.processes.len(),
+        running.mounts.len(),
+        running.cgroups,
+        running.netns
+    );
+    // The sysctls as they were before the kubelet changed them.
+    let before: Vec<(String, String)> = std::fs::read_to_string(state.join("sysctl.orig"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert!(!before.is_empty());
+
+    realnode::down(cluster);
+
+    assert_eq!(
+        machine_traces(&state),
+        MachineTraces {
+            processes: vec![],
+            mounts: vec![],
+            cgroups: vec![],
+            netns: vec![],
+            bridge: false,
+        }
+    );
+    for (name, value) in before {
+        assert_eq!(sysctl(&name), value, "{name} restored");
+    }
+    assert!(!state.exists(), "state directory removed");
+}

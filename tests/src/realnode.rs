@@ -1,0 +1,170 @@
+//! The real node of the local control plane (`tests/harness/realnode.sh`): a kubelet with its own
+//! containerd, and the loopback registry that holds the images it runs. Tests read the node's
+//! containerd directly (`ctr`), not only what Drop reports.
+
+use framework::testing::TestCluster;
+use k8s_openapi::api::core::v1::Toleration;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Label and `NoSchedule` taint of the real node: only what tolerates it goes there.
+pub const MARK: &str = "drop.corewire.io/e2e-real-node";
+
+/// The running real node.
+#[derive(Clone, Debug)]
+pub struct RealNode {
+    /// Node name.
+    pub name: String,
+    /// `127.0.0.1:<port>` of its registry (plain HTTP), holding `pause:1`, `busybox:1` (a static
+    /// busybox with `sh`, `true`, `sleep`) and `distroless:1` (one data file, nothing to run).
+    pub registry: String,
+    containerd: PathBuf,
+    hosts_dir: PathBuf,
+}
+
+/// Runs `realnode.sh COMMAND` for `cluster`.
+fn harness(cluster: &TestCluster, command: &str) -> String {
+    crate::run_ok(
+        Command::new("bash")
+            .arg(crate::repo().join("tests/harness/realnode.sh"))
+            .arg(command)
+            .env("DROP_E2E_STATE", cluster_state(cluster)),
+        &format!("tests/harness/realnode.sh {command}"),
+    )
+}
+
+fn cluster_state(cluster: &TestCluster) -> PathBuf {
+    cluster
+        .kubeconfig()
+        .parent()
+        .expect("the harness keeps the kubeconfig in its state directory")
+        .to_path_buf()
+}
+
+/// Where the real node of `cluster` keeps its state (containerd's root, the kubelet's, logs).
+pub fn state_dir(cluster: &TestCluster) -> PathBuf {
+    cluster_state(cluster).join("realnode")
+}
+
+/// Stops the real node of `cluster` and puts the machine back as it was.
+pub fn down(cluster: &TestCluster) {
+    harness(cluster, "down");
+}
+
+impl RealNode {
+    /// Starts the real node on `cluster` (the shared one) unless it runs already.
+    pub fn ensure(cluster: &TestCluster) -> Self {
+        let out = harness(cluster, "ensure");
+        let vars: BTreeMap<&str, &str> = out.lines().filter_map(|l| l.split_once('=')).collect();
+        let var = |k: &str| {
+            (*vars
+                .get(k)
+                .unwrap_or_else(|| panic!("realnode.sh printed no {k}: {out}")))
+            .to_owned()
+        };
+        Self {
+            name: var("REAL_NODE"),
+            registry: var("REAL_NODE_REGISTRY"),
+            containerd: PathBuf::from(var("REAL_NODE_CONTAINERD")),
+            hosts_dir: PathBuf::from(var("REAL_NODE_HOSTS_DIR")),
+        }
+    }
+
+    /// The selector and toleration that send an image to this node and nowhere else.
+    pub fn placement(&self) -> (BTreeMap<String, String>, Vec<Toleration>) {
+        (
+            BTreeMap::from([(MARK.to_owned(), "true".to_owned())]),
+            vec![Toleration {
+                key: Some(MARK.to_owned()),
+                operator: Some("Exists".to_owned()),
+                effect: Some("NoSchedule".to_owned()),
+                ..Toleration::default()
+            }],
+        )
+    }
+
+    fn ctr(&self, args: &[&str]) -> String {
+        crate::run_ok(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.containerd)
+                .args(["--namespace", "k8s.io"])
+                .args(args),
+            "ctr (Debian package containerd)",
+        )
+    }
+
+    /// The image references the node's containerd holds, with their digests.
+    pub fn images(&self) -> BTreeMap<String, String> {
+        // `ctr images ls` columns: REF TYPE DIGEST SIZE PLATFORMS LABELS.
+        self.ctr(&["images", "ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let mut cols = l.split_whitespace();
+                let reference = cols.next()?;
+                let digest = cols.nth(1)?;
+                Some((reference.to_owned(), digest.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Removes `reference` from the node's containerd, behind the kubelet's and Drop's back.
+    pub fn remove_image(&self, reference: &str) {
+        self.ctr(&["images", "rm", "--sync", reference]);
+    }
+
+    /// Tells the node's containerd how to reach a registry: `hosts_toml` is the body of its
+    /// `hosts.toml` (CA, client certificate, scheme). Files it names can live in `dir()`.
+    pub fn configure_registry(&self, host: &str, hosts_toml: &str) -> PathBuf {
+        let dir = self.hosts_dir.join(host);
+        std::fs::create_dir_all(&dir).expect("containerd hosts directory");
+        std::fs::write(dir.join("hosts.toml"), hosts_toml).expect("hosts.toml");
+        dir
+    }
+
+    /// Copies `from` (`repository:tag` in the node's registry) to `to` in the same registry, by
+    /// mounting its blobs and putting the same manifest: a new name with the same digest, so tests
+    /// do not share image names on the one node. Returns the manifest digest.
+    pub async fn copy_image(&self, from: &str, to: &str) -> String {
+        const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+        let (from_repo, from_tag) = from.rsplit_once(':').expect("repository:tag");
+        let (to_repo, to_tag) = to.rsplit_once(':').expect("repository:tag");
+        let base = format!("http://{}/v2", self.registry);
+        let http = reqwest::Client::new();
+        let got = http
+            .get(format!("{base}/{from_repo}/manifests/{from_tag}"))
+            .header("accept", OCI)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("source manifest");
+        let digest = got.headers()["docker-content-digest"]
+            .to_str()
+            .expect("digest header")
+            .to_owned();
+        let manifest = got.bytes().await.expect("manifest body");
+        let parsed: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+        let layers = parsed["layers"].as_array().cloned().unwrap_or_default();
+        for blob in layers.iter().chain([&parsed["config"]]) {
+            let d = blob["digest"].as_str().expect("blob digest");
+            let mounted = http
+                .post(format!(
+                    "{base}/{to_repo}/blobs/uploads/?mount={d}&from={from_repo}"
+                ))
+                .send()
+                .await
+                .expect("blob mount");
+            assert_eq!(mounted.status(), 201, "mounting {d} into {to_repo}");
+        }
+        http.put(format!("{base}/{to_repo}/manifests/{to_tag}"))
+            .header("content-type", OCI)
+            .body(manifest)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("manifest put");
+        digest
+    }
+}

@@ -1,0 +1,291 @@
+//! Drop on a real kubelet: images really pulled into the real node's containerd
+//! (`tests/harness/realnode.sh`), read back with `ctr`, not only from Drop's status.
+
+use drop::api::{CachedImage, CachedImagePhase, CachedImageSpec};
+use e2e::realnode::RealNode;
+use e2e::{DropUnderTest, cluster, fixtures};
+use framework::testing::{TestNamespace, eventually};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use std::time::Duration;
+
+struct Scene {
+    node: RealNode,
+    ns: TestNamespace,
+    drop: DropUnderTest,
+    images: Api<CachedImage>,
+    pods: Api<Pod>,
+    client: Client,
+}
+
+async fn scene(id: &str) -> Scene {
+    let (cluster, client) = cluster().await.unwrap();
+    let node = RealNode::ensure(cluster);
+    let ns = cluster.namespace(&client, id).await.unwrap();
+    let drop = DropUnderTest::start(&client, ns.name(), ns.name()).await;
+    Scene {
+        node,
+        images: Api::all(client.clone()),
+        pods: Api::namespaced(client.clone(), ns.name()),
+        ns,
+        drop,
+        client,
+    }
+}
+
+impl Scene {
+    /// A CachedImage of `image:tag` on the real node only.
+    async fn cache(&self, suffix: &str, image: &str, tag: &str) -> String {
+        let name = format!("{}-{suffix}", self.ns.name());
+        let (node_selector, tolerations) = self.node.placement();
+        let mut ci = CachedImage::new(
+            &name,
+            CachedImageSpec {
+                image: image.to_owned(),
+                tag: Some(tag.to_owned()),
+                node_selector,
+                tolerations,
+                ..CachedImageSpec::default()
+            },
+        );
+        ci.metadata.labels = Some(self.drop.labels());
+        eventually(Duration::from_secs(30), "CachedImage created", || async {
+            self.images
+                .create(&PostParams::default(), &ci)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+        name
+    }
+
+    async fn wait_image(
+        &self,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&CachedImage) -> bool,
+    ) -> CachedImage {
+        eventually(Duration::from_secs(120), what, || async {
+            let ci = self.images.get(name).await.map_err(|e| e.to_string())?;
+            if ok(&ci) {
+                Ok(ci)
+            } else {
+                Err(format!("{:?}", ci.status))
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits until no pull Pod is left in the namespace.
+    async fn no_pull_pods_left(&self) {
+        eventually(Duration::from_secs(60), "pull Pods gone", || async {
+            let left = self
+                .pods
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let names: Vec<String> = left.items.iter().map(ResourceExt::name_any).collect();
+            if names.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("left: {names:?}"))
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Warning Events about Pods of the namespace, as `reason: message`.
+    async fn pod_warnings(&self) -> Vec<String> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), self.ns.name());
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .filter(|e| e.involved_object.kind.as_deref() == Some("Pod"))
+            .map(|e| {
+                format!(
+                    "{} x{}: {}",
+                    e.reason.unwrap_or_default(),
+                    e.count.unwrap_or(1),
+                    e.message.unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    fn show(&self, ci: &CachedImage) {
+        eprintln!(
+            "status of {} ({}):\n{}",
+            ci.name_any(),
+            ci.spec.reference(),
+            serde_json::to_string_pretty(&ci.status).unwrap()
+        );
+    }
+}
+
+/// A Pod that runs `image` on the real node without pulling it (`imagePullPolicy: Never`), meeting
+/// the restricted Pod Security profile of the namespace.
+fn run_without_pull(node: &RealNode, name: &str, image: &str) -> Pod {
+    let (_, tolerations) = node.placement();
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node.name,
+            "restartPolicy": "Never",
+            "tolerations": tolerations,
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "run", "image": image, "imagePullPolicy": "Never", "command": ["/bin/true"],
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn realnode_images_land_in_containerd_and_then_run_without_a_pull() {
+    let s = scene("realnode-cache").await;
+    let ns = s.ns.name();
+    let busybox = s
+        .node
+        .copy_image("busybox:1", &format!("{ns}/busybox:1"))
+        .await;
+    let distroless = s
+        .node
+        .copy_image("distroless:1", &format!("{ns}/distroless:1"))
+        .await;
+    let registry = &s.node.registry;
+    let cases = [
+        ("busybox", format!("{registry}/{ns}/busybox"), busybox),
+        (
+            "distroless",
+            format!("{registry}/{ns}/distroless"),
+            distroless,
+        ),
+    ];
+    for (suffix, image, _) in &cases {
+        s.cache(suffix, image, "1").await;
+    }
+    for (suffix, image, digest) in &cases {
+        let name = format!("{ns}-{suffix}");
+        let ci = s
+            .wait_image(&name, "cached on the real node", |ci| {
+                ci.status.as_ref().is_some_and(|st| {
+                    st.phase == Some(CachedImagePhase::Ready)
+                        && st.cached_nodes == [s.node.name.as_str()]
+                })
+            })
+            .await;
+        s.show(&ci);
+        let status = ci.status.unwrap();
+        assert_eq!(
+            status.resolved_digest.as_ref(),
+            Some(digest),
+            "{suffix}: the digest the registry serves"
+        );
+        // The node's containerd holds it under its name, with that digest.
+        let held = s.node.images();
+        assert_eq!(
+            held.get(&format!("{image}:1")),
+            Some(digest),
+            "containerd's images: {held:?}"
+        );
+    }
+    s.no_pull_pods_left().await;
+
+    // A workload now starts from the cache: `Never` would fail with ErrImageNeverPull otherwise.
+    let run = run_without_pull(&s.node, "from-cache", &format!("{registry}/{ns}/busybox:1"));
+    s.pods.create(&PostParams::default(), &run).await.unwrap();
+    let pod = eventually(Duration::from_secs(60), "Pod ran", || async {
+        let p = s.pods.get("from-cache").await.map_err(|e| e.to_string())?;
+        match p.status.as_ref().and_then(|st| st.phase.as_deref()) {
+            Some("Succeeded") | Some("Failed") => Ok(p),
+            _ => Err(format!("{:?}", p.status)),
+        }
+    })
+    .await
+    .unwrap();
+    let phase = pod.status.as_ref().and_then(|st| st.phase.clone());
+    assert_eq!(phase.as_deref(), Some("Succeeded"), "{:?}", pod.status);
+
+    // What the pulls cost in Warning Events: the pull container never runs (its command does not
+    // exist), so each pull leaves one `Failed` start error; no pull error.
+    let warnings = s.pod_warnings().await;
+    eprintln!("Warning Events of the 2 pulls: {warnings:#?}");
+    assert!(
+        warnings
+            .iter()
+            .all(|w| w.starts_with("Failed") && !w.contains("ErrImagePull")),
+        "{warnings:#?}"
+    );
+}
+
+#[tokio::test]
+async fn realnode_unreachable_registry_and_missing_tag_are_reported_and_leave_no_pod() {
+    let s = scene("realnode-fail").await;
+    let ns = s.ns.name();
+    s.node
+        .copy_image("busybox:1", &format!("{ns}/busybox:1"))
+        .await;
+    let closed = format!("127.0.0.1:{}", fixtures::closed_port());
+    let cases = [
+        ("unreachable", format!("{closed}/{ns}/x"), "1"),
+        (
+            "missing-tag",
+            format!("{}/{ns}/busybox", s.node.registry),
+            "nope",
+        ),
+    ];
+    for (suffix, image, tag) in &cases {
+        s.cache(suffix, image, tag).await;
+    }
+    for (suffix, _, _) in &cases {
+        let name = format!("{ns}-{suffix}");
+        let ci = s
+            .wait_image(&name, "the pull failure reported", |ci| {
+                ci.status.as_ref().is_some_and(|st| {
+                    st.consecutive_failures >= 1
+                        && st.failed_nodes.iter().any(|f| f.node == s.node.name)
+                })
+            })
+            .await;
+        s.show(&ci);
+        let status = ci.status.unwrap();
+        let failure = &status.failed_nodes[0];
+        assert!(
+            ["ErrImagePull", "ImagePullBackOff"].contains(&failure.reason.as_str()),
+            "{suffix}: {failure:?}"
+        );
+        let expected = match *suffix {
+            "unreachable" => "connection refused",
+            _ => "not found",
+        };
+        assert!(
+            failure.message.contains(expected),
+            "{suffix}: {}",
+            failure.message
+        );
+        assert!(status.cached_nodes.is_empty());
+        assert_ne!(status.phase, Some(CachedImagePhase::Ready));
+    }
+    // Failed pulls give their Pods up; the retries wait out the backoff (30 s at first).
+    s.no_pull_pods_left().await;
+    assert!(
+        s.node
+            .images()
+            .keys()
+            .all(|r| !r.contains(&format!("/{ns}/"))),
+        "nothing of this test reached containerd"
+    );
+}
