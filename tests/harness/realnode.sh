@@ -49,7 +49,9 @@ alive() {
 
 start() {
   local name=$1; shift
-  setsid "$@" >"$RN/logs/$name.log" 2>&1 </dev/null 8>&- 9>&- &
+  # The lock descriptors (7: this script, 8: cluster.sh, 9: tools.sh) must not stay open in
+  # long-lived processes, or the next ensure would wait for ever.
+  setsid "$@" >"$RN/logs/$name.log" 2>&1 </dev/null 7>&- 8>&- 9>&- &
   echo $! >"$RN/pids/$name"
   readlink -f "$1" >"$RN/pids/$name.exe"
 }

@@ -200,6 +200,24 @@ impl Registry {
         digest
     }
 
+    /// Puts a real image under `repo:tag`: its blobs (config and layers), then its OCI manifest.
+    pub async fn put_image(&self, repo: &str, tag: &str, image: &crate::realnode::OciImage) {
+        for blob in &image.blobs {
+            self.blob(repo, blob).await;
+        }
+        let resp = self
+            .req(
+                reqwest::Method::PUT,
+                format!("{}/v2/{repo}/manifests/{tag}", self.url),
+            )
+            .header("content-type", crate::realnode::OCI_MANIFEST)
+            .body(image.manifest.clone())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "manifest put: {}", resp.status());
+    }
+
     /// Pushes a tiny image `repo:tag` through the registry's HTTP API.
     pub async fn push(&self, repo: &str, tag: &str) {
         let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");

@@ -124,42 +124,66 @@ impl RealNode {
         dir
     }
 
-    /// Copies `from` (`repository:tag` in the node's registry) to `to` in the same registry, by
-    /// mounting its blobs and putting the same manifest: a new name with the same digest, so tests
-    /// do not share image names on the one node. Returns the manifest digest.
-    pub async fn copy_image(&self, from: &str, to: &str) -> String {
-        const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
-        let (from_repo, from_tag) = from.rsplit_once(':').expect("repository:tag");
-        let (to_repo, to_tag) = to.rsplit_once(':').expect("repository:tag");
-        let base = format!("http://{}/v2", self.registry);
-        let http = reqwest::Client::new();
-        let got = http
-            .get(format!("{base}/{from_repo}/manifests/{from_tag}"))
-            .header("accept", OCI)
+    fn registry_url(&self, path: &str) -> String {
+        format!("http://{}/v2/{path}", self.registry)
+    }
+
+    /// The manifest of `repository:tag` in the node's registry, and its digest.
+    async fn manifest(&self, reference: &str) -> (Vec<u8>, String) {
+        let (repo, tag) = reference.rsplit_once(':').expect("repository:tag");
+        let got = reqwest::Client::new()
+            .get(self.registry_url(&format!("{repo}/manifests/{tag}")))
+            .header("accept", OCI_MANIFEST)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .expect("source manifest");
+            .expect("manifest");
         let digest = got.headers()["docker-content-digest"]
             .to_str()
             .expect("digest header")
             .to_owned();
-        let manifest = got.bytes().await.expect("manifest body");
-        let parsed: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
-        let layers = parsed["layers"].as_array().cloned().unwrap_or_default();
-        for blob in layers.iter().chain([&parsed["config"]]) {
-            let d = blob["digest"].as_str().expect("blob digest");
+        (got.bytes().await.expect("manifest body").to_vec(), digest)
+    }
+
+    /// `repository:tag` of the node's registry, whole, to put into another registry.
+    pub async fn export(&self, reference: &str) -> OciImage {
+        let (manifest, digest) = self.manifest(reference).await;
+        let (repo, _) = reference.rsplit_once(':').expect("repository:tag");
+        let mut blobs = Vec::new();
+        for d in blob_digests(&manifest) {
+            let blob = reqwest::get(self.registry_url(&format!("{repo}/blobs/{d}")))
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .expect("blob");
+            blobs.push(blob.bytes().await.expect("blob body").to_vec());
+        }
+        OciImage {
+            manifest,
+            blobs,
+            digest,
+        }
+    }
+
+    /// Copies `from` (`repository:tag` in the node's registry) to `to` in the same registry, by
+    /// mounting its blobs and putting the same manifest: a new name with the same digest, so tests
+    /// do not share image names on the one node. Returns the manifest digest.
+    pub async fn copy_image(&self, from: &str, to: &str) -> String {
+        let (manifest, digest) = self.manifest(from).await;
+        let (from_repo, _) = from.rsplit_once(':').expect("repository:tag");
+        let (to_repo, to_tag) = to.rsplit_once(':').expect("repository:tag");
+        let http = reqwest::Client::new();
+        for d in blob_digests(&manifest) {
             let mounted = http
-                .post(format!(
-                    "{base}/{to_repo}/blobs/uploads/?mount={d}&from={from_repo}"
-                ))
+                .post(self.registry_url(&format!(
+                    "{to_repo}/blobs/uploads/?mount={d}&from={from_repo}"
+                )))
                 .send()
                 .await
                 .expect("blob mount");
             assert_eq!(mounted.status(), 201, "mounting {d} into {to_repo}");
         }
-        http.put(format!("{base}/{to_repo}/manifests/{to_tag}"))
-            .header("content-type", OCI)
+        http.put(self.registry_url(&format!("{to_repo}/manifests/{to_tag}")))
+            .header("content-type", OCI_MANIFEST)
             .body(manifest)
             .send()
             .await
@@ -167,4 +191,29 @@ impl RealNode {
             .expect("manifest put");
         digest
     }
+}
+
+/// Media type of the images the harness builds.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// A whole image: its OCI manifest, the blobs it names (config, then layers), and its digest.
+#[derive(Clone, Debug)]
+pub struct OciImage {
+    /// The manifest, byte for byte (its digest is the image's).
+    pub manifest: Vec<u8>,
+    /// Config and layer blobs.
+    pub blobs: Vec<Vec<u8>>,
+    /// `sha256:` digest of the manifest.
+    pub digest: String,
+}
+
+/// The digests of the blobs a manifest names: config, then layers.
+fn blob_digests(manifest: &[u8]) -> Vec<String> {
+    let parsed: serde_json::Value = serde_json::from_slice(manifest).expect("manifest JSON");
+    let layers = parsed["layers"].as_array().cloned().unwrap_or_default();
+    [parsed["config"].clone()]
+        .iter()
+        .chain(&layers)
+        .filter_map(|b| b["digest"].as_str().map(str::to_owned))
+        .collect()
 }

@@ -5,7 +5,7 @@ use drop::api::{CachedImage, CachedImagePhase, CachedImageSpec};
 use e2e::realnode::RealNode;
 use e2e::{DropUnderTest, cluster, fixtures};
 use framework::testing::{TestNamespace, eventually};
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{Event, LocalObjectReference, Pod, Secret};
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use std::time::Duration;
@@ -37,18 +37,28 @@ async fn scene(id: &str) -> Scene {
 impl Scene {
     /// A CachedImage of `image:tag` on the real node only.
     async fn cache(&self, suffix: &str, image: &str, tag: &str) -> String {
+        self.cache_with(suffix, image, tag, |_| {}).await
+    }
+
+    /// Like [`Scene::cache`], with `adjust` changing the spec first.
+    async fn cache_with(
+        &self,
+        suffix: &str,
+        image: &str,
+        tag: &str,
+        adjust: impl FnOnce(&mut CachedImageSpec),
+    ) -> String {
         let name = format!("{}-{suffix}", self.ns.name());
         let (node_selector, tolerations) = self.node.placement();
-        let mut ci = CachedImage::new(
-            &name,
-            CachedImageSpec {
-                image: image.to_owned(),
-                tag: Some(tag.to_owned()),
-                node_selector,
-                tolerations,
-                ..CachedImageSpec::default()
-            },
-        );
+        let mut spec = CachedImageSpec {
+            image: image.to_owned(),
+            tag: Some(tag.to_owned()),
+            node_selector,
+            tolerations,
+            ..CachedImageSpec::default()
+        };
+        adjust(&mut spec);
+        let mut ci = CachedImage::new(&name, spec);
         ci.metadata.labels = Some(self.drop.labels());
         eventually(Duration::from_secs(30), "CachedImage created", || async {
             self.images
@@ -287,5 +297,92 @@ async fn realnode_unreachable_registry_and_missing_tag_are_reported_and_leave_no
             .keys()
             .all(|r| !r.contains(&format!("/{ns}/"))),
         "nothing of this test reached containerd"
+    );
+}
+
+#[tokio::test]
+async fn realnode_a_private_registry_needs_the_image_pull_secret() {
+    let s = scene("realnode-private").await;
+    // TLS with the test's own CA, client certificates required, and basic auth.
+    let pki = fixtures::Pki::generate();
+    let registry = fixtures::Registry::start_secured(&pki, "ci-bot", "pull-only-token").await;
+    let host = registry.host().to_owned();
+    let busybox = s.node.export("busybox:1").await;
+    registry.put_image("team/app", "1", &busybox).await;
+    registry.put_image("team/other", "1", &busybox).await;
+    // The node trusts the CA and presents the client certificate (what a platform team sets up in
+    // containerd's hosts directory); the credentials come from the Pod's imagePullSecrets.
+    s.node.configure_registry(
+        &host,
+        &format!(
+            "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  \
+             ca = \"{ca}\"\n  client = [[\"{crt}\", \"{key}\"]]\n",
+            ca = pki.path("ca.crt").display(),
+            crt = pki.path("client.crt").display(),
+            key = pki.path("client.key").display(),
+        ),
+    );
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        "ci-bot:pull-only-token",
+    );
+    let config = serde_json::json!({"auths": {host.clone(): {"auth": auth}}});
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "registry-login"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config.to_string()},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(s.client.clone(), s.ns.name())
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let with = s
+        .cache_with("with-secret", &format!("{host}/team/app"), "1", |spec| {
+            spec.image_pull_secrets = vec![LocalObjectReference {
+                name: "registry-login".into(),
+            }];
+        })
+        .await;
+    let without = s
+        .cache("without-secret", &format!("{host}/team/other"), "1")
+        .await;
+    let ci = s
+        .wait_image(&with, "cached with the secret", |ci| {
+            ci.status
+                .as_ref()
+                .is_some_and(|st| st.phase == Some(CachedImagePhase::Ready))
+        })
+        .await;
+    s.show(&ci);
+    assert_eq!(
+        ci.status.unwrap().resolved_digest.as_ref(),
+        Some(&busybox.digest)
+    );
+    assert!(
+        s.node
+            .images()
+            .contains_key(&format!("{host}/team/app:1")),
+        "in containerd"
+    );
+    let ci = s
+        .wait_image(&without, "refused without the secret", |ci| {
+            ci.status
+                .as_ref()
+                .is_some_and(|st| st.failed_nodes.iter().any(|f| f.node == s.node.name))
+        })
+        .await;
+    s.show(&ci);
+    let failure = ci.status.unwrap().failed_nodes[0].clone();
+    assert!(
+        ["ErrImagePull", "ImagePullBackOff"].contains(&failure.reason.as_str()),
+        "{failure:?}"
+    );
+    assert!(
+        failure.message.contains("401") || failure.message.contains("nauthorized"),
+        "the message says the registry refused: {}",
+        failure.message
     );
 }
