@@ -215,7 +215,11 @@ impl Registry {
             .send()
             .await
             .unwrap();
-        assert!(resp.status().is_success(), "manifest put: {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "manifest put: {}",
+            resp.status()
+        );
     }
 
     /// Pushes a tiny image `repo:tag` through the registry's HTTP API.

@@ -1,7 +1,9 @@
 //! Drop on a real kubelet: images really pulled into the real node's containerd
 //! (`tests/harness/realnode.sh`), read back with `ctr`, not only from Drop's status.
 
-use drop::api::{CachedImage, CachedImagePhase, CachedImageSpec};
+use drop::api::{
+    CachedImage, CachedImagePhase, CachedImageSpec, PolicyReference, PullPolicy, PullPolicySpec,
+};
 use e2e::realnode::RealNode;
 use e2e::{DropUnderTest, cluster, fixtures};
 use framework::testing::{TestNamespace, eventually};
@@ -362,9 +364,7 @@ async fn realnode_a_private_registry_needs_the_image_pull_secret() {
         Some(&busybox.digest)
     );
     assert!(
-        s.node
-            .images()
-            .contains_key(&format!("{host}/team/app:1")),
+        s.node.images().contains_key(&format!("{host}/team/app:1")),
         "in containerd"
     );
     let ci = s
@@ -385,4 +385,70 @@ async fn realnode_a_private_registry_needs_the_image_pull_secret() {
         "the message says the registry refused: {}",
         failure.message
     );
+}
+
+#[tokio::test]
+async fn realnode_an_image_removed_behind_drops_back_returns_at_its_repull() {
+    let s = scene("realnode-gone").await;
+    let ns = s.ns.name();
+    s.node
+        .copy_image("busybox:1", &format!("{ns}/busybox:1"))
+        .await;
+    let policy = format!("{ns}-hourly");
+    let mut p = PullPolicy::new(
+        &policy,
+        PullPolicySpec {
+            // The shortest refresh the API accepts.
+            repull_interval: Some(Duration::from_secs(60).into()),
+            min_delay_between_pulls: Some(Duration::ZERO.into()),
+            ..PullPolicySpec::default()
+        },
+    );
+    p.metadata.labels = Some(s.drop.labels());
+    let policies: Api<PullPolicy> = Api::all(s.client.clone());
+    eventually(Duration::from_secs(30), "PullPolicy created", || async {
+        policies
+            .create(&PostParams::default(), &p)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    let image = format!("{}/{ns}/busybox", s.node.registry);
+    let name = s
+        .cache_with("busybox", &image, "1", |spec| {
+            spec.policy_ref = Some(PolicyReference {
+                name: policy.clone(),
+            });
+        })
+        .await;
+    s.wait_image(&name, "cached", |ci| {
+        ci.status
+            .as_ref()
+            .is_some_and(|st| st.phase == Some(CachedImagePhase::Ready))
+    })
+    .await;
+    let reference = format!("{image}:1");
+    assert!(s.node.images().contains_key(&reference));
+
+    // Someone removes it from the node (crictl rmi, a disk clean-up, image GC).
+    s.node.remove_image(&reference);
+    let removed = std::time::Instant::now();
+    assert!(!s.node.images().contains_key(&reference));
+    eventually(Duration::from_secs(150), "pulled again", || async {
+        if s.node.images().contains_key(&reference) {
+            Ok(())
+        } else {
+            Err("not in containerd".to_owned())
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "back in containerd {:.1} s after its removal (repullInterval 60 s)",
+        removed.elapsed().as_secs_f64()
+    );
+    let ci = s.images.get(&name).await.unwrap();
+    s.show(&ci);
+    assert_eq!(ci.status.unwrap().cached_nodes, [s.node.name.as_str()]);
 }
