@@ -69,6 +69,10 @@ struct RunArgs {
     /// (condition changes are written at once).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     status_interval: Duration,
+    /// The kubelets' nodeStatusMaxImages (-1: no limit). An image a node stops listing counts as
+    /// gone, and is pulled again, only while the node's list is shorter than this.
+    #[arg(long, default_value_t = crate::operator::NODE_STATUS_MAX_IMAGES, allow_negative_numbers = true)]
+    node_status_max_images: i32,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -175,6 +179,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         install_crds: args.install_crds,
         watch_selector: args.watch_selector,
         status_interval: args.status_interval,
+        node_status_max_images: args.node_status_max_images,
     };
     crate::operator::run(client, settings, framework::operator::shutdown_signal()).await?;
     Ok(())

@@ -35,7 +35,13 @@ pub struct Settings {
     /// During a rollout, progress reaches an image's or a set's status at most this often
     /// (condition transitions are written at once).
     pub status_interval: Duration,
+    /// The kubelets' `nodeStatusMaxImages` (negative: no limit): an image missing from a node's
+    /// image list counts as gone only while the list is shorter than this.
+    pub node_status_max_images: i32,
 }
+
+/// The default of [`Settings::node_status_max_images`]: the kubelet's default.
+pub const NODE_STATUS_MAX_IMAGES: i32 = cachedimage::presence::KUBELET_MAX_IMAGES;
 
 fn primary_watch(selector: Option<&str>) -> kube::runtime::watcher::Config {
     let config = kube::runtime::watcher::Config::default();
@@ -67,6 +73,7 @@ pub async fn run(
         );
     let pacer = Arc::new(Pacer::new(wake_tx, settings.pull_timeout));
     let retargeting = pacer.clone();
+    let max_images = settings.node_status_max_images;
     let cachedimages = Controller::new(
         "cachedimage",
         CachedImageReconciler {
@@ -81,7 +88,9 @@ pub async fn run(
     // A pull Pod matters when its pull ends (or it goes), not at each of its status updates.
     .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
     .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, move |node, images| {
-        retargeting.retargeted_by(node, images)
+        let mut wake = retargeting.retargeted_by(node, images);
+        wake.extend(retargeting.node_images_changed(node, max_images));
+        wake
     })
     .trim_cached::<Node>(cachedimage::targets::trim)
     .watches::<PullPolicy, _>(cachedimage::images_using)

@@ -70,6 +70,7 @@ impl DropUnderTest {
             install_crds: true,
             watch_selector: Some(format!("{TEST_LABEL}={id}")),
             status_interval: drop::operator::STATUS_INTERVAL,
+            node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
         };
         adjust(&mut settings);
         let task = tokio::spawn(drop::operator::run(client.clone(), settings, async move {

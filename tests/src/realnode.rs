@@ -4,6 +4,7 @@
 
 use framework::testing::TestCluster;
 use k8s_openapi::api::core::v1::Toleration;
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -110,9 +111,20 @@ impl RealNode {
             .collect()
     }
 
-    /// Removes `reference` from the node's containerd, behind the kubelet's and Drop's back.
+    /// Removes the image `reference` names from the node's containerd, under every name it has
+    /// there (its tag and its digest form), as `crictl rmi` or the kubelet's image GC would: behind
+    /// the kubelet's and Drop's back.
     pub fn remove_image(&self, reference: &str) {
-        self.ctr(&["images", "rm", "--sync", reference]);
+        let held = self.images();
+        let digest = held.get(reference).expect("the image is on the node");
+        let names: Vec<&str> = held
+            .iter()
+            .filter(|(_, d)| *d == digest)
+            .map(|(r, _)| r.as_str())
+            .collect();
+        let mut args = vec!["images", "rm", "--sync"];
+        args.extend(names);
+        self.ctr(&args);
     }
 
     /// Tells the node's containerd how to reach a registry: `hosts_toml` is the body of its
@@ -164,15 +176,18 @@ impl RealNode {
         }
     }
 
-    /// Copies `from` (`repository:tag` in the node's registry) to `to` in the same registry, by
-    /// mounting its blobs and putting the same manifest: a new name with the same digest, so tests
-    /// do not share image names on the one node. Returns the manifest digest.
+    /// Copies `from` (`repository:tag` in the node's registry) to `to` in the same registry, as an
+    /// image of its own: the same layers (mounted, not uploaded again) under a config labelled with
+    /// `to`, so each test's image has its own digest and its own life on the one node. Returns the
+    /// new manifest digest.
     pub async fn copy_image(&self, from: &str, to: &str) -> String {
-        let (manifest, digest) = self.manifest(from).await;
+        let (manifest, _) = self.manifest(from).await;
         let (from_repo, _) = from.rsplit_once(':').expect("repository:tag");
         let (to_repo, to_tag) = to.rsplit_once(':').expect("repository:tag");
         let http = reqwest::Client::new();
-        for d in blob_digests(&manifest) {
+        let mut parsed: serde_json::Value =
+            serde_json::from_slice(&manifest).expect("manifest JSON");
+        for d in blob_digests(&manifest).iter().skip(1) {
             let mounted = http
                 .post(self.registry_url(&format!(
                     "{to_repo}/blobs/uploads/?mount={d}&from={from_repo}"
@@ -182,14 +197,49 @@ impl RealNode {
                 .expect("blob mount");
             assert_eq!(mounted.status(), 201, "mounting {d} into {to_repo}");
         }
+        let config_digest = parsed["config"]["digest"].as_str().expect("config digest");
+        let mut config: serde_json::Value =
+            reqwest::get(self.registry_url(&format!("{from_repo}/blobs/{config_digest}")))
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .expect("config blob")
+                .json()
+                .await
+                .expect("config JSON");
+        config["config"]["Labels"] = serde_json::json!({"e2e.drop/copy": to});
+        let config = serde_json::to_vec(&config).expect("config");
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&config));
+        let start = http
+            .post(self.registry_url(&format!("{to_repo}/blobs/uploads/")))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("upload start");
+        let location = start.headers()["location"].to_str().expect("location");
+        let location = if location.starts_with("http") {
+            location.to_owned()
+        } else {
+            format!("http://{}{location}", self.registry)
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        http.put(format!("{location}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(config.clone())
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("config upload");
+        parsed["config"]["digest"] = digest.into();
+        parsed["config"]["size"] = config.len().into();
+        let manifest = serde_json::to_vec(&parsed).expect("manifest");
         http.put(self.registry_url(&format!("{to_repo}/manifests/{to_tag}")))
             .header("content-type", OCI_MANIFEST)
-            .body(manifest)
+            .body(manifest.clone())
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
             .expect("manifest put");
-        digest
+        format!("sha256:{:x}", sha2::Sha256::digest(&manifest))
     }
 }
 

@@ -804,6 +804,7 @@ async fn cachedimage_operator_without_crds_fails_with_a_clear_message() {
         install_crds: false,
         watch_selector: None,
         status_interval: drop::operator::STATUS_INTERVAL,
+        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
     };
     let err = tokio::time::timeout(
         Duration::from_secs(30),
@@ -844,6 +845,7 @@ async fn cachedimage_operator_reports_ready_every_time_it_starts() {
             install_crds: true,
             watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
             status_interval: drop::operator::STATUS_INTERVAL,
+            node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
         };
         let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
             let _ = stopped.await;
@@ -899,6 +901,7 @@ async fn cachedimage_metrics_count_pulls_and_forget_deleted_images() {
         install_crds: true,
         watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
         status_interval: drop::operator::STATUS_INTERVAL,
+        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
     };
     let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
         let _ = stopped.await;

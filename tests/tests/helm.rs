@@ -344,6 +344,7 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         install_crds: false,
         watch_selector: None,
         status_interval: drop::operator::STATUS_INTERVAL,
+        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
     };
     let running = tokio::spawn(drop::operator::run(
         sa_client.clone(),
@@ -533,6 +534,7 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
         install_crds: false,
         watch_selector: Some("e2e.drop.corewire.io/none=none".into()),
         status_interval: drop::operator::STATUS_INTERVAL,
+        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
     };
     let running = tokio::spawn(drop::operator::run(operator, settings, async move {
         let _ = stopped.await;

@@ -22,10 +22,14 @@ struct Scene {
 }
 
 async fn scene(id: &str) -> Scene {
+    scene_with(id, |_| {}).await
+}
+
+async fn scene_with(id: &str, adjust: impl FnOnce(&mut drop::operator::Settings)) -> Scene {
     let (cluster, client) = cluster().await.unwrap();
     let node = RealNode::ensure(cluster);
     let ns = cluster.namespace(&client, id).await.unwrap();
-    let drop = DropUnderTest::start(&client, ns.name(), ns.name()).await;
+    let drop = DropUnderTest::start_with(&client, ns.name(), ns.name(), adjust).await;
     Scene {
         node,
         images: Api::all(client.clone()),
@@ -387,23 +391,15 @@ async fn realnode_a_private_registry_needs_the_image_pull_secret() {
     );
 }
 
-#[tokio::test]
-async fn realnode_an_image_removed_behind_drops_back_returns_at_its_repull() {
-    let s = scene("realnode-gone").await;
+/// Caches `busybox:1` (a copy of its own) under `policy`, removes it from the node's containerd
+/// behind Drop's back, and returns how long it took to be back.
+async fn removed_and_back(s: &Scene, policy: PullPolicySpec) -> Duration {
     let ns = s.ns.name();
     s.node
         .copy_image("busybox:1", &format!("{ns}/busybox:1"))
         .await;
-    let policy = format!("{ns}-hourly");
-    let mut p = PullPolicy::new(
-        &policy,
-        PullPolicySpec {
-            // The shortest refresh the API accepts.
-            repull_interval: Some(Duration::from_secs(60).into()),
-            min_delay_between_pulls: Some(Duration::ZERO.into()),
-            ..PullPolicySpec::default()
-        },
-    );
+    let name = format!("{ns}-policy");
+    let mut p = PullPolicy::new(&name, policy);
     p.metadata.labels = Some(s.drop.labels());
     let policies: Api<PullPolicy> = Api::all(s.client.clone());
     eventually(Duration::from_secs(30), "PullPolicy created", || async {
@@ -415,14 +411,12 @@ async fn realnode_an_image_removed_behind_drops_back_returns_at_its_repull() {
     .await
     .unwrap();
     let image = format!("{}/{ns}/busybox", s.node.registry);
-    let name = s
+    let ci = s
         .cache_with("busybox", &image, "1", |spec| {
-            spec.policy_ref = Some(PolicyReference {
-                name: policy.clone(),
-            });
+            spec.policy_ref = Some(PolicyReference { name: name.clone() });
         })
         .await;
-    s.wait_image(&name, "cached", |ci| {
+    s.wait_image(&ci, "cached", |ci| {
         ci.status
             .as_ref()
             .is_some_and(|st| st.phase == Some(CachedImagePhase::Ready))
@@ -430,6 +424,28 @@ async fn realnode_an_image_removed_behind_drops_back_returns_at_its_repull() {
     .await;
     let reference = format!("{image}:1");
     assert!(s.node.images().contains_key(&reference));
+    // Let the kubelet list it in the Node's status first (Drop only trusts a disappearance).
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.client.clone());
+    eventually(
+        Duration::from_secs(120),
+        "listed by the kubelet",
+        || async {
+            let node = nodes.get(&s.node.name).await.map_err(|e| e.to_string())?;
+            let listed = node
+                .status
+                .and_then(|st| st.images)
+                .unwrap_or_default()
+                .iter()
+                .any(|i| i.names.iter().flatten().any(|n| *n == reference));
+            if listed {
+                Ok(())
+            } else {
+                Err("not listed yet".to_owned())
+            }
+        },
+    )
+    .await
+    .unwrap();
 
     // Someone removes it from the node (crictl rmi, a disk clean-up, image GC).
     s.node.remove_image(&reference);
@@ -444,11 +460,50 @@ async fn realnode_an_image_removed_behind_drops_back_returns_at_its_repull() {
     })
     .await
     .unwrap();
-    eprintln!(
-        "back in containerd {:.1} s after its removal (repullInterval 60 s)",
-        removed.elapsed().as_secs_f64()
-    );
-    let ci = s.images.get(&name).await.unwrap();
+    let took = removed.elapsed();
+    let ci = s
+        .wait_image(&ci, "cached again", |ci| {
+            ci.status.as_ref().is_some_and(|st| {
+                st.phase == Some(CachedImagePhase::Ready)
+                    && st.cached_nodes == [s.node.name.as_str()]
+            })
+        })
+        .await;
     s.show(&ci);
-    assert_eq!(ci.status.unwrap().cached_nodes, [s.node.name.as_str()]);
+    took
+}
+
+#[tokio::test]
+async fn realnode_an_image_the_node_stops_listing_is_pulled_again() {
+    let s = scene("realnode-gone").await;
+    // No refresh: only the node's own image list can tell.
+    let took = removed_and_back(&s, PullPolicySpec::default()).await;
+    eprintln!(
+        "back in containerd {:.1} s after its removal (from the node's image list)",
+        took.as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn realnode_with_a_full_image_list_a_removed_image_returns_at_its_repull() {
+    // A kubelet listing at most one image always has a full list here (the sandbox image alone
+    // fills it): absence proves nothing, and the refresh is what brings the image back.
+    let s = scene_with("realnode-full", |settings| {
+        settings.node_status_max_images = 1
+    })
+    .await;
+    let took = removed_and_back(
+        &s,
+        PullPolicySpec {
+            // The shortest refresh the API accepts.
+            repull_interval: Some(Duration::from_secs(60).into()),
+            min_delay_between_pulls: Some(Duration::ZERO.into()),
+            ..PullPolicySpec::default()
+        },
+    )
+    .await;
+    eprintln!(
+        "back in containerd {:.1} s after its removal (repullInterval 60 s, full image list)",
+        took.as_secs_f64()
+    );
 }

@@ -6,6 +6,7 @@
 //! and stale Pods are not in the plan, so the framework deletes them.
 
 pub mod pacer;
+pub mod presence;
 pub mod status;
 pub mod targets;
 

@@ -7,6 +7,7 @@
 //! decides that *another* image should start a pull, that image is woken through a channel, so the
 //! global order (priority, then name) holds no matter which image happened to reconcile.
 
+use super::presence::Listed;
 use super::status::{Blocked, NodeState, Observed};
 use super::targets;
 use crate::api::{CachedImage, CachedImageStatus, PullPolicySpec};
@@ -87,6 +88,10 @@ struct NodeMemory {
     attempts: u32,
     cached_reference: Option<String>,
     last_failure: Option<(String, String)>,
+    /// The node has listed the image since it was last pulled there.
+    listed: bool,
+    /// The node has since stopped listing it (with room in its list): it is gone.
+    gone: bool,
 }
 
 #[derive(Default)]
@@ -180,6 +185,38 @@ impl Pacer {
             })
             .map(|image| ObjectRef::from_obj(image.as_ref()))
             .collect()
+    }
+
+    /// The images a change of `node`'s image list says are gone from it: cached there (and listed
+    /// by the node since their pull), now missing from a list with room for them. They are marked
+    /// to be pulled again and named, to be woken. `max_images` is the kubelet's
+    /// `nodeStatusMaxImages`. An image listed for the first time since its pull is only noted.
+    pub fn node_images_changed(&self, node: &Node, max_images: i32) -> Vec<ObjectRef<CachedImage>> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let name = node.name_any();
+        let mut gone = Vec::new();
+        for (image, memory) in &st.images {
+            let Some(reference) = memory.reference.as_deref() else {
+                continue;
+            };
+            let Some(mem) = st.nodes.get_mut(&PullKey::new(image, &name)) else {
+                continue;
+            };
+            if mem.cached_reference.as_deref() != Some(reference) || mem.gone {
+                continue;
+            }
+            let names = super::presence::names(reference, memory.digest.as_deref());
+            match super::presence::listed(node, &names, max_images) {
+                Listed::Yes => mem.listed = true,
+                Listed::No if mem.listed => {
+                    mem.gone = true;
+                    gone.push(ObjectRef::new(image));
+                }
+                Listed::No | Listed::Unknown => {}
+            }
+        }
+        gone
     }
 
     /// How many (image, node) pairs the pacer remembers anything about.
@@ -388,6 +425,7 @@ impl Pacer {
         if let Some(image) = st.images.get_mut(&name) {
             image.seen.retain(|uid| observed_uids.contains(uid));
         }
+        forget_gone(st, &name);
         let grace_ends = settle_unseen(st, &name, &targets, &observed_keys, now, &mut ended);
         // Nodes that are no longer targets (gone, relabelled, tainted) take their memory along, so
         // the state follows the fleet instead of everything it ever was.
@@ -466,6 +504,7 @@ impl Pacer {
             }
             let mem = st.nodes.entry(k.clone()).or_default();
             mem.attempts += 1;
+            mem.listed = false;
             let attempt = mem.attempts;
             st.history.entry(k.clone()).or_default().last_start = Some(now);
             let policy = step
@@ -600,6 +639,27 @@ fn settle_unseen(
     st.seen_pulling
         .retain(|k, _| k.image != name || in_flight.contains_key(k));
     grace_ends
+}
+
+/// Nodes that no longer hold the image (see [`Pacer::node_images_changed`]) stop counting as cached,
+/// so the image is pulled there again, paced like any missing node.
+fn forget_gone(st: &mut State, image: &str) {
+    let gone: Vec<PullKey> = st
+        .nodes
+        .range(PullKey::new(image, "")..)
+        .take_while(|(k, _)| k.image == image)
+        .filter(|(k, m)| m.gone && !st.in_flight.contains_key(*k))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in gone {
+        tracing::info!(image, node = %k.node, "the node no longer lists the image: pulling it again");
+        if let Some(m) = st.nodes.get_mut(&k) {
+            (m.cached_reference, m.listed, m.gone) = (None, false, false);
+        }
+        if let Some(h) = st.history.get_mut(&k) {
+            h.last_success = None;
+        }
+    }
 }
 
 /// Removes `image`'s entries on nodes outside `targets`, visiting only that image's entries.

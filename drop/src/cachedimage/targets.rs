@@ -82,10 +82,12 @@ pub type Relevance = (
     Option<BTreeMap<String, String>>,
     Vec<(String, String, String)>,
     bool,
+    Option<u64>,
 );
 
-/// What about a node can change whether it is a target: its labels and its taints. Node updates that
-/// leave these alone (heartbeats, status) do not re-plan any image.
+/// What about a node can change whether it is a target (its labels and its taints), or whether an
+/// image is still on it (its image list, see [`super::presence`]). Node updates that leave these
+/// alone (heartbeats, conditions) do not wake any image.
 pub fn relevance(node: &Node) -> Relevance {
     let taints = node
         .spec
@@ -107,14 +109,16 @@ pub fn relevance(node: &Node) -> Relevance {
         node.metadata.labels.clone(),
         taints,
         node.metadata.deletion_timestamp.is_some(),
+        super::presence::fingerprint(node),
     )
 }
 
-/// What the operator keeps of a Node: its metadata and spec. Targeting reads only labels, taints and
-/// the deletion mark; the status (images, conditions, addresses, capacity) is the bulk of a real
-/// Node and changes with every kubelet report, so it is dropped before the Node is cached.
+/// What the operator keeps of a Node: its metadata, spec, and the names of its images. Targeting
+/// reads only labels, taints and the deletion mark, and presence the image names; the rest of the
+/// status (conditions, addresses, capacity, image sizes) is the bulk of a real Node and changes with
+/// every kubelet report, so it is dropped before the Node is cached.
 pub fn trim(node: &mut Node) {
-    node.status = None;
+    super::presence::trim(node);
 }
 
 #[cfg(test)]
@@ -289,7 +293,12 @@ mod tests {
         });
         let mut trimmed = full.clone();
         trim(&mut trimmed);
-        assert_eq!(trimmed.status, None);
+        let kept = trimmed
+            .status
+            .as_ref()
+            .and_then(|s| s.images.as_ref())
+            .unwrap();
+        assert_eq!(kept[0].size_bytes, None, "only the image names are kept");
         assert_eq!(relevance(&trimmed), relevance(&full));
         let tolerating = spec(
             &[("pool", "ci")],

@@ -171,6 +171,66 @@ fn pacing_only_the_image_next_in_line_wakes_when_the_delay_ends() {
     assert_eq!(w.woken(), ["a", "c"]);
 }
 
+fn node_listing(names: &[&str]) -> Node {
+    use k8s_openapi::api::core::v1::{ContainerImage, NodeStatus};
+    let mut node = Node::default();
+    node.metadata.name = Some("n1".into());
+    node.status = Some(NodeStatus {
+        images: Some(
+            names
+                .iter()
+                .map(|n| ContainerImage {
+                    names: Some(vec![(*n).to_owned()]),
+                    size_bytes: None,
+                })
+                .collect(),
+        ),
+        ..NodeStatus::default()
+    });
+    node
+}
+
+#[test]
+fn pacing_an_image_the_node_stops_listing_is_pulled_again() {
+    let w = World::new(&["a"]);
+    let a = &w.images[0];
+    let listed = "registry.example.com/a:1";
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    let pulled = PullOutcome::Pulled { digest: None };
+    let out = w.step(0, 2, &[pod(a, "n1", 1, 0, pulled)]);
+    assert_eq!(out.observed.nodes["n1"], NodeState::Cached);
+    // Right after the pull the kubelet may not list it yet: that proves nothing.
+    assert!(
+        w.pacer
+            .node_images_changed(&node_listing(&["other:1"]), 50)
+            .is_empty()
+    );
+    // Listed, then no longer, in a list with room: gone.
+    assert!(
+        w.pacer
+            .node_images_changed(&node_listing(&[listed, "other:1"]), 50)
+            .is_empty()
+    );
+    assert!(
+        w.pacer
+            .node_images_changed(&node_listing(&["other:1", "big:1"]), 2)
+            .is_empty(),
+        "missing from a full list proves nothing"
+    );
+    let woken = w.pacer.node_images_changed(&node_listing(&["other:1"]), 50);
+    assert_eq!(woken, [ObjectRef::new("a")]);
+    assert!(
+        w.pacer
+            .node_images_changed(&node_listing(&["other:1"]), 50)
+            .is_empty(),
+        "named once"
+    );
+    // Its reconcile pulls it again (the old Pod is long gone), and the status says so meanwhile.
+    let out = w.step(0, 20, &[]);
+    assert_eq!(starts(&out), [("n1", 2)]);
+    assert_eq!(out.observed.nodes["n1"], NodeState::Pulling);
+}
+
 fn failure_reason(out: &Outcome) -> Option<String> {
     match out.observed.nodes.get("n1") {
         Some(NodeState::Failed { reason, .. }) => Some(reason.clone()),
