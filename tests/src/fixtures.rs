@@ -65,6 +65,48 @@ fn htpasswd(user: &str, password: &str) -> String {
     .to_owned()
 }
 
+/// Uploads `data` as a blob of `repo` to the registry at `base` (`http(s)://host:port`) in one
+/// piece: start an upload, then put the bytes with their digest. `req` builds each request (with the
+/// registry's credentials). Returns the digest.
+pub async fn upload_blob(
+    base: &str,
+    repo: &str,
+    data: &[u8],
+    req: impl Fn(reqwest::Method, String) -> reqwest::RequestBuilder,
+) -> String {
+    let digest = format!("sha256:{:x}", Sha256::digest(data));
+    let start = req(
+        reqwest::Method::POST,
+        format!("{base}/v2/{repo}/blobs/uploads/"),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert!(
+        start.status().is_success(),
+        "upload start: {}",
+        start.status()
+    );
+    let location = start.headers()["location"].to_str().unwrap().to_owned();
+    let location = if location.starts_with("http") {
+        location
+    } else {
+        format!("{base}{location}")
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let put = req(
+        reqwest::Method::PUT,
+        format!("{location}{sep}digest={digest}"),
+    )
+    .header("content-type", "application/octet-stream")
+    .body(data.to_vec())
+    .send()
+    .await
+    .unwrap();
+    assert!(put.status().is_success(), "blob put: {}", put.status());
+    digest
+}
+
 /// A running docker-registry (distribution 2.8), anonymous access.
 pub struct Registry {
     child: Child,
@@ -165,39 +207,7 @@ impl Registry {
     }
 
     async fn blob(&self, repo: &str, data: &[u8]) -> String {
-        let digest = format!("sha256:{:x}", Sha256::digest(data));
-        let start = self
-            .req(
-                reqwest::Method::POST,
-                format!("{}/v2/{repo}/blobs/uploads/", self.url),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            start.status().is_success(),
-            "upload start: {}",
-            start.status()
-        );
-        let location = start.headers()["location"].to_str().unwrap().to_owned();
-        let location = if location.starts_with("http") {
-            location
-        } else {
-            format!("{}{location}", self.url)
-        };
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let put = self
-            .req(
-                reqwest::Method::PUT,
-                format!("{location}{sep}digest={digest}"),
-            )
-            .header("content-type", "application/octet-stream")
-            .body(data.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert!(put.status().is_success(), "blob put: {}", put.status());
-        digest
+        upload_blob(&self.url, repo, data, |method, url| self.req(method, url)).await
     }
 
     /// Puts a real image under `repo:tag`: its blobs (config and layers), then its OCI manifest.

@@ -103,6 +103,25 @@ impl DropUnderTest {
     pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
         std::collections::BTreeMap::from([(TEST_LABEL.to_owned(), self.id.clone())])
     }
+
+    /// Creates `object` under this test's operator (labelled for it), retrying while its CRD is not
+    /// served yet (Drop installs the CRDs as it starts).
+    pub async fn create<K>(&self, api: &kube::Api<K>, mut object: K) -> K
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize,
+        K: serde::de::DeserializeOwned,
+        K::DynamicType: Default,
+    {
+        object.meta_mut().labels = Some(self.labels());
+        let what = format!("{} created", K::kind(&Default::default()));
+        framework::testing::eventually(std::time::Duration::from_secs(30), &what, || async {
+            api.create(&kube::api::PostParams::default(), &object)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
 }
 
 impl Drop for DropUnderTest {
@@ -111,6 +130,30 @@ impl Drop for DropUnderTest {
             let _ = stop.send(());
         }
     }
+}
+
+/// Waits until the object `name` satisfies `ok`, for at most `secs` seconds; on timeout the panic
+/// shows the object as last read (its `Debug` form, status included).
+pub async fn wait_until<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&K) -> bool,
+) -> K
+where
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    framework::testing::eventually(std::time::Duration::from_secs(secs), what, || async {
+        let object = api.get(name).await.map_err(|e| e.to_string())?;
+        if ok(&object) {
+            Ok(object)
+        } else {
+            Err(format!("{object:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Labels the namespace to enforce Pod Security "restricted".

@@ -208,27 +208,13 @@ impl RealNode {
                 .expect("config JSON");
         config["config"]["Labels"] = serde_json::json!({"e2e.drop/copy": to});
         let config = serde_json::to_vec(&config).expect("config");
-        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&config));
-        let start = http
-            .post(self.registry_url(&format!("{to_repo}/blobs/uploads/")))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .expect("upload start");
-        let location = start.headers()["location"].to_str().expect("location");
-        let location = if location.starts_with("http") {
-            location.to_owned()
-        } else {
-            format!("http://{}{location}", self.registry)
-        };
-        let sep = if location.contains('?') { '&' } else { '?' };
-        http.put(format!("{location}{sep}digest={digest}"))
-            .header("content-type", "application/octet-stream")
-            .body(config.clone())
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .expect("config upload");
+        let digest = crate::fixtures::upload_blob(
+            &format!("http://{}", self.registry),
+            to_repo,
+            &config,
+            |method, url| http.request(method, url),
+        )
+        .await;
         parsed["config"]["digest"] = digest.into();
         parsed["config"]["size"] = config.len().into();
         let manifest = serde_json::to_vec(&parsed).expect("manifest");

@@ -81,32 +81,17 @@ impl Scene {
 
     async fn create_image(&self, suffix: &str, spec: CachedImageSpec) -> String {
         let name = self.name(suffix);
-        let mut ci = CachedImage::new(&name, spec);
-        ci.metadata.labels = Some(self.drop.labels());
-        // Drop installs the CRDs at start; retry until they are served.
-        eventually(Duration::from_secs(30), "CachedImage created", || async {
-            self.images
-                .create(&PostParams::default(), &ci)
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap();
+        self.drop
+            .create(&self.images, CachedImage::new(&name, spec))
+            .await;
         name
     }
 
     async fn create_policy(&self, suffix: &str, spec: PullPolicySpec) -> String {
         let name = self.name(suffix);
-        let api: Api<PullPolicy> = Api::all(self.client.clone());
-        let mut p = PullPolicy::new(&name, spec);
-        p.metadata.labels = Some(self.drop.labels());
-        eventually(Duration::from_secs(30), "PullPolicy created", || async {
-            api.create(&PostParams::default(), &p)
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap();
+        self.drop
+            .create(&Api::all(self.client.clone()), PullPolicy::new(&name, spec))
+            .await;
         name
     }
 
@@ -117,16 +102,7 @@ impl Scene {
         what: &str,
         ok: impl Fn(&CachedImage) -> bool,
     ) -> CachedImage {
-        eventually(Duration::from_secs(secs), what, || async {
-            let ci = self.images.get(name).await.map_err(|e| e.to_string())?;
-            if ok(&ci) {
-                Ok(ci)
-            } else {
-                Err(format!("{:?}", ci.status))
-            }
-        })
-        .await
-        .unwrap()
+        e2e::wait_until(&self.images, name, secs, what, ok).await
     }
 
     async fn pull_pods_of(&self, image: &str) -> Vec<Pod> {

@@ -60,8 +60,7 @@ async fn scene_with(
         ns,
         _nodes: nodes,
     };
-    let policies: Api<PullPolicy> = Api::all(s.client.clone());
-    let mut fast = PullPolicy::new(
+    let fast = PullPolicy::new(
         &s.name("fast"),
         PullPolicySpec {
             max_concurrent_nodes: 4,
@@ -69,15 +68,7 @@ async fn scene_with(
             ..PullPolicySpec::default()
         },
     );
-    fast.metadata.labels = Some(s.drop.labels());
-    eventually(Duration::from_secs(30), "PullPolicy created", || async {
-        policies
-            .create(&PostParams::default(), &fast)
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap();
+    s.drop.create(&Api::all(s.client.clone()), fast).await;
     s
 }
 
@@ -106,16 +97,9 @@ impl Scene {
 
     async fn create_set(&self, suffix: &str, spec: CachedImageSetSpec) -> String {
         let name = self.name(suffix);
-        let mut set = CachedImageSet::new(&name, spec);
-        set.metadata.labels = Some(self.drop.labels());
-        eventually(Duration::from_secs(30), "set created", || async {
-            self.sets
-                .create(&PostParams::default(), &set)
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap();
+        self.drop
+            .create(&self.sets, CachedImageSet::new(&name, spec))
+            .await;
         name
     }
 
@@ -132,16 +116,7 @@ impl Scene {
         what: &str,
         ok: impl Fn(&CachedImageSet) -> bool,
     ) -> CachedImageSet {
-        eventually(Duration::from_secs(60), what, || async {
-            let s = self.sets.get(name).await.map_err(|e| e.to_string())?;
-            if ok(&s) {
-                Ok(s)
-            } else {
-                Err(format!("{:?}", s.status))
-            }
-        })
-        .await
-        .unwrap()
+        e2e::wait_until(&self.sets, name, 60, what, ok).await
     }
 
     async fn wait_children(&self, set: &str, want: &[String]) -> Vec<CachedImage> {

@@ -64,16 +64,9 @@ impl Scene {
             ..CachedImageSpec::default()
         };
         adjust(&mut spec);
-        let mut ci = CachedImage::new(&name, spec);
-        ci.metadata.labels = Some(self.drop.labels());
-        eventually(Duration::from_secs(30), "CachedImage created", || async {
-            self.images
-                .create(&PostParams::default(), &ci)
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap();
+        self.drop
+            .create(&self.images, CachedImage::new(&name, spec))
+            .await;
         name
     }
 
@@ -83,16 +76,7 @@ impl Scene {
         what: &str,
         ok: impl Fn(&CachedImage) -> bool,
     ) -> CachedImage {
-        eventually(Duration::from_secs(120), what, || async {
-            let ci = self.images.get(name).await.map_err(|e| e.to_string())?;
-            if ok(&ci) {
-                Ok(ci)
-            } else {
-                Err(format!("{:?}", ci.status))
-            }
-        })
-        .await
-        .unwrap()
+        e2e::wait_until(&self.images, name, 120, what, ok).await
     }
 
     /// Waits until no pull Pod is left in the namespace.
@@ -399,17 +383,9 @@ async fn removed_and_back(s: &Scene, policy: PullPolicySpec) -> Duration {
         .copy_image("busybox:1", &format!("{ns}/busybox:1"))
         .await;
     let name = format!("{ns}-policy");
-    let mut p = PullPolicy::new(&name, policy);
-    p.metadata.labels = Some(s.drop.labels());
-    let policies: Api<PullPolicy> = Api::all(s.client.clone());
-    eventually(Duration::from_secs(30), "PullPolicy created", || async {
-        policies
-            .create(&PostParams::default(), &p)
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap();
+    s.drop
+        .create(&Api::all(s.client.clone()), PullPolicy::new(&name, policy))
+        .await;
     let image = format!("{}/{ns}/busybox", s.node.registry);
     let ci = s
         .cache_with("busybox", &image, "1", |spec| {
