@@ -199,3 +199,29 @@ fn print_crds(dir: Option<&std::path::Path>) -> Result<(), Box<dyn std::error::E
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["drop", "run"].iter().chain(args)).expect("parses");
+        match cli.command {
+            Command::Run(args) => *args,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn cli_node_status_max_images_defaults_to_the_kubelets_and_takes_no_limit() {
+        assert_eq!(run_args(&[]).node_status_max_images, 50);
+        assert_eq!(
+            run_args(&["--node-status-max-images=-1"]).node_status_max_images,
+            -1
+        );
+        assert_eq!(
+            run_args(&["--node-status-max-images", "-1"]).node_status_max_images,
+            -1
+        );
+    }
+}

@@ -147,6 +147,15 @@ fn helm_operator_pod_is_locked_down() {
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     let args = operator_args(&docs);
     assert!(args.contains(&"--leader-elect".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--node-status-max-images=50".to_owned()),
+        "{args:?}"
+    );
+    let unlimited = operator_args(&render(&["nodeStatusMaxImages=-1"]));
+    assert!(
+        unlimited.contains(&"--node-status-max-images=-1".to_owned()),
+        "{unlimited:?}"
+    );
     let ns = docs.iter().find(|d| d["kind"] == "Namespace").unwrap();
     assert_eq!(
         ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
