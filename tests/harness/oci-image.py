@@ -4,7 +4,7 @@
     oci-image.py HOST:PORT REPOSITORY TAG KIND
 
 KIND is one of
-    busybox     Debian's static busybox at /bin/busybox, with links for sh, true, sleep, cat, ls
+    busybox     Debian's static busybox at /bin/busybox, with links for sh, true, sleep, cat, ls, cp
     pause       the same binary, started as `sleep` for ever: the CRI sandbox ("pause") image
     distroless  one data file, /hello: no shell and no binary at all, like a distroless image
 
@@ -21,7 +21,7 @@ import tarfile
 import urllib.request
 
 BUSYBOX = "/bin/busybox"
-APPLETS = ("sh", "true", "sleep", "cat", "ls")
+APPLETS = ("sh", "true", "sleep", "cat", "ls", "cp")
 
 
 def entries(kind):

@@ -483,3 +483,127 @@ async fn realnode_with_a_full_image_list_a_removed_image_returns_at_its_repull()
         took.as_secs_f64()
     );
 }
+
+/// The pull Pod's container never runs (its command exists in no image), which costs one Warning
+/// Event per pull. The known way around it, a static helper copied in by an init container, is
+/// measured here beside Drop's design on the real kubelet: Events, and time until the pull is
+/// known. Figures are printed (docs/pull-pods.md), not asserted.
+#[tokio::test]
+async fn realnode_pull_pod_designs_compared() {
+    let s = scene("realnode-designs").await;
+    let ns = s.ns.name().to_owned();
+    let registry = s.node.registry.clone();
+    let (node_selector, tolerations) = s.node.placement();
+    let mut rows = Vec::new();
+    for (i, kind) in ["busybox", "distroless", "busybox", "distroless"]
+        .iter()
+        .enumerate()
+    {
+        for helper in [false, true] {
+            let repo = format!("{ns}/{kind}-{i}-{}", if helper { "helper" } else { "drop" });
+            s.node
+                .copy_image(&format!("{kind}:1"), &format!("{repo}:1"))
+                .await;
+            let mut image = CachedImage::new(
+                &format!("d{i}{}", u8::from(helper)),
+                CachedImageSpec {
+                    image: format!("{registry}/{repo}"),
+                    tag: Some("1".into()),
+                    node_selector: node_selector.clone(),
+                    tolerations: tolerations.clone(),
+                    ..CachedImageSpec::default()
+                },
+            );
+            // Never created: the Pods stand alone (no owner to collect them).
+            image.metadata.uid = Some(format!("uid-{i}"));
+            let mut pod = drop::podbuilder::build(&drop::podbuilder::PullPod {
+                image: &image,
+                node: &s.node.name,
+                namespace: &ns,
+                policy: None,
+                attempt: 1,
+            })
+            .unwrap();
+            pod.metadata.owner_references = None;
+            if helper {
+                with_helper(&mut pod, &format!("{registry}/busybox:1"));
+            }
+            let name = pod.name_any();
+            let created = std::time::Instant::now();
+            s.pods.create(&PostParams::default(), &pod).await.unwrap();
+            let done = e2e::wait_until(&s.pods, &name, 60, "pull Pod settled", |p| {
+                matches!(
+                    p.status.as_ref().and_then(|st| st.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
+            })
+            .await;
+            let took = created.elapsed().as_secs_f64();
+            let status = done.status.unwrap();
+            let pulled = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .any(|c| c.name == drop::podbuilder::CONTAINER && !c.image_id.is_empty());
+            assert!(pulled, "{name}: the image was pulled");
+            rows.push((helper, *kind, name, status.phase.unwrap_or_default(), took));
+        }
+    }
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &ns);
+    let all = events.list(&Default::default()).await.unwrap().items;
+    let warnings = |pod: &str| {
+        all.iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(pod))
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .map(|e| e.count.unwrap_or(1))
+            .sum::<i32>()
+    };
+    eprintln!("design      image       phase      seconds  warnings");
+    for (helper, kind, name, phase, took) in &rows {
+        let design = if *helper { "helper" } else { "drop" };
+        eprintln!(
+            "{design:<11} {kind:<11} {phase:<10} {took:>7.2}  {}",
+            warnings(name)
+        );
+        if *helper {
+            assert_eq!(phase, "Succeeded", "{name}");
+            assert_eq!(warnings(name), 0, "{name}");
+        } else {
+            assert_eq!(warnings(name), 1, "{name}: the start error");
+        }
+    }
+}
+
+/// Turns a pull Pod into the helper design: an init container copies a static `true` (busybox,
+/// dispatching on its name) from `helper` into a volume, and the pull container runs it.
+fn with_helper(pod: &mut Pod, helper: &str) {
+    let spec = pod.spec.as_mut().unwrap();
+    let pull = spec.containers[0].clone();
+    let mut copy = pull.clone();
+    copy.name = "helper".into();
+    copy.image = Some(helper.into());
+    copy.command = Some(vec![
+        "/bin/cp".into(),
+        "/bin/busybox".into(),
+        "/drop-helper/true".into(),
+    ]);
+    let mount =
+        serde_json::from_value(serde_json::json!({"name": "helper", "mountPath": "/drop-helper"}))
+            .unwrap();
+    copy.volume_mounts = Some(vec![mount]);
+    spec.init_containers = Some(vec![copy]);
+    spec.volumes = Some(vec![
+        serde_json::from_value(
+            serde_json::json!({"name": "helper", "emptyDir": {"sizeLimit": "4Mi"}}),
+        )
+        .unwrap(),
+    ]);
+    let c = &mut spec.containers[0];
+    c.command = Some(vec!["/drop-helper/true".into()]);
+    c.volume_mounts = Some(vec![
+        serde_json::from_value(
+            serde_json::json!({"name": "helper", "mountPath": "/drop-helper", "readOnly": true}),
+        )
+        .unwrap(),
+    ]);
+}
