@@ -5,7 +5,7 @@
 //! conditions, addresses and capacity; server-side apply adds `managedFields`. This builds Nodes shaped
 //! like a kubelet's report, holds them as the cache would, and prints the heap they occupy (counted
 //! by this binary's allocator) as they arrive and as the operator keeps them (managed fields dropped
-//! by the framework, status dropped by `cachedimage::targets::trim`).
+//! by the framework, the status reduced to hashes of the image names by `cachedimage::targets::trim`).
 //!
 //! Run: `cargo bench -p drop --bench node_cache`.
 

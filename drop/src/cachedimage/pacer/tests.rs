@@ -187,6 +187,7 @@ fn node_listing(names: &[&str]) -> Node {
         ),
         ..NodeStatus::default()
     });
+    super::super::presence::trim(&mut node);
     node
 }
 
