@@ -93,7 +93,11 @@ impl DropUnderTest {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await
+            // A graceful stop waits for running reconciles; one that never ends is a bug to see,
+            // not a test run that hangs.
+            tokio::time::timeout(std::time::Duration::from_secs(120), task)
+                .await
+                .expect("the operator stops within 120 s of being told to")
                 .expect("operator task")
                 .expect("operator ends cleanly");
         }
