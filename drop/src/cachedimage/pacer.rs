@@ -551,11 +551,7 @@ impl Pacer {
         if let Some(until) = due.as_ref().and_then(|d| d.until) {
             wake_at = earliest(wake_at, until);
         }
-        let own = st
-            .in_flight
-            .range(PullKey::new(&name, "")..)
-            .take_while(|(k, _)| k.image == name);
-        for (_, f) in own {
+        for (_, f) in of_image(&st.in_flight, &name) {
             wake_at = earliest(wake_at, pacing::after(f.started, self.pull_timeout));
         }
         st.images.entry(name.clone()).or_default().due = due;
@@ -601,10 +597,8 @@ fn settle_unseen(
     ended: &mut Vec<Ended>,
 ) -> Option<Timestamp> {
     let mut grace_ends: Option<Timestamp> = None;
-    let unseen: Vec<(PullKey, Timestamp)> = st
-        .in_flight
-        .iter()
-        .filter(|(k, _)| k.image == name && !observed.contains(*k))
+    let unseen: Vec<(PullKey, Timestamp)> = of_image(&st.in_flight, name)
+        .filter(|(k, _)| !observed.contains(*k))
         .map(|(k, f)| (k.clone(), f.started))
         .collect();
     for (k, started) in unseen {
@@ -644,10 +638,7 @@ fn settle_unseen(
 /// Nodes that no longer hold the image (see [`Pacer::node_images_changed`]) stop counting as cached,
 /// so the image is pulled there again, paced like any missing node.
 fn forget_gone(st: &mut State, image: &str) {
-    let gone: Vec<PullKey> = st
-        .nodes
-        .range(PullKey::new(image, "")..)
-        .take_while(|(k, _)| k.image == image)
+    let gone: Vec<PullKey> = of_image(&st.nodes, image)
         .filter(|(k, m)| m.gone && !st.in_flight.contains_key(*k))
         .map(|(k, _)| k.clone())
         .collect();
@@ -662,11 +653,18 @@ fn forget_gone(st: &mut State, image: &str) {
     }
 }
 
+/// `image`'s entries of a map keyed by (image, node), visiting no other image's.
+fn of_image<'a, V>(
+    map: &'a BTreeMap<PullKey, V>,
+    image: &'a str,
+) -> impl Iterator<Item = (&'a PullKey, &'a V)> {
+    map.range(PullKey::new(image, "")..)
+        .take_while(move |(k, _)| k.image == image)
+}
+
 /// Removes `image`'s entries on nodes outside `targets`, visiting only that image's entries.
 fn prune_nodes<V>(map: &mut BTreeMap<PullKey, V>, image: &str, targets: &BTreeSet<&str>) {
-    let gone: Vec<PullKey> = map
-        .range(PullKey::new(image, "")..)
-        .take_while(|(k, _)| k.image == image)
+    let gone: Vec<PullKey> = of_image(map, image)
         .filter(|(k, _)| !targets.contains(k.node.as_str()))
         .map(|(k, _)| k.clone())
         .collect();
