@@ -20,6 +20,7 @@ use crate::podbuilder;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The PullPolicy pacing a pull: its name, or `None` for the built-in pace.
@@ -82,21 +83,22 @@ impl Pace {
     }
 }
 
-/// One image on one node.
+/// One image on one node. The names are shared (`Arc<str>`): a caller keeping a key per pair of a
+/// large fleet can hand every key of one node the same name instead of a copy each.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PullKey {
     /// CachedImage name.
-    pub image: String,
+    pub image: Arc<str>,
     /// Node name.
-    pub node: String,
+    pub node: Arc<str>,
 }
 
 impl PullKey {
-    /// A key.
+    /// A key with names of its own.
     pub fn new(image: &str, node: &str) -> Self {
         Self {
-            image: image.to_owned(),
-            node: node.to_owned(),
+            image: image.into(),
+            node: node.into(),
         }
     }
 }
@@ -123,6 +125,20 @@ pub struct History {
     pub last_failure: Option<Timestamp>,
     /// Failures in a row since the last success.
     pub consecutive_failures: u32,
+}
+
+/// Where the engine finds each (image, node) pair's [`History`]: a map of histories, or a caller's
+/// own store that keeps a history beside other things it knows of the pair. A pair with none has
+/// never been pulled.
+pub trait Histories: std::fmt::Debug {
+    /// The history of `key`, if there is one.
+    fn history(&self, key: &PullKey) -> Option<&History>;
+}
+
+impl Histories for BTreeMap<PullKey, History> {
+    fn history(&self, key: &PullKey) -> Option<&History> {
+        self.get(key)
+    }
 }
 
 /// A pull under way.
@@ -166,7 +182,7 @@ pub struct Input<'a> {
     /// Pulls under way.
     pub in_flight: &'a [InFlight],
     /// Past pulls, per (image, node).
-    pub history: &'a BTreeMap<PullKey, History>,
+    pub history: &'a dyn Histories,
     /// How long a pull may take before it counts as failed.
     pub pull_timeout: Duration,
 }
@@ -245,7 +261,7 @@ pub struct Leaders {
 /// `until` has not passed.
 pub fn leaders(
     targets: &[Target],
-    history: &BTreeMap<PullKey, History>,
+    history: &impl Histories,
     in_flight: impl Fn(&PullKey) -> bool,
     pace: &Pace,
     now: Timestamp,
@@ -254,7 +270,7 @@ pub fn leaders(
     let mut out = Leaders::default();
     let mut due_now: Vec<(Need, i32, &PullKey, usize)> = Vec::new();
     for (i, t) in targets.iter().enumerate() {
-        let h = history.get(&t.key).unwrap_or(&never);
+        let h = history.history(&t.key).unwrap_or(&never);
         out.last_start = out.last_start.max(h.last_start);
         if in_flight(&t.key) {
             continue;
@@ -336,7 +352,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
     let never = History::default();
     let mut due_now: Vec<(Need, i32, &Target)> = Vec::new();
     for t in input.targets {
-        let h = input.history.get(&t.key).unwrap_or(&never);
+        let h = input.history.history(&t.key).unwrap_or(&never);
         if let Some(s) = h.last_start {
             note_start(&mut last_start, &t.policy, s);
         }

@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
@@ -83,11 +83,16 @@ pub struct Outcome {
     pub observed: Observed,
 }
 
-#[derive(Default)]
-struct NodeMemory {
+/// What the pacer knows of one image on one node: its pull history and the rest.
+#[derive(Debug, Default, PartialEq)]
+struct Pair {
+    history: History,
     attempts: u32,
-    cached_reference: Option<String>,
-    last_failure: Option<(String, String)>,
+    /// Cached with the image's current reference (a new reference drops the image's memory of
+    /// every node, so no other reference can be cached here).
+    cached: bool,
+    /// The last failure's reason and message; boxed, as most nodes never fail.
+    last_failure: Option<Box<(String, String)>>,
     /// The node has listed the image since it was last pulled there.
     listed: bool,
     /// The node has since stopped listing it (with room in its list): it is gone.
@@ -102,6 +107,136 @@ struct ImageMemory {
     digest: Option<String>,
     /// Written by the image's own reconcile; `None` until its first.
     due: Option<DueSummary>,
+}
+
+/// One shared copy of each image and node name the pacer's keys use, so a million (image, node)
+/// keys hold references to a few thousand names rather than two strings each.
+#[derive(Default)]
+struct Names(HashSet<Arc<str>>);
+
+impl Names {
+    /// The shared copy of `name`, made if there is none.
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(name) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = name.into();
+        self.0.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// The key of `image` on `node`, with shared names.
+    fn key(&mut self, image: &str, node: &str) -> PullKey {
+        PullKey {
+            image: self.get(image),
+            node: self.get(node),
+        }
+    }
+
+    /// The key of `image` on `node` if both names are in use: a key with a name not in use is in
+    /// none of the pacer's maps.
+    fn existing(&self, image: &str, node: &str) -> Option<PullKey> {
+        Some(PullKey {
+            image: Arc::clone(self.0.get(image)?),
+            node: Arc::clone(self.0.get(node)?),
+        })
+    }
+
+    /// Lets go of the names no key uses any more.
+    fn sweep(&mut self) {
+        self.0.retain(|name| Arc::strong_count(name) > 1);
+    }
+}
+
+/// Every pair's [`Pair`], by image, then node; the engine reads the histories in it. An image's
+/// map is rebuilt whole when its targets change ([`Pairs::fit`]): built in one go from sorted keys,
+/// its tree nodes are full, where one grown by inserting in order is about half empty.
+#[derive(Debug, Default)]
+struct Pairs(BTreeMap<Arc<str>, BTreeMap<Arc<str>, Pair>>);
+
+impl Pairs {
+    fn get(&self, k: &PullKey) -> Option<&Pair> {
+        self.0.get(&k.image)?.get(&k.node)
+    }
+
+    fn get_mut(&mut self, k: &PullKey) -> Option<&mut Pair> {
+        self.0.get_mut(&k.image)?.get_mut(&k.node)
+    }
+
+    /// The pair of `k`, made if there is none.
+    fn entry(&mut self, k: &PullKey) -> &mut Pair {
+        self.0
+            .entry(Arc::clone(&k.image))
+            .or_default()
+            .entry(Arc::clone(&k.node))
+            .or_default()
+    }
+
+    /// `image`'s pairs, by node.
+    fn of_image(&self, image: &str) -> impl Iterator<Item = (&Arc<str>, &Pair)> {
+        self.0.get(image).into_iter().flatten()
+    }
+
+    fn forget(&mut self, image: &str) {
+        self.0.remove(image);
+    }
+
+    /// Gives `image` a pair on each of its `targets` (sorted by node) and none elsewhere, keeping
+    /// what it knew of the nodes that stay.
+    fn fit(&mut self, image: &Arc<str>, targets: &[Target]) {
+        let mut old = self
+            .0
+            .remove(image)
+            .unwrap_or_default()
+            .into_iter()
+            .peekable();
+        let fitted: BTreeMap<Arc<str>, Pair> = targets
+            .iter()
+            .map(|t| {
+                while old.next_if(|(node, _)| *node < t.key.node).is_some() {}
+                let pair = old
+                    .next_if(|(node, _)| *node == t.key.node)
+                    .map(|(_, pair)| pair)
+                    .unwrap_or_default();
+                (Arc::clone(&t.key.node), pair)
+            })
+            .collect();
+        self.0.insert(Arc::clone(image), fitted);
+    }
+
+    /// Removes `image`'s pairs on nodes outside `targets`; whether there were any. `fitted`: the
+    /// image's pairs were fitted to these targets (and none removed since), so they are all there
+    /// and any beyond their number are the ones to go.
+    fn prune(&mut self, image: &str, targets: &BTreeSet<&str>, fitted: bool) -> bool {
+        let Some(pairs) = self.0.get_mut(image) else {
+            return false;
+        };
+        if fitted && pairs.len() == targets.len() {
+            return false;
+        }
+        let before = pairs.len();
+        pairs.retain(|node, _| targets.contains(&**node));
+        pairs.len() != before
+    }
+
+    /// The key of every pair that holds more than a fresh one.
+    fn remembered(&self) -> impl Iterator<Item = PullKey> {
+        self.0.iter().flat_map(|(image, pairs)| {
+            pairs
+                .iter()
+                .filter(|(_, p)| **p != Pair::default())
+                .map(|(node, _)| PullKey {
+                    image: Arc::clone(image),
+                    node: Arc::clone(node),
+                })
+        })
+    }
+}
+
+impl pacing::Histories for Pairs {
+    fn history(&self, key: &PullKey) -> Option<&History> {
+        self.get(key).map(|p| &p.history)
+    }
 }
 
 /// What the other images' decisions need to know of an image until it reconciles again. Only its
@@ -120,8 +255,11 @@ struct State {
     /// Pulls in flight whose Pod has been seen pulling: the start of that pull. A pull that was
     /// seen and is no longer shown has lost its Pod; one never seen may still be on its way.
     seen_pulling: BTreeMap<PullKey, Timestamp>,
-    history: BTreeMap<PullKey, History>,
-    nodes: BTreeMap<PullKey, NodeMemory>,
+    /// One entry per (image, node) pair with anything to remember (one map, so each pair's key is
+    /// held once: at a million pairs, the pacer's memory is mostly these).
+    pairs: Pairs,
+    /// The names in the keys above and in `targets`.
+    names: Names,
     images: BTreeMap<String, ImageMemory>,
     /// Images told (through [`Outcome::wake_others`]) to wake at a time, until they reconcile.
     appointed: BTreeMap<String, Timestamp>,
@@ -179,7 +317,7 @@ impl Pacer {
                     },
                 };
                 let was = known
-                    .binary_search_by(|t| t.key.node.as_str().cmp(&name))
+                    .binary_search_by(|t| (*t.key.node).cmp(name.as_str()))
                     .is_ok();
                 was != targets::is_target(node, &image.spec, policy)
             })
@@ -200,10 +338,14 @@ impl Pacer {
             let Some(reference) = memory.reference.as_deref() else {
                 continue;
             };
-            let Some(mem) = st.nodes.get_mut(&PullKey::new(image, &name)) else {
+            let Some(mem) = st
+                .names
+                .existing(image, &name)
+                .and_then(|k| st.pairs.get_mut(&k))
+            else {
                 continue;
             };
-            if mem.cached_reference.as_deref() != Some(reference) || mem.gone {
+            if !mem.cached || mem.gone {
                 continue;
             }
             let names = super::presence::names(reference, memory.digest.as_deref());
@@ -222,10 +364,9 @@ impl Pacer {
     /// How many (image, node) pairs the pacer remembers anything about.
     pub fn remembered_pairs(&self) -> usize {
         let st = self.lock();
-        let mut keys: BTreeSet<&PullKey> = st.history.keys().collect();
-        keys.extend(st.nodes.keys());
-        keys.extend(st.in_flight.keys());
-        keys.extend(st.seen_pulling.keys());
+        let mut keys: BTreeSet<PullKey> = st.pairs.remembered().collect();
+        keys.extend(st.in_flight.keys().cloned());
+        keys.extend(st.seen_pulling.keys().cloned());
         keys.len()
     }
 
@@ -282,7 +423,6 @@ impl Pacer {
         let now = step.now;
         let mut st = self.lock();
         let st = &mut *st;
-        let key = |node: &str| PullKey::new(&name, node);
         st.appointed.remove(&name);
 
         // Images the cache no longer has (a deletion the watch missed while it re-listed, so no
@@ -309,8 +449,9 @@ impl Pacer {
             memory.reference = Some(reference.clone());
             memory.consecutive_failures = 0;
             memory.digest = None;
-            st.history.retain(|k, _| k.image != name);
-            st.nodes.retain(|k, _| k.image != name);
+            st.pairs.forget(&name);
+            // Registered again below, which gives it a fresh pair on each target.
+            st.targets.remove(&name);
         }
 
         let targets: BTreeSet<&str> = step.targets.iter().map(String::as_str).collect();
@@ -327,21 +468,25 @@ impl Pacer {
                 let unchanged = st.targets.get(&name).is_some_and(|ts| {
                     ts.len() == targets.len()
                         && ts.iter().zip(&targets).all(|(t, n)| {
-                            t.key.node == *n && t.priority == priority && t.policy == *policy
+                            &*t.key.node == *n && t.priority == priority && t.policy == *policy
                         })
                 });
                 if !unchanged {
-                    st.targets.insert(
-                        name.clone(),
-                        targets
-                            .iter()
-                            .map(|n| Target {
-                                key: key(n),
-                                priority,
-                                policy: policy.clone(),
-                            })
-                            .collect(),
-                    );
+                    let image = st.names.get(&name);
+                    let registered: Vec<Target> = targets
+                        .iter()
+                        .map(|n| Target {
+                            key: PullKey {
+                                image: Arc::clone(&image),
+                                node: st.names.get(n),
+                            },
+                            priority,
+                            policy: policy.clone(),
+                        })
+                        .collect();
+                    st.pairs.fit(&image, &registered);
+                    st.targets.insert(name.clone(), registered);
+                    st.names.sweep();
                 }
             }
             Err(_) => {
@@ -356,8 +501,8 @@ impl Pacer {
         let mut observed_keys = BTreeSet::new();
         for pod in step.pods {
             observed_uids.insert(pod.uid.clone());
-            let k = key(&pod.node);
-            let mem = st.nodes.entry(k.clone()).or_default();
+            let k = st.names.key(&name, &pod.node);
+            let mem = st.pairs.entry(&k);
             mem.attempts = mem.attempts.max(pod.attempt);
             let current = targets.contains(pod.node.as_str()) && pod.reference == reference;
             // An ended pull is recorded once, however many reconciles still see its Pod.
@@ -389,11 +534,10 @@ impl Pacer {
                     keep.push(pod.name.clone());
                 }
                 PullOutcome::Pulled { digest } if current && first_sight => {
-                    let h = st.history.entry(k.clone()).or_default();
-                    h.last_success = Some(now);
-                    h.consecutive_failures = 0;
-                    let mem = st.nodes.entry(k.clone()).or_default();
-                    mem.cached_reference = Some(reference.clone());
+                    let mem = st.pairs.entry(&k);
+                    mem.history.last_success = Some(now);
+                    mem.history.consecutive_failures = 0;
+                    mem.cached = true;
                     mem.last_failure = None;
                     let image = st.images.entry(name.clone()).or_default();
                     image.consecutive_failures = 0;
@@ -429,8 +573,10 @@ impl Pacer {
         let grace_ends = settle_unseen(st, &name, &targets, &observed_keys, now, &mut ended);
         // Nodes that are no longer targets (gone, relabelled, tainted) take their memory along, so
         // the state follows the fleet instead of everything it ever was.
-        prune_nodes(&mut st.history, &name, &targets);
-        prune_nodes(&mut st.nodes, &name, &targets);
+        let fitted = step.pace.is_ok();
+        if st.pairs.prune(&name, &targets, fitted) {
+            st.names.sweep();
+        }
 
         // Decide over this image (its wake-up needs its own targets) and the other images that may
         // start a pull now: not those whose policy has every slot taken, and of the others only
@@ -467,7 +613,7 @@ impl Pacer {
             targets: &due_targets,
             earlier_starts: &earlier_starts,
             in_flight: &in_flight,
-            history: &st.history,
+            history: &st.pairs,
             pull_timeout: self.pull_timeout,
         });
         let mut wake = BTreeSet::new();
@@ -482,31 +628,31 @@ impl Pacer {
         }
         let mut decision = decision;
         decision.start.retain(|k| {
-            let policy = st.targets.get(&k.image).and_then(|ts| ts.first());
+            let policy = st.targets.get(&*k.image).and_then(|ts| ts.first());
             policy.is_none_or(|t| !held.contains(&t.policy))
         });
         for k in &decision.timed_out {
-            if k.image == name {
+            if *k.image == *name {
                 let message = format!("no pull outcome after {}s", self.pull_timeout.as_secs());
                 record_failure(st, k, now, "PullTimeout", &message);
                 st.in_flight.remove(k);
-                keep.retain(|p| !step.pods.iter().any(|v| &v.name == p && v.node == k.node));
+                keep.retain(|p| !step.pods.iter().any(|v| &v.name == p && *v.node == *k.node));
                 ended.push(Ended::Failed("PullTimeout".into()));
             } else {
-                wake.insert(k.image.clone());
+                wake.insert(k.image.to_string());
             }
         }
         let mut start = Vec::new();
         for k in &decision.start {
-            if k.image != name {
-                wake.insert(k.image.clone());
+            if *k.image != *name {
+                wake.insert(k.image.to_string());
                 continue;
             }
-            let mem = st.nodes.entry(k.clone()).or_default();
+            let mem = st.pairs.entry(k);
             mem.attempts += 1;
             mem.listed = false;
+            mem.history.last_start = Some(now);
             let attempt = mem.attempts;
-            st.history.entry(k.clone()).or_default().last_start = Some(now);
             let policy = step
                 .pace
                 .as_ref()
@@ -521,17 +667,18 @@ impl Pacer {
                     started: now,
                 },
             );
-            start.push((k.node.clone(), attempt));
+            start.push((k.node.to_string(), attempt));
         }
         // Who wakes when the policy's delay ends: the image next in line, no other.
         let mut wake_at = grace_ends;
         let mut wake_others = Vec::new();
         for (k, t) in &decision.next_in_line {
-            if k.image == name {
+            if *k.image == *name {
                 wake_at = earliest(wake_at, *t);
-            } else if !wake.contains(&k.image) && st.appointed.get(&k.image).is_none_or(|a| a > t) {
-                st.appointed.insert(k.image.clone(), *t);
-                wake_others.push((k.image.clone(), *t));
+            } else if !wake.contains(&*k.image) && st.appointed.get(&*k.image).is_none_or(|a| a > t)
+            {
+                st.appointed.insert(k.image.to_string(), *t);
+                wake_others.push((k.image.to_string(), *t));
             }
         }
         for image in wake {
@@ -540,7 +687,7 @@ impl Pacer {
         let due = match (&step.pace, st.targets.get(&name)) {
             (Ok((_, pace)), Some(registered)) => Some(pacing::leaders(
                 registered,
-                &st.history,
+                &st.pairs,
                 |k| st.in_flight.contains_key(k),
                 pace,
                 now,
@@ -556,7 +703,7 @@ impl Pacer {
         }
         st.images.entry(name.clone()).or_default().due = due;
 
-        let observed = observe(st, &name, step, &reference);
+        let observed = observe(st, &name, step);
         Outcome {
             keep,
             start,
@@ -576,11 +723,11 @@ fn earliest(a: Option<Timestamp>, b: Timestamp) -> Option<Timestamp> {
 fn forget(st: &mut State, image: &str) {
     st.targets.remove(image);
     st.images.remove(image);
-    st.in_flight.retain(|k, _| k.image != image);
-    st.seen_pulling.retain(|k, _| k.image != image);
-    st.history.retain(|k, _| k.image != image);
-    st.nodes.retain(|k, _| k.image != image);
+    st.in_flight.retain(|k, _| &*k.image != image);
+    st.seen_pulling.retain(|k, _| &*k.image != image);
+    st.pairs.forget(image);
     st.appointed.remove(image);
+    st.names.sweep();
 }
 
 /// Settles the image's pulls in flight that its Pods do not show: on a node that is no longer a
@@ -604,7 +751,7 @@ fn settle_unseen(
     for (k, started) in unseen {
         let was_seen = st.seen_pulling.get(&k) == Some(&started);
         let deadline = pacing::after(started, CREATION_GRACE);
-        let failure = if !targets.contains(k.node.as_str()) {
+        let failure = if !targets.contains(&*k.node) {
             None
         } else if was_seen {
             Some((
@@ -631,24 +778,25 @@ fn settle_unseen(
     }
     let in_flight = &st.in_flight;
     st.seen_pulling
-        .retain(|k, _| k.image != name || in_flight.contains_key(k));
+        .retain(|k, _| *k.image != *name || in_flight.contains_key(k));
     grace_ends
 }
 
 /// Nodes that no longer hold the image (see [`Pacer::node_images_changed`]) stop counting as cached,
 /// so the image is pulled there again, paced like any missing node.
 fn forget_gone(st: &mut State, image: &str) {
-    let gone: Vec<PullKey> = of_image(&st.nodes, image)
-        .filter(|(k, m)| m.gone && !st.in_flight.contains_key(*k))
-        .map(|(k, _)| k.clone())
+    let gone: Vec<PullKey> = st
+        .pairs
+        .of_image(image)
+        .filter(|(_, m)| m.gone)
+        .filter_map(|(node, _)| st.names.existing(image, node))
+        .filter(|k| !st.in_flight.contains_key(k))
         .collect();
     for k in gone {
         tracing::info!(image, node = %k.node, "the node no longer lists the image: pulling it again");
-        if let Some(m) = st.nodes.get_mut(&k) {
-            (m.cached_reference, m.listed, m.gone) = (None, false, false);
-        }
-        if let Some(h) = st.history.get_mut(&k) {
-            h.last_success = None;
+        if let Some(m) = st.pairs.get_mut(&k) {
+            (m.cached, m.listed, m.gone) = (false, false, false);
+            m.history.last_success = None;
         }
     }
 }
@@ -659,28 +807,16 @@ fn of_image<'a, V>(
     image: &'a str,
 ) -> impl Iterator<Item = (&'a PullKey, &'a V)> {
     map.range(PullKey::new(image, "")..)
-        .take_while(move |(k, _)| k.image == image)
-}
-
-/// Removes `image`'s entries on nodes outside `targets`, visiting only that image's entries.
-fn prune_nodes<V>(map: &mut BTreeMap<PullKey, V>, image: &str, targets: &BTreeSet<&str>) {
-    let gone: Vec<PullKey> = of_image(map, image)
-        .filter(|(k, _)| !targets.contains(k.node.as_str()))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for k in gone {
-        map.remove(&k);
-    }
+        .take_while(move |(k, _)| &*k.image == image)
 }
 
 fn record_failure(st: &mut State, k: &PullKey, now: Timestamp, reason: &str, message: &str) {
-    let h = st.history.entry(k.clone()).or_default();
-    h.consecutive_failures += 1;
-    h.last_failure = Some(now);
-    st.nodes.entry(k.clone()).or_default().last_failure =
-        Some((reason.to_owned(), message.to_owned()));
+    let mem = st.pairs.entry(k);
+    mem.history.consecutive_failures += 1;
+    mem.history.last_failure = Some(now);
+    mem.last_failure = Some(Box::new((reason.to_owned(), message.to_owned())));
     st.images
-        .entry(k.image.clone())
+        .entry(k.image.to_string())
         .or_default()
         .consecutive_failures += 1;
 }
@@ -701,9 +837,10 @@ fn restore(st: &mut State, image: &CachedImage, reference: &str, now: Timestamp)
     memory.digest = status.resolved_digest.clone();
     let pulled = status.last_pulled_at.as_ref().map_or(now, |t| t.0);
     for node in &status.cached_nodes {
-        let k = PullKey::new(&name, node);
-        st.history.entry(k.clone()).or_default().last_success = Some(pulled);
-        st.nodes.entry(k).or_default().cached_reference = Some(reference.to_owned());
+        let k = st.names.key(&name, node);
+        let mem = st.pairs.entry(&k);
+        mem.history.last_success = Some(pulled);
+        mem.cached = true;
     }
     restore_failures(st, &name, status, now);
 }
@@ -711,29 +848,32 @@ fn restore(st: &mut State, image: &CachedImage, reference: &str, now: Timestamp)
 fn restore_failures(st: &mut State, name: &str, status: &CachedImageStatus, now: Timestamp) {
     let failed_at = status.last_attempted_at.as_ref().map_or(now, |t| t.0);
     for f in &status.failed_nodes {
-        let k = PullKey::new(name, &f.node);
-        let h = st.history.entry(k.clone()).or_default();
-        h.consecutive_failures = u32::try_from(status.consecutive_failures.max(1)).unwrap_or(1);
-        h.last_failure = Some(failed_at);
-        st.nodes.entry(k).or_default().last_failure = Some((f.reason.clone(), f.message.clone()));
+        let k = st.names.key(name, &f.node);
+        let mem = st.pairs.entry(&k);
+        mem.history.consecutive_failures =
+            u32::try_from(status.consecutive_failures.max(1)).unwrap_or(1);
+        mem.history.last_failure = Some(failed_at);
+        mem.last_failure = Some(Box::new((f.reason.clone(), f.message.clone())));
     }
 }
 
-fn observe(st: &State, name: &str, step: &Step<'_>, reference: &str) -> Observed {
+fn observe(st: &State, name: &str, step: &Step<'_>) -> Observed {
     let mut nodes = BTreeMap::new();
     let mut last_pulled_at = None;
     let mut last_attempted_at = None;
     let never = History::default();
-    let mut k = PullKey::new(name, "");
+    let pairs = st.pairs.0.get(name);
+    let flying: BTreeSet<&str> = of_image(&st.in_flight, name)
+        .map(|(k, _)| &*k.node)
+        .collect();
     for node in step.targets {
-        k.node.clear();
-        k.node.push_str(node);
-        let h = st.history.get(&k).unwrap_or(&never);
-        let mem = st.nodes.get(&k);
+        let mem = pairs.and_then(|p| p.get(node.as_str()));
+        let h = mem.map_or(&never, |m| &m.history);
         last_pulled_at = last_pulled_at.max(h.last_success);
         last_attempted_at = last_attempted_at.max(h.last_start);
-        let cached = mem.and_then(|m| m.cached_reference.as_deref()) == Some(reference);
-        let state = if st.in_flight.contains_key(&k) && step.pace.is_ok() {
+        let cached = mem.is_some_and(|m| m.cached);
+        let flying = flying.contains(node.as_str());
+        let state = if flying && step.pace.is_ok() {
             if cached {
                 NodeState::Refreshing
             } else {
@@ -742,7 +882,9 @@ fn observe(st: &State, name: &str, step: &Step<'_>, reference: &str) -> Observed
         } else if cached {
             NodeState::Cached
         } else if h.consecutive_failures > 0 {
-            let (reason, message) = mem.and_then(|m| m.last_failure.clone()).unwrap_or_default();
+            let (reason, message) = mem
+                .and_then(|m| m.last_failure.as_deref().cloned())
+                .unwrap_or_default();
             NodeState::Failed { reason, message }
         } else {
             NodeState::Waiting

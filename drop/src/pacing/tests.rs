@@ -443,7 +443,7 @@ fn arb_world() -> impl Strategy<Value = (BTreeMap<PolicyKey, Pace>, Vec<Target>,
             // One policy and priority per image, as the controller derives them from the spec.
             targets.sort_by(|a, b| a.key.cmp(&b.key));
             targets.dedup_by(|a, b| a.key == b.key);
-            let first: BTreeMap<String, (i32, PolicyKey)> = targets
+            let first: BTreeMap<std::sync::Arc<str>, (i32, PolicyKey)> = targets
                 .iter()
                 .rev()
                 .map(|t| (t.key.image.clone(), (t.priority, t.policy.clone())))
@@ -615,7 +615,7 @@ proptest! {
         // An "image" of the pacer: targets of one image under one policy.
         let mut groups: BTreeMap<(&str, &PolicyKey), Vec<Target>> = BTreeMap::new();
         for t in &targets {
-            groups.entry((t.key.image.as_str(), &t.policy)).or_default().push(t.clone());
+            groups.entry((&*t.key.image, &t.policy)).or_default().push(t.clone());
         }
         let mut kept: Vec<Target> = Vec::new();
         let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();

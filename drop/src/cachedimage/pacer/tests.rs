@@ -297,9 +297,19 @@ fn pacing_nodes_that_leave_the_targets_leave_the_pacer() {
     w.nodes.truncate(5);
     w.step(0, now, &[]);
     assert_eq!(w.pacer.remembered_pairs(), 5);
+    assert_eq!(
+        w.pacer.lock().pairs.0["a"].len(),
+        5,
+        "no pair beyond the targets"
+    );
     w.nodes.clear();
     w.step(0, now + 1, &[]);
     assert_eq!(w.pacer.remembered_pairs(), 0);
+    assert_eq!(
+        w.pacer.lock().names.0.len(),
+        1,
+        "the shared node names went with the nodes; the image's stays"
+    );
 }
 
 #[test]

@@ -1,0 +1,144 @@
+//! What the operator holds per (image, node) pair once a fleet is settled, at the fleet benchmark's
+//! scenario sizes, up to S3 (200 images on 5000 nodes: a million pairs).
+//!
+//! A million pulls take this project's two-core machines most of a day to run through KWOK, so the
+//! end-to-end fleet benchmark stops at S2; the memory that grows with the pairs can be measured
+//! without pulling. Two things grow with them:
+//! - the CachedImage cache: every image's status lists the nodes holding it (`cachedNodes`);
+//! - the pacer: every image's targets, and the history of every (image, node) pair.
+//!
+//! This builds both as the operator does after a restart into a settled fleet (every image's status
+//! lists every node; one reconcile per image restores the pacer from it) and prints the heap they
+//! hold, counted by this binary's allocator (bytes and live allocations; glibc adds about 16 bytes
+//! to each allocation).
+//!
+//! Run: `cargo bench -p drop --bench fleet_memory`.
+
+use drop::api::{CachedImage, CachedImageSpec, CachedImageStatus};
+use drop::cachedimage::pacer::{Pacer, Step};
+use drop::pacing::{Pace, PolicyKey};
+use jiff::Timestamp;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// The system allocator, counting the bytes and allocations live at any time.
+struct Counting;
+
+static BYTES: AtomicUsize = AtomicUsize::new(0);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are updated.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same layout as the caller's, as `GlobalAlloc::alloc` requires.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        ALLOCATIONS.fetch_sub(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Heap held: bytes and allocations.
+#[derive(Clone, Copy)]
+struct Held {
+    bytes: usize,
+    allocations: usize,
+}
+
+impl Held {
+    fn now() -> Self {
+        Self {
+            bytes: BYTES.load(Ordering::Relaxed),
+            allocations: ALLOCATIONS.load(Ordering::Relaxed),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            bytes: self.bytes.saturating_sub(before.bytes),
+            allocations: self.allocations.saturating_sub(before.allocations),
+        }
+    }
+
+    /// MiB, counting glibc's 16 bytes of bookkeeping per allocation.
+    fn mib(self) -> f64 {
+        (self.bytes + 16 * self.allocations) as f64 / (1024.0 * 1024.0)
+    }
+}
+
+/// A settled image: its status lists every node.
+fn image(i: usize, nodes: &[String]) -> CachedImage {
+    let mut ci = CachedImage::new(
+        &format!("team-app-{i:04}"),
+        CachedImageSpec {
+            image: format!("registry.example.com/team/app-{i}"),
+            tag: Some("v1".into()),
+            ..CachedImageSpec::default()
+        },
+    );
+    ci.status = Some(CachedImageStatus {
+        cached_nodes: nodes.to_vec(),
+        resolved_digest: Some(format!("sha256:{i:064x}")),
+        ..Default::default()
+    });
+    ci
+}
+
+fn main() {
+    println!("Heap held per settled fleet (counting allocator; MiB include 16 B per allocation)");
+    println!(
+        "{:>7} {:>6} {:>9} {:>16} {:>16} {:>12}",
+        "images", "nodes", "pairs", "image cache", "pacer", "pacer/pair"
+    );
+    for (images, nodes) in [(10, 1000), (50, 1000), (200, 1000), (200, 5000)] {
+        let names: Vec<String> = (0..nodes).map(|n| format!("ci-pool-{n:05}")).collect();
+        let before = Held::now();
+        let fleet: Vec<CachedImage> = (0..images).map(|i| image(i, &names)).collect();
+        let cache = Held::now().since(before);
+        let known: Vec<(String, PolicyKey)> = fleet
+            .iter()
+            .map(|ci| {
+                let name = ci.metadata.name.clone().unwrap_or_default();
+                (name, Some("ci-pool".to_owned()))
+            })
+            .collect();
+
+        let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
+        let before = Held::now();
+        let pacer = Pacer::new(wake, Duration::from_secs(600));
+        let now = Timestamp::now();
+        for ci in &fleet {
+            std::hint::black_box(pacer.step(&Step {
+                now,
+                image: ci,
+                targets: &names,
+                pace: Ok((Some("ci-pool".to_owned()), Pace::builtin())),
+                policy: None,
+                pods: &[],
+                known_images: &known,
+            }));
+        }
+        let pacer_held = Held::now().since(before);
+        let pairs = images * nodes;
+        println!(
+            "{:>7} {:>6} {:>9} {:>12.1} MiB {:>12.1} MiB {:>10} B",
+            images,
+            nodes,
+            pairs,
+            cache.mib(),
+            pacer_held.mib(),
+            (pacer_held.bytes + 16 * pacer_held.allocations) / pairs,
+        );
+        drop((pacer, woken, fleet));
+    }
+}
