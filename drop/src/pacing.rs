@@ -131,13 +131,13 @@ pub struct History {
 /// own store that keeps a history beside other things it knows of the pair. A pair with none has
 /// never been pulled.
 pub trait Histories: std::fmt::Debug {
-    /// The history of `key`, if there is one.
-    fn history(&self, key: &PullKey) -> Option<&History>;
+    /// The history of `key`, if there is one (by value: a store may keep it in another form).
+    fn history(&self, key: &PullKey) -> Option<History>;
 }
 
 impl Histories for BTreeMap<PullKey, History> {
-    fn history(&self, key: &PullKey) -> Option<&History> {
-        self.get(key)
+    fn history(&self, key: &PullKey) -> Option<History> {
+        self.get(key).cloned()
     }
 }
 
@@ -266,11 +266,10 @@ pub fn leaders(
     pace: &Pace,
     now: Timestamp,
 ) -> Leaders {
-    let never = History::default();
     let mut out = Leaders::default();
     let mut due_now: Vec<(Need, i32, &PullKey, usize)> = Vec::new();
     for (i, t) in targets.iter().enumerate() {
-        let h = history.history(&t.key).unwrap_or(&never);
+        let h = &history.history(&t.key).unwrap_or_default();
         out.last_start = out.last_start.max(h.last_start);
         if in_flight(&t.key) {
             continue;
@@ -349,10 +348,9 @@ pub fn decide(input: &Input<'_>) -> Decision {
             wake_at(deadline);
         }
     }
-    let never = History::default();
     let mut due_now: Vec<(Need, i32, &Target)> = Vec::new();
     for t in input.targets {
-        let h = input.history.history(&t.key).unwrap_or(&never);
+        let h = &input.history.history(&t.key).unwrap_or_default();
         if let Some(s) = h.last_start {
             note_start(&mut last_start, &t.policy, s);
         }

@@ -83,10 +83,67 @@ pub struct Outcome {
     pub observed: Observed,
 }
 
+/// A [`History`] in 32 bytes rather than 80: its times as nanoseconds since the Unix epoch (exact
+/// from 1677 to 2262; times beyond are clamped), [`Packed::NONE`] for none. At a million pairs the
+/// difference is 46 MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Packed {
+    last_start: i64,
+    last_success: i64,
+    last_failure: i64,
+    consecutive_failures: u32,
+}
+
+impl Default for Packed {
+    fn default() -> Self {
+        Self {
+            last_start: Self::NONE,
+            last_success: Self::NONE,
+            last_failure: Self::NONE,
+            consecutive_failures: 0,
+        }
+    }
+}
+
+impl Packed {
+    const NONE: i64 = i64::MIN;
+
+    fn pack(t: Option<Timestamp>) -> i64 {
+        let Some(t) = t else { return Self::NONE };
+        let ns = t.as_nanosecond();
+        i64::try_from(ns).unwrap_or(if ns < 0 { Self::NONE + 1 } else { i64::MAX })
+    }
+
+    fn unpack(ns: i64) -> Option<Timestamp> {
+        (ns != Self::NONE).then(|| Timestamp::from_nanosecond(i128::from(ns)).ok())?
+    }
+
+    fn history(&self) -> History {
+        History {
+            last_start: Self::unpack(self.last_start),
+            last_success: Self::unpack(self.last_success),
+            last_failure: Self::unpack(self.last_failure),
+            consecutive_failures: self.consecutive_failures,
+        }
+    }
+
+    fn set_start(&mut self, t: Timestamp) {
+        self.last_start = Self::pack(Some(t));
+    }
+
+    fn set_success(&mut self, t: Option<Timestamp>) {
+        self.last_success = Self::pack(t);
+    }
+
+    fn set_failure(&mut self, t: Timestamp) {
+        self.last_failure = Self::pack(Some(t));
+    }
+}
+
 /// What the pacer knows of one image on one node: its pull history and the rest.
 #[derive(Debug, Default, PartialEq)]
 struct Pair {
-    history: History,
+    history: Packed,
     attempts: u32,
     /// Cached with the image's current reference (a new reference drops the image's memory of
     /// every node, so no other reference can be cached here).
@@ -234,8 +291,8 @@ impl Pairs {
 }
 
 impl pacing::Histories for Pairs {
-    fn history(&self, key: &PullKey) -> Option<&History> {
-        self.get(key).map(|p| &p.history)
+    fn history(&self, key: &PullKey) -> Option<History> {
+        self.get(key).map(|p| p.history.history())
     }
 }
 
@@ -535,7 +592,7 @@ impl Pacer {
                 }
                 PullOutcome::Pulled { digest } if current && first_sight => {
                     let mem = st.pairs.entry(&k);
-                    mem.history.last_success = Some(now);
+                    mem.history.set_success(Some(now));
                     mem.history.consecutive_failures = 0;
                     mem.cached = true;
                     mem.last_failure = None;
@@ -651,7 +708,7 @@ impl Pacer {
             let mem = st.pairs.entry(k);
             mem.attempts += 1;
             mem.listed = false;
-            mem.history.last_start = Some(now);
+            mem.history.set_start(now);
             let attempt = mem.attempts;
             let policy = step
                 .pace
@@ -796,7 +853,7 @@ fn forget_gone(st: &mut State, image: &str) {
         tracing::info!(image, node = %k.node, "the node no longer lists the image: pulling it again");
         if let Some(m) = st.pairs.get_mut(&k) {
             (m.cached, m.listed, m.gone) = (false, false, false);
-            m.history.last_success = None;
+            m.history.set_success(None);
         }
     }
 }
@@ -813,7 +870,7 @@ fn of_image<'a, V>(
 fn record_failure(st: &mut State, k: &PullKey, now: Timestamp, reason: &str, message: &str) {
     let mem = st.pairs.entry(k);
     mem.history.consecutive_failures += 1;
-    mem.history.last_failure = Some(now);
+    mem.history.set_failure(now);
     mem.last_failure = Some(Box::new((reason.to_owned(), message.to_owned())));
     st.images
         .entry(k.image.to_string())
@@ -839,7 +896,7 @@ fn restore(st: &mut State, image: &CachedImage, reference: &str, now: Timestamp)
     for node in &status.cached_nodes {
         let k = st.names.key(&name, node);
         let mem = st.pairs.entry(&k);
-        mem.history.last_success = Some(pulled);
+        mem.history.set_success(Some(pulled));
         mem.cached = true;
     }
     restore_failures(st, &name, status, now);
@@ -852,7 +909,7 @@ fn restore_failures(st: &mut State, name: &str, status: &CachedImageStatus, now:
         let mem = st.pairs.entry(&k);
         mem.history.consecutive_failures =
             u32::try_from(status.consecutive_failures.max(1)).unwrap_or(1);
-        mem.history.last_failure = Some(failed_at);
+        mem.history.set_failure(failed_at);
         mem.last_failure = Some(Box::new((f.reason.clone(), f.message.clone())));
     }
 }
@@ -861,14 +918,13 @@ fn observe(st: &State, name: &str, step: &Step<'_>) -> Observed {
     let mut nodes = BTreeMap::new();
     let mut last_pulled_at = None;
     let mut last_attempted_at = None;
-    let never = History::default();
     let pairs = st.pairs.0.get(name);
     let flying: BTreeSet<&str> = of_image(&st.in_flight, name)
         .map(|(k, _)| &*k.node)
         .collect();
     for node in step.targets {
         let mem = pairs.and_then(|p| p.get(node.as_str()));
-        let h = mem.map_or(&never, |m| &m.history);
+        let h = mem.map_or_else(History::default, |m| m.history.history());
         last_pulled_at = last_pulled_at.max(h.last_success);
         last_attempted_at = last_attempted_at.max(h.last_start);
         let cached = mem.is_some_and(|m| m.cached);
