@@ -402,9 +402,14 @@ where
             watcher(api, self.primary_watch),
             self.kinds.get::<TrimFn<R::Resource>>(),
         );
+        let written = Arc::new(Written::default());
+        let shown = Arc::clone(&written);
         let primary_stream = reflector::reflector(primary_writer, primary_events)
             .default_backoff()
             .inspect_ok(move |event| match event {
+                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                    shown.seen(&obj.uid().unwrap_or_else(|| obj.name_any()), obj);
+                }
                 watcher::Event::Delete(obj) => {
                     let _ = deleted_tx.send(obj.clone());
                 }
@@ -481,7 +486,7 @@ where
             caches: Arc::new(caches),
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
             status_writes: StatusWrites::new(self.status_interval),
-            written: Written::default(),
+            written,
         });
         let name = self.name;
         let forget = runtime.clone();
@@ -543,7 +548,7 @@ where
     caches: Arc<Caches>,
     backoff: Mutex<BackoffTracker>,
     status_writes: StatusWrites,
-    written: Written<R::Resource>,
+    written: Arc<Written<R::Resource>>,
     synced: futures::future::Shared<BoxFuture<'static, ()>>,
 }
 

@@ -84,6 +84,11 @@ fn revision<K: Resource>(o: &K) -> Option<u64> {
     o.meta().resource_version.as_deref()?.parse().ok()
 }
 
+/// Whether the cache's copy is older than the written one (never, where a version is not a number).
+fn behind<K: Resource>(cached: &K, written: &K) -> bool {
+    matches!((revision(cached), revision(written)), (Some(seen), Some(wrote)) if seen < wrote)
+}
+
 impl<K: Resource> Written<K> {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<K>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -100,13 +105,27 @@ impl<K: Resource> Written<K> {
         let Some(ours) = written.get(key) else {
             return cached;
         };
-        match (revision(cached.as_ref()), revision(ours.as_ref())) {
-            (Some(seen), Some(wrote)) if seen < wrote => ours.clone(),
-            _ => {
-                written.remove(key);
-                cached
-            }
+        if behind(cached.as_ref(), ours) {
+            return ours.clone();
         }
+        written.remove(key);
+        cached
+    }
+
+    /// The watch delivered `cached`: a write it shows is let go at once, not at the object's next
+    /// reconcile, which may be long in coming (a settled object is reconciled only on resyncs), so
+    /// that no copy of a settled object is held beside the cache's.
+    pub(crate) fn seen(&self, key: &str, cached: &K) {
+        let mut written = self.lock();
+        if written.get(key).is_some_and(|ours| !behind(cached, ours)) {
+            written.remove(key);
+        }
+    }
+
+    /// How many writes are held (for tests).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.lock().len()
     }
 
     /// Forgets a deleted object.
@@ -163,6 +182,18 @@ mod tests {
         w.wrote("b", config_map("x").as_ref().clone());
         let got = w.freshest("b", config_map("w"));
         assert_eq!(got.metadata.resource_version.as_deref(), Some("w"));
+    }
+
+    #[test]
+    fn status_writes_a_write_the_watch_shows_is_let_go() {
+        let w = Written::default();
+        w.wrote("a", config_map("12").as_ref().clone());
+        w.seen("a", &config_map("11"));
+        assert_eq!(w.held(), 1, "the watch is still behind the write");
+        w.seen("a", &config_map("12"));
+        assert_eq!(w.held(), 0, "the watch delivered the write");
+        let got = w.freshest("a", config_map("12"));
+        assert_eq!(got.metadata.resource_version.as_deref(), Some("12"));
     }
 
     #[test]
