@@ -6,6 +6,7 @@ use crate::backoff::{Backoff, BackoffTracker};
 use crate::changes::{KeyFn, key_fn, mark_deleted, waking};
 use crate::conditions::{self, Cond};
 use crate::executor::{Executor, dynamic_api};
+use crate::initial_list::{self, InitialList};
 use crate::metrics::Metrics;
 use crate::owned::{ChildStore, OwnedView, TypedStore};
 use crate::per_kind::PerKind;
@@ -67,8 +68,9 @@ pub enum ExecError {
 /// A declared child kind, once its watch is built: the controller, and the store that reconciles
 /// take their view of children from.
 type Owned<K> = (KubeController<K>, Arc<dyn ChildStore>);
-type OwnFn<K> =
-    Box<dyn FnOnce(Client, KubeController<K>, Store<K>, &str, &PerKind) -> Owned<K> + Send>;
+type OwnFn<K> = Box<
+    dyn FnOnce(Client, KubeController<K>, Store<K>, &str, &PerKind, InitialList) -> Owned<K> + Send,
+>;
 /// A declared related kind, once its watch is built: the controller, its cache for `Context::cached`,
 /// and a future resolving when that cache has synced.
 type Related<K> = (
@@ -77,8 +79,9 @@ type Related<K> = (
     Arc<dyn Any + Send + Sync>,
     BoxFuture<'static, ()>,
 );
-type WatchFn<K> =
-    Box<dyn FnOnce(Client, KubeController<K>, Store<K>, &PerKind) -> Related<K> + Send>;
+type WatchFn<K> = Box<
+    dyn FnOnce(Client, KubeController<K>, Store<K>, &PerKind, InitialList) -> Related<K> + Send,
+>;
 
 /// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
 ///
@@ -115,6 +118,7 @@ where
     concurrency: u16,
     backoff: Backoff,
     primary_watch: watcher::Config,
+    initial_list: InitialList,
     triggers: Vec<futures::stream::BoxStream<'static, ObjectRef<R::Resource>>>,
     status_interval: Option<Duration>,
     kinds: PerKind,
@@ -136,6 +140,7 @@ where
             concurrency: 4,
             backoff: Backoff::default(),
             primary_watch: watcher::Config::default(),
+            initial_list: InitialList::default(),
             triggers: Vec::new(),
             status_interval: None,
             kinds: PerKind::default(),
@@ -181,13 +186,17 @@ where
         C: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     {
         self.owned.push(Box::new(
-            move |client, ctrl, primaries, label_key, kinds| {
+            move |client, ctrl, primaries, label_key, kinds, initial| {
                 let api = make_api(client);
                 let (reader, writer) = reflector::store::<C>();
                 let stream = reflector::reflector(
                     writer,
                     trimmed(
-                        watcher(api, watcher::Config::default().labels(label_key)),
+                        initial_list::watch(
+                            api,
+                            watcher::Config::default().labels(label_key),
+                            initial,
+                        ),
                         kinds.get::<TrimFn<C>>(),
                     ),
                 )
@@ -219,11 +228,11 @@ where
         F: Fn(&O, &[Arc<R::Resource>]) -> Vec<ObjectRef<R::Resource>> + Send + Sync + 'static,
     {
         self.watches
-            .push(Box::new(move |client, ctrl, primaries, kinds| {
+            .push(Box::new(move |client, ctrl, primaries, kinds, initial| {
                 let api: Api<O> = Api::all(client);
                 let (reader, writer) = reflector::store::<O>();
                 let events = trimmed(
-                    watcher(api, watcher::Config::default()),
+                    initial_list::watch(api, watcher::Config::default(), initial),
                     kinds.get::<TrimFn<O>>(),
                 );
                 let stream = reflector::reflector(writer, events)
@@ -370,6 +379,34 @@ where
         self
     }
 
+    /// How the controller's watches get their initial state. By default each streams it where the
+    /// API server offers streaming lists (one object at a time, each trimmed as it arrives: no peak
+    /// of a whole decoded list) and lists it elsewhere; see [`crate::initial_list`].
+    ///
+    /// ```
+    /// # use framework::{Context, Controller, Plan, Reconciler};
+    /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
+    /// # #[kube(group = "example.com", version = "v1", kind = "App", status = "AppStatus")]
+    /// # struct AppSpec {}
+    /// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+    /// # struct AppStatus {}
+    /// # struct MyReconciler;
+    /// # impl Reconciler for MyReconciler {
+    /// #     type Resource = App;
+    /// #     type Error = std::convert::Infallible;
+    /// #     async fn reconcile(&self, _: &App, _: &Context) -> Result<Plan<App>, Self::Error> { Ok(Plan::new()) }
+    /// # }
+    /// use framework::initial_list::InitialList;
+    ///
+    /// // Behind a proxy that holds watch requests: list first, as clients always did.
+    /// let controller = Controller::new("app", MyReconciler).initial_list(InitialList::Listed);
+    /// # let _ = controller;
+    /// ```
+    pub fn initial_list(mut self, how: InitialList) -> Self {
+        self.initial_list = how;
+        self
+    }
+
     /// The controller's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -399,7 +436,7 @@ where
         // store's readiness, and that wait (a single oneshot receiver) wakes only one of two waiters.
         let (primary_ready_tx, mut primary_ready_rx) = tokio::sync::watch::channel(false);
         let primary_events = trimmed(
-            watcher(api, self.primary_watch),
+            initial_list::watch(api, self.primary_watch, self.initial_list),
             self.kinds.get::<TrimFn<R::Resource>>(),
         );
         let written = Arc::new(Written::default());
@@ -435,13 +472,20 @@ where
                 primaries.clone(),
                 &label_key,
                 &self.kinds,
+                self.initial_list,
             );
             ctrl = c;
             ready.push(s.ready());
             stores.push(s);
         }
         for w in self.watches {
-            let (c, type_id, any, synced) = w(client.clone(), ctrl, primaries.clone(), &self.kinds);
+            let (c, type_id, any, synced) = w(
+                client.clone(),
+                ctrl,
+                primaries.clone(),
+                &self.kinds,
+                self.initial_list,
+            );
             ctrl = c;
             caches.related.insert(type_id, any);
             ready.push(synced);

@@ -32,6 +32,7 @@ pub mod crd;
 mod executor;
 mod fence;
 pub mod http;
+pub mod initial_list;
 pub mod leader;
 pub mod logging;
 pub mod metrics;

@@ -145,6 +145,9 @@ async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
         .install_crds(vec![framework::crd::build::<Holder>()])
         .controller(
             Controller::new("holder", HolderReconciler { release })
+                // The hook delays watch requests; the caches must fill by listing, as they would
+                // behind an API server without streaming lists.
+                .initial_list(framework::initial_list::InitialList::Listed)
                 .owns::<ConfigMap>()
                 .primary_watch(
                     watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
@@ -353,4 +356,61 @@ async fn framework_leader_whose_renewals_hang_stops_writing_before_a_standby_tak
     freeze.send_replace(false);
     let _ = stop_b.send(());
     b.await.unwrap().unwrap();
+}
+
+/// Every watch of the framework asks for a streaming list (objects arrive one at a time, each trimmed
+/// as it comes, instead of one large decoded list); an API server with streaming lists turned off
+/// (Kubernetes 1.33 ships them off) refuses that watch, and the framework lists instead.
+#[tokio::test]
+async fn framework_watches_stream_their_initial_state_or_fall_back_to_lists() {
+    use framework::initial_list;
+    use framework::testing::TestCluster;
+    use kube::runtime::watcher::Event;
+
+    let (_, client) = cluster().await.expect("cluster");
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    assert!(
+        initial_list::streams_initial_state(&api).await,
+        "Kubernetes 1.37 streams initial states"
+    );
+
+    let mut off = TestCluster::start_with_env(
+        0,
+        &[(
+            "KUBE_APISERVER_EXTRA_ARGS",
+            "--feature-gates=WatchList=false",
+        )],
+    )
+    .expect("a cluster without streaming lists");
+    let api: Api<ConfigMap> = Api::namespaced(off.client().await.expect("client"), "default");
+    assert!(!initial_list::streams_initial_state(&api).await);
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("listed-not-streamed".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
+    let mut events = Box::pin(initial_list::watch(
+        api,
+        watcher::Config::default(),
+        initial_list::InitialList::Auto,
+    ));
+    let mut seen = Vec::new();
+    let synced = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = events.next().await {
+            match event.expect("the watch works without streaming lists") {
+                Event::InitApply(cm) => seen.push(cm.metadata.name.unwrap_or_default()),
+                Event::InitDone => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(synced.is_ok(), "the initial list never completed");
+    assert!(seen.iter().any(|n| n == "listed-not-streamed"), "{seen:?}");
+    off.stop().expect("stopping the private cluster");
 }
