@@ -91,6 +91,17 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
+    // On Ctrl-C, or a TERM from `timeout` or `kill`, the run is dropped, and with it the operator
+    // and the private cluster, which would otherwise be left running.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = bench(args) => result,
+        _ = tokio::signal::ctrl_c() => Err("interrupted: the cluster and the operator were stopped".into()),
+        _ = term.recv() => Err("terminated: the cluster and the operator were stopped".into()),
+    }
+}
+
+async fn bench(args: Args) -> Result<(), Error> {
     framework::install_crypto_provider();
     let bin = operator::build()?;
 
