@@ -61,7 +61,7 @@ pub enum InitialList {
     Listed,
 }
 
-/// `kube`'s [`watcher`] over `api` with `config`. With [`InitialList::Auto`] it asks for a streaming
+/// `kube`'s [`watcher()`] over `api` with `config`. With [`InitialList::Auto`] it asks for a streaming
 /// list where the API server offers one (see [`streams_initial_state`]) and lists otherwise.
 pub fn watch<K>(
     api: Api<K>,

@@ -13,7 +13,7 @@
 //!   election, graceful shutdown, CRD install or check at start;
 //! - derives: [`macro@PrinterColumns`] (columns declared on fields) and [`macro@Status`] (status
 //!   bookkeeping from marked fields); [`crd::build`] turns them into a finished CRD;
-//! - `testing` (feature): a real local control plane for tests, and [`testing::eventually`].
+//! - `testing` (feature): a real local control plane for tests, and `testing::eventually`.
 //!
 //! See `docs/framework.md` in the repository for a walk-through, and `examples/memcached` for a whole
 //! operator.
