@@ -89,15 +89,20 @@ impl tower::Service<Request<Body>> for Fenced {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if !is_read(req.method()) && !self.fence.is_open() {
-            let refused = LeadershipLapsed {
-                method: req.method().clone(),
-                path: req.uri().path().to_owned(),
-            };
-            return Box::pin(async move { Err(kube::Error::Service(Box::new(refused))) });
-        }
         let client = self.inner.clone();
-        Box::pin(async move { client.send(req).await })
+        let fence = self.fence.clone();
+        // Checked when the request is about to be sent, not when it was made: a replica paused
+        // between the two would otherwise send a write it decided on before the pause.
+        Box::pin(async move {
+            if !is_read(req.method()) && !fence.is_open() {
+                let refused = LeadershipLapsed {
+                    method: req.method().clone(),
+                    path: req.uri().path().to_owned(),
+                };
+                return Err(kube::Error::Service(Box::new(refused)));
+            }
+            client.send(req).await
+        })
     }
 }
 
