@@ -10,31 +10,12 @@
 //! Run: `cargo bench -p drop --bench node_cache`.
 
 use k8s_openapi::api::core::v1::Node;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The system allocator, counting the bytes live at any time.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is updated.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        // SAFETY: same layout as the caller's, as `GlobalAlloc::alloc` requires.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: `ptr` came from `alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 /// A Node as a kubelet on a busy CI node reports it (50 images, the usual status, apply history).
 fn kubelet_node(i: usize) -> serde_json::Value {
@@ -113,7 +94,7 @@ fn kubelet_node(i: usize) -> serde_json::Value {
 
 /// Heap bytes held by `nodes` Nodes after `keep` has trimmed each as it arrived.
 fn held(nodes: usize, keep: impl Fn(&mut Node)) -> usize {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::Held::now();
     let cache: Vec<Node> = (0..nodes)
         .map(|i| {
             let mut node: Node = serde_json::from_value(kubelet_node(i)).expect("a valid Node");
@@ -121,7 +102,7 @@ fn held(nodes: usize, keep: impl Fn(&mut Node)) -> usize {
             node
         })
         .collect();
-    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    let bytes = counting::Held::now().since(before).bytes;
     drop(cache);
     bytes
 }
