@@ -190,15 +190,6 @@ impl Names {
         }
     }
 
-    /// The key of `image` on `node` if both names are in use: a key with a name not in use is in
-    /// none of the pacer's maps.
-    fn existing(&self, image: &str, node: &str) -> Option<PullKey> {
-        Some(PullKey {
-            image: Arc::clone(self.0.get(image)?),
-            node: Arc::clone(self.0.get(node)?),
-        })
-    }
-
     /// Lets go of the names no key uses any more.
     fn sweep(&mut self) {
         self.0.retain(|name| Arc::strong_count(name) > 1);
@@ -216,8 +207,8 @@ impl Pairs {
         self.0.get(&k.image)?.get(&k.node)
     }
 
-    fn get_mut(&mut self, k: &PullKey) -> Option<&mut Pair> {
-        self.0.get_mut(&k.image)?.get_mut(&k.node)
+    fn get_mut(&mut self, image: &str, node: &str) -> Option<&mut Pair> {
+        self.0.get_mut(image)?.get_mut(node)
     }
 
     /// The pair of `k`, made if there is none.
@@ -227,11 +218,6 @@ impl Pairs {
             .or_default()
             .entry(Arc::clone(&k.node))
             .or_default()
-    }
-
-    /// `image`'s pairs, by node.
-    fn of_image(&self, image: &str) -> impl Iterator<Item = (&Arc<str>, &Pair)> {
-        self.0.get(image).into_iter().flatten()
     }
 
     fn forget(&mut self, image: &str) {
@@ -395,11 +381,7 @@ impl Pacer {
             let Some(reference) = memory.reference.as_deref() else {
                 continue;
             };
-            let Some(mem) = st
-                .names
-                .existing(image, &name)
-                .and_then(|k| st.pairs.get_mut(&k))
-            else {
+            let Some(mem) = st.pairs.get_mut(image, &name) else {
                 continue;
             };
             if !mem.cached || mem.gone {
@@ -842,16 +824,15 @@ fn settle_unseen(
 /// Nodes that no longer hold the image (see [`Pacer::node_images_changed`]) stop counting as cached,
 /// so the image is pulled there again, paced like any missing node.
 fn forget_gone(st: &mut State, image: &str) {
-    let gone: Vec<PullKey> = st
-        .pairs
-        .of_image(image)
-        .filter(|(_, m)| m.gone)
-        .filter_map(|(node, _)| st.names.existing(image, node))
-        .filter(|k| !st.in_flight.contains_key(k))
+    let flying: BTreeSet<&str> = of_image(&st.in_flight, image)
+        .map(|(k, _)| &*k.node)
         .collect();
-    for k in gone {
-        tracing::info!(image, node = %k.node, "the node no longer lists the image: pulling it again");
-        if let Some(m) = st.pairs.get_mut(&k) {
+    let Some(pairs) = st.pairs.0.get_mut(image) else {
+        return;
+    };
+    for (node, m) in pairs.iter_mut() {
+        if m.gone && !flying.contains(&**node) {
+            tracing::info!(image, node = %node, "the node no longer lists the image: pulling it again");
             (m.cached, m.listed, m.gone) = (false, false, false);
             m.history.set_success(None);
         }
