@@ -17,10 +17,13 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use pairs::{ImagePairs, Names, Pair};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
+
+mod pairs;
 
 /// How long a pull just started may stay unseen in the Pod cache before it counts as gone.
 const CREATION_GRACE: Duration = Duration::from_secs(30);
@@ -83,80 +86,8 @@ pub struct Outcome {
     pub observed: Observed,
 }
 
-/// A [`History`] in 32 bytes rather than 80: its times as nanoseconds since the Unix epoch (exact
-/// from 1677 to 2262; times beyond are clamped), [`Packed::NONE`] for none. At a million pairs the
-/// difference is 46 MiB.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Packed {
-    last_start: i64,
-    last_success: i64,
-    last_failure: i64,
-    consecutive_failures: u32,
-}
-
-impl Default for Packed {
-    fn default() -> Self {
-        Self {
-            last_start: Self::NONE,
-            last_success: Self::NONE,
-            last_failure: Self::NONE,
-            consecutive_failures: 0,
-        }
-    }
-}
-
-impl Packed {
-    const NONE: i64 = i64::MIN;
-
-    fn pack(t: Option<Timestamp>) -> i64 {
-        let Some(t) = t else { return Self::NONE };
-        let ns = t.as_nanosecond();
-        i64::try_from(ns).unwrap_or(if ns < 0 { Self::NONE + 1 } else { i64::MAX })
-    }
-
-    fn unpack(ns: i64) -> Option<Timestamp> {
-        (ns != Self::NONE).then(|| Timestamp::from_nanosecond(i128::from(ns)).ok())?
-    }
-
-    fn history(&self) -> History {
-        History {
-            last_start: Self::unpack(self.last_start),
-            last_success: Self::unpack(self.last_success),
-            last_failure: Self::unpack(self.last_failure),
-            consecutive_failures: self.consecutive_failures,
-        }
-    }
-
-    fn set_start(&mut self, t: Timestamp) {
-        self.last_start = Self::pack(Some(t));
-    }
-
-    fn set_success(&mut self, t: Option<Timestamp>) {
-        self.last_success = Self::pack(t);
-    }
-
-    fn set_failure(&mut self, t: Timestamp) {
-        self.last_failure = Self::pack(Some(t));
-    }
-}
-
-/// What the pacer knows of one image on one node: its pull history and the rest.
-#[derive(Debug, Default, PartialEq)]
-struct Pair {
-    history: Packed,
-    attempts: u32,
-    /// Cached with the image's current reference (a new reference drops the image's memory of
-    /// every node, so no other reference can be cached here).
-    cached: bool,
-    /// The last failure's reason and message; boxed, as most nodes never fail.
-    last_failure: Option<Box<(String, String)>>,
-    /// The node has listed the image since it was last pulled there.
-    listed: bool,
-    /// The node has since stopped listing it (with room in its list): it is gone.
-    gone: bool,
-}
-
-#[derive(Default)]
+/// What the pacer keeps of one image.
+#[derive(Debug, Default)]
 struct ImageMemory {
     reference: Option<String>,
     consecutive_failures: u32,
@@ -164,121 +95,64 @@ struct ImageMemory {
     digest: Option<String>,
     /// Written by the image's own reconcile; `None` until its first.
     due: Option<DueSummary>,
+    /// A pair on each of its targets at its last reconcile.
+    pairs: ImagePairs,
+    /// Set while its targets take part in decisions (its policy is known).
+    registered: Option<Registration>,
+    /// The latest start among its pairs that have settled (see [`Pair::settle`]): it still spaces
+    /// its policy's next start.
+    settled_start: Option<Timestamp>,
 }
 
-/// One shared copy of each image and node name the pacer's keys use, so a million (image, node)
-/// keys hold references to a few thousand names rather than two strings each.
-#[derive(Default)]
-struct Names(HashSet<Arc<str>>);
+/// What an image's targets share: they are handed to the engine as [`Target`]s built from this
+/// and the image's pairs, rather than kept as 64 bytes each.
+#[derive(Debug)]
+struct Registration {
+    /// The image's name, shared through [`Names`].
+    image: Arc<str>,
+    priority: i32,
+    policy: PolicyKey,
+}
 
-impl Names {
-    /// The shared copy of `name`, made if there is none.
-    fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.0.get(name) {
-            return Arc::clone(shared);
+impl Registration {
+    fn target(&self, node: &Arc<str>) -> Target {
+        Target {
+            key: PullKey {
+                image: Arc::clone(&self.image),
+                node: Arc::clone(node),
+            },
+            priority: self.priority,
+            policy: self.policy.clone(),
         }
-        let shared: Arc<str> = name.into();
-        self.0.insert(Arc::clone(&shared));
-        shared
-    }
-
-    /// The key of `image` on `node`, with shared names.
-    fn key(&mut self, image: &str, node: &str) -> PullKey {
-        PullKey {
-            image: self.get(image),
-            node: self.get(node),
-        }
-    }
-
-    /// Lets go of the names no key uses any more.
-    fn sweep(&mut self) {
-        self.0.retain(|name| Arc::strong_count(name) > 1);
     }
 }
 
-/// Every pair's [`Pair`], by image, then node; the engine reads the histories in it. An image's
-/// map is rebuilt whole when its targets change ([`Pairs::fit`]): built in one go from sorted keys,
-/// its tree nodes are full, where one grown by inserting in order is about half empty.
-#[derive(Debug, Default)]
-struct Pairs(BTreeMap<Arc<str>, BTreeMap<Arc<str>, Pair>>);
-
-impl Pairs {
-    fn get(&self, k: &PullKey) -> Option<&Pair> {
-        self.0.get(&k.image)?.get(&k.node)
+impl ImageMemory {
+    /// Its policy, while its targets take part in decisions.
+    fn policy(&self) -> Option<&PolicyKey> {
+        self.registered.as_ref().map(|r| &r.policy)
     }
 
-    fn get_mut(&mut self, image: &str, node: &str) -> Option<&mut Pair> {
-        self.0.get_mut(image)?.get_mut(node)
-    }
-
-    /// The pair of `k`, made if there is none.
-    fn entry(&mut self, k: &PullKey) -> &mut Pair {
-        self.0
-            .entry(Arc::clone(&k.image))
-            .or_default()
-            .entry(Arc::clone(&k.node))
-            .or_default()
-    }
-
-    fn forget(&mut self, image: &str) {
-        self.0.remove(image);
-    }
-
-    /// Gives `image` a pair on each of its `targets` (sorted by node) and none elsewhere, keeping
-    /// what it knew of the nodes that stay.
-    fn fit(&mut self, image: &Arc<str>, targets: &[Target]) {
-        let mut old = self
-            .0
-            .remove(image)
-            .unwrap_or_default()
-            .into_iter()
-            .peekable();
-        let fitted: BTreeMap<Arc<str>, Pair> = targets
-            .iter()
-            .map(|t| {
-                while old.next_if(|(node, _)| *node < t.key.node).is_some() {}
-                let pair = old
-                    .next_if(|(node, _)| *node == t.key.node)
-                    .map(|(_, pair)| pair)
-                    .unwrap_or_default();
-                (Arc::clone(&t.key.node), pair)
-            })
-            .collect();
-        self.0.insert(Arc::clone(image), fitted);
-    }
-
-    /// Removes `image`'s pairs on nodes outside `targets`; whether there were any. `fitted`: the
-    /// image's pairs were fitted to these targets (and none removed since), so they are all there
-    /// and any beyond their number are the ones to go.
-    fn prune(&mut self, image: &str, targets: &BTreeSet<&str>, fitted: bool) -> bool {
-        let Some(pairs) = self.0.get_mut(image) else {
-            return false;
+    /// Its targets, as the engine reads them.
+    fn targets(&self) -> Vec<Target> {
+        let Some(r) = &self.registered else {
+            return Vec::new();
         };
-        if fitted && pairs.len() == targets.len() {
-            return false;
-        }
-        let before = pairs.len();
-        pairs.retain(|node, _| targets.contains(&**node));
-        pairs.len() != before
-    }
-
-    /// The key of every pair that holds more than a fresh one.
-    fn remembered(&self) -> impl Iterator<Item = PullKey> {
-        self.0.iter().flat_map(|(image, pairs)| {
-            pairs
-                .iter()
-                .filter(|(_, p)| **p != Pair::default())
-                .map(|(node, _)| PullKey {
-                    image: Arc::clone(image),
-                    node: Arc::clone(node),
-                })
-        })
+        self.pairs.iter().map(|(node, _)| r.target(node)).collect()
     }
 }
 
-impl pacing::Histories for Pairs {
+/// Where the engine reads each pair's history: in its image's pairs.
+#[derive(Debug)]
+struct PairHistories<'a>(&'a BTreeMap<String, ImageMemory>);
+
+impl pacing::Histories for PairHistories<'_> {
     fn history(&self, key: &PullKey) -> Option<History> {
-        self.get(key).map(|p| p.history.history())
+        self.0
+            .get(&*key.image)?
+            .pairs
+            .get(&key.node)
+            .map(Pair::history)
     }
 }
 
@@ -293,15 +167,11 @@ struct State {
     /// The policies images named at their last reconcile, to tell which images a Node change
     /// concerns.
     policies: BTreeMap<String, PullPolicySpec>,
-    targets: BTreeMap<String, Vec<Target>>,
     in_flight: BTreeMap<PullKey, InFlight>,
     /// Pulls in flight whose Pod has been seen pulling: the start of that pull. A pull that was
     /// seen and is no longer shown has lost its Pod; one never seen may still be on its way.
     seen_pulling: BTreeMap<PullKey, Timestamp>,
-    /// One entry per (image, node) pair with anything to remember (one map, so each pair's key is
-    /// held once: at a million pairs, the pacer's memory is mostly these).
-    pairs: Pairs,
-    /// The names in the keys above and in `targets`.
+    /// The names in the keys above and in the images' pairs.
     names: Names,
     images: BTreeMap<String, ImageMemory>,
     /// Images told (through [`Outcome::wake_others`]) to wake at a time, until they reconcile.
@@ -349,7 +219,11 @@ impl Pacer {
         images
             .iter()
             .filter(|image| {
-                let Some(known) = st.targets.get(&image.name_any()) else {
+                let Some(known) = st
+                    .images
+                    .get(&image.name_any())
+                    .filter(|m| m.registered.is_some())
+                else {
                     return true;
                 };
                 let policy = match &image.spec.policy_ref {
@@ -359,9 +233,7 @@ impl Pacer {
                         None => return true,
                     },
                 };
-                let was = known
-                    .binary_search_by(|t| (*t.key.node).cmp(name.as_str()))
-                    .is_ok();
+                let was = known.pairs.get(&name).is_some();
                 was != targets::is_target(node, &image.spec, policy)
             })
             .map(|image| ObjectRef::from_obj(image.as_ref()))
@@ -377,11 +249,11 @@ impl Pacer {
         let st = &mut *st;
         let name = node.name_any();
         let mut gone = Vec::new();
-        for (image, memory) in &st.images {
+        for (image, memory) in &mut st.images {
             let Some(reference) = memory.reference.as_deref() else {
                 continue;
             };
-            let Some(mem) = st.pairs.get_mut(image, &name) else {
+            let Some(mem) = memory.pairs.get_mut(&name) else {
                 continue;
             };
             if !mem.cached || mem.gone {
@@ -403,7 +275,16 @@ impl Pacer {
     /// How many (image, node) pairs the pacer remembers anything about.
     pub fn remembered_pairs(&self) -> usize {
         let st = self.lock();
-        let mut keys: BTreeSet<PullKey> = st.pairs.remembered().collect();
+        let mut keys: BTreeSet<PullKey> = st
+            .images
+            .iter()
+            .flat_map(|(image, m)| {
+                m.pairs
+                    .iter()
+                    .filter(|(_, p)| *p != Pair::default())
+                    .map(|(node, _)| PullKey::new(image, node))
+            })
+            .collect();
         keys.extend(st.in_flight.keys().cloned());
         keys.extend(st.seen_pulling.keys().cloned());
         keys.len()
@@ -431,17 +312,13 @@ impl Pacer {
     /// woken: it may have been next in line, the one they were waiting behind.
     pub fn forget(&self, image: &str) {
         let mut st = self.lock();
-        let policy = st
-            .targets
-            .get(image)
-            .and_then(|ts| ts.first())
-            .map(|t| t.policy.clone());
+        let policy = st.images.get(image).and_then(ImageMemory::policy).cloned();
         forget(&mut st, image);
         let Some(policy) = policy else { return };
         let others: Vec<String> = st
-            .targets
+            .images
             .iter()
-            .filter(|(_, ts)| ts.first().is_some_and(|t| t.policy == policy))
+            .filter(|(_, m)| !m.pairs.is_empty() && m.policy() == Some(&policy))
             .map(|(name, _)| name.clone())
             .collect();
         drop(st);
@@ -466,10 +343,10 @@ impl Pacer {
 
         // Images the cache no longer has (a deletion the watch missed while it re-listed, so no
         // `deleted` call came) leave with everything they held: their slots, their due pulls.
-        if st.targets.len() > step.known_images.len() {
+        if st.images.len() > step.known_images.len() {
             let known: BTreeSet<&str> = step.known_images.iter().map(|(n, _)| n.as_str()).collect();
             let gone: Vec<String> = st
-                .targets
+                .images
                 .keys()
                 .filter(|n| **n != name && !known.contains(n.as_str()))
                 .cloned()
@@ -479,21 +356,31 @@ impl Pacer {
             }
         }
         // First sight of this image (operator start): take back what its status recorded.
-        if !st.images.contains_key(&name) {
-            restore(st, step.image, &reference, now);
-        }
+        let restored = if st.images.contains_key(&name) {
+            None
+        } else {
+            restore(st, step.image, &reference)
+        };
         // A new reference (a tag or digest edit): nothing of the old one counts as cached.
         let memory = st.images.entry(name.clone()).or_default();
         if memory.reference.as_deref() != Some(reference.as_str()) {
             memory.reference = Some(reference.clone());
             memory.consecutive_failures = 0;
             memory.digest = None;
-            st.pairs.forget(&name);
-            // Registered again below, which gives it a fresh pair on each target.
-            st.targets.remove(&name);
+            memory.settled_start = None;
+            // Fitted again below: a fresh pair on each target.
+            memory.pairs.clear();
         }
 
+        // A pair on each target. Most reconciles see the targets of the last one: those stay.
         let targets: BTreeSet<&str> = step.targets.iter().map(String::as_str).collect();
+        if !memory.pairs.fits(&targets) {
+            memory.pairs.fit(&targets, &mut st.names);
+            st.names.sweep();
+        }
+        if let Some(status) = restored {
+            restore_pairs(memory, status, now);
+        }
         if let (Ok((Some(policy), _)), Some(spec)) = (&step.pace, step.policy)
             && st.policies.get(policy) != Some(spec)
         {
@@ -503,34 +390,19 @@ impl Pacer {
             Ok((policy, pace)) => {
                 st.paces.insert(policy.clone(), pace.clone());
                 let priority = step.image.spec.priority.unwrap_or(0);
-                // Most reconciles see the targets they registered last time: keep those.
-                let unchanged = st.targets.get(&name).is_some_and(|ts| {
-                    ts.len() == targets.len()
-                        && ts.iter().zip(&targets).all(|(t, n)| {
-                            &*t.key.node == *n && t.priority == priority && t.policy == *policy
-                        })
-                });
-                if !unchanged {
-                    let image = st.names.get(&name);
-                    let registered: Vec<Target> = targets
-                        .iter()
-                        .map(|n| Target {
-                            key: PullKey {
-                                image: Arc::clone(&image),
-                                node: st.names.get(n),
-                            },
-                            priority,
-                            policy: policy.clone(),
-                        })
-                        .collect();
-                    st.pairs.fit(&image, &registered);
-                    st.targets.insert(name.clone(), registered);
-                    st.names.sweep();
+                let current = memory
+                    .registered
+                    .as_ref()
+                    .is_some_and(|r| r.priority == priority && r.policy == *policy);
+                if !current {
+                    memory.registered = Some(Registration {
+                        image: st.names.get(&name),
+                        priority,
+                        policy: policy.clone(),
+                    });
                 }
             }
-            Err(_) => {
-                st.targets.remove(&name);
-            }
+            Err(_) => memory.registered = None,
         }
 
         // What the Pods say.
@@ -541,8 +413,9 @@ impl Pacer {
         for pod in step.pods {
             observed_uids.insert(pod.uid.clone());
             let k = st.names.key(&name, &pod.node);
-            let mem = st.pairs.entry(&k);
-            mem.attempts = mem.attempts.max(pod.attempt);
+            if let Some(mem) = pair_mut(st, &k) {
+                mem.attempts = mem.attempts.max(pod.attempt);
+            }
             let current = targets.contains(pod.node.as_str()) && pod.reference == reference;
             // An ended pull is recorded once, however many reconciles still see its Pod.
             let ended_pull = !matches!(pod.outcome, PullOutcome::Pulling);
@@ -573,11 +446,9 @@ impl Pacer {
                     keep.push(pod.name.clone());
                 }
                 PullOutcome::Pulled { digest } if current && first_sight => {
-                    let mem = st.pairs.entry(&k);
-                    mem.history.set_success(Some(now));
-                    mem.history.consecutive_failures = 0;
-                    mem.cached = true;
-                    mem.last_failure = None;
+                    if let Some(mem) = pair_mut(st, &k) {
+                        mem.pulled(now);
+                    }
                     let image = st.images.entry(name.clone()).or_default();
                     image.consecutive_failures = 0;
                     if digest.is_some() {
@@ -610,12 +481,6 @@ impl Pacer {
         }
         forget_gone(st, &name);
         let grace_ends = settle_unseen(st, &name, &targets, &observed_keys, now, &mut ended);
-        // Nodes that are no longer targets (gone, relabelled, tainted) take their memory along, so
-        // the state follows the fleet instead of everything it ever was.
-        let fitted = step.pace.is_ok();
-        if st.pairs.prune(&name, &targets, fitted) {
-            st.names.sweep();
-        }
 
         // Decide over this image (its wake-up needs its own targets) and the other images that may
         // start a pull now: not those whose policy has every slot taken, and of the others only
@@ -625,34 +490,48 @@ impl Pacer {
         // whole fleet's.
         let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
         let full = pacing::saturated(&st.paces, &in_flight);
-        let mut due_targets: Vec<&Target> = Vec::new();
+        let own: Vec<Target> = st
+            .images
+            .get(&name)
+            .map_or_else(Vec::new, ImageMemory::targets);
+        let mut others: Vec<Target> = Vec::new();
         let mut earlier_starts: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
-        for (image, targets) in &st.targets {
-            if *image != name && targets.first().is_some_and(|t| full.contains(&t.policy)) {
+        let mut spaced_by = |policy: &PolicyKey, at: Option<Timestamp>| {
+            if let Some(at) = at {
+                let latest = earlier_starts.entry(policy.clone()).or_insert(at);
+                *latest = (*latest).max(at);
+            }
+        };
+        for (image, memory) in &st.images {
+            let Some(r) = &memory.registered else {
+                continue;
+            };
+            if *image != name && full.contains(&r.policy) {
                 continue;
             }
-            let summary = st.images.get(image).and_then(|m| m.due.as_ref());
-            match summary {
+            // Pairs that settled keep only their image's latest start, which spaces its policy.
+            spaced_by(&r.policy, memory.settled_start);
+            match &memory.due {
+                _ if *image == name => {}
                 // Its due set is as its last reconcile left it: only the few it could start first
                 // can start now (none if nothing is due; in a rollout, a handful instead of every
                 // node), and its latest start still spaces its policy's next one.
-                Some(due) if *image != name && due.until.is_none_or(|t| t > now) => {
-                    if let (Some(at), Some(t)) = (due.last_start, targets.first()) {
-                        let latest = earlier_starts.entry(t.policy.clone()).or_insert(at);
-                        *latest = (*latest).max(at);
-                    }
-                    due_targets.extend(due.first.iter().filter_map(|&i| targets.get(i)));
+                Some(due) if due.until.is_none_or(|t| t > now) => {
+                    spaced_by(&r.policy, due.last_start);
+                    let first = due.first.iter().filter_map(|&i| memory.pairs.at(i));
+                    others.extend(first.map(|(node, _)| r.target(node)));
                 }
-                _ => due_targets.extend(targets),
+                _ => others.extend(memory.targets()),
             }
         }
+        let due_targets: Vec<&Target> = own.iter().chain(&others).collect();
         let decision = pacing::decide(&pacing::Input {
             now,
             paces: &st.paces,
             targets: &due_targets,
             earlier_starts: &earlier_starts,
             in_flight: &in_flight,
-            history: &st.pairs,
+            history: &PairHistories(&st.images),
             pull_timeout: self.pull_timeout,
         });
         let mut wake = BTreeSet::new();
@@ -660,15 +539,16 @@ impl Pacer {
         // and wake those images.
         let mut held: BTreeSet<PolicyKey> = BTreeSet::new();
         for (image, policy) in step.known_images {
-            if !st.targets.contains_key(image) && st.paces.contains_key(policy) && *image != name {
+            let registered = st.images.get(image).is_some_and(|m| m.registered.is_some());
+            if !registered && st.paces.contains_key(policy) && *image != name {
                 held.insert(policy.clone());
                 wake.insert(image.clone());
             }
         }
         let mut decision = decision;
         decision.start.retain(|k| {
-            let policy = st.targets.get(&*k.image).and_then(|ts| ts.first());
-            policy.is_none_or(|t| !held.contains(&t.policy))
+            let policy = st.images.get(&*k.image).and_then(ImageMemory::policy);
+            policy.is_none_or(|p| !held.contains(p))
         });
         for k in &decision.timed_out {
             if *k.image == *name {
@@ -687,10 +567,12 @@ impl Pacer {
                 wake.insert(k.image.to_string());
                 continue;
             }
-            let mem = st.pairs.entry(k);
+            let Some(mem) = pair_mut(st, k) else {
+                continue;
+            };
             mem.attempts += 1;
             mem.listed = false;
-            mem.history.set_start(now);
+            mem.started(now);
             let attempt = mem.attempts;
             let policy = step
                 .pace
@@ -723,10 +605,11 @@ impl Pacer {
         for image in wake {
             let _ = self.wake.send(ObjectRef::new(&image));
         }
-        let due = match (&step.pace, st.targets.get(&name)) {
-            (Ok((_, pace)), Some(registered)) => Some(pacing::leaders(
-                registered,
-                &st.pairs,
+        settle(st, &name);
+        let due = match &step.pace {
+            Ok((_, pace)) => Some(pacing::leaders(
+                &own,
+                &PairHistories(&st.images),
                 |k| st.in_flight.contains_key(k),
                 pace,
                 now,
@@ -760,11 +643,9 @@ fn earliest(a: Option<Timestamp>, b: Timestamp) -> Option<Timestamp> {
 
 /// Drops everything about `image`.
 fn forget(st: &mut State, image: &str) {
-    st.targets.remove(image);
     st.images.remove(image);
     st.in_flight.retain(|k, _| &*k.image != image);
     st.seen_pulling.retain(|k, _| &*k.image != image);
-    st.pairs.forget(image);
     st.appointed.remove(image);
     st.names.sweep();
 }
@@ -827,16 +708,38 @@ fn forget_gone(st: &mut State, image: &str) {
     let flying: BTreeSet<&str> = of_image(&st.in_flight, image)
         .map(|(k, _)| &*k.node)
         .collect();
-    let Some(pairs) = st.pairs.0.get_mut(image) else {
+    let Some(memory) = st.images.get_mut(image) else {
         return;
     };
-    for (node, m) in pairs.iter_mut() {
+    for (node, m) in memory.pairs.iter_mut() {
         if m.gone && !flying.contains(&**node) {
             tracing::info!(image, node = %node, "the node no longer lists the image: pulling it again");
-            (m.cached, m.listed, m.gone) = (false, false, false);
-            m.history.set_success(None);
+            m.lost();
         }
     }
+}
+
+/// Lets the image's pairs with nothing under way and no failures drop what they no longer need
+/// (see [`Pair::settle`]); the latest start among them stays with the image.
+fn settle(st: &mut State, image: &str) {
+    let flying: BTreeSet<&str> = of_image(&st.in_flight, image)
+        .map(|(k, _)| &*k.node)
+        .collect();
+    let Some(memory) = st.images.get_mut(image) else {
+        return;
+    };
+    for (node, pair) in memory.pairs.iter_mut() {
+        if !flying.contains(&**node)
+            && let Some(start) = pair.settle()
+        {
+            memory.settled_start = memory.settled_start.max(Some(start));
+        }
+    }
+}
+
+/// The pair of `k`, if its node is one of its image's targets.
+fn pair_mut<'a>(st: &'a mut State, k: &PullKey) -> Option<&'a mut Pair> {
+    st.images.get_mut(&*k.image)?.pairs.get_mut(&k.node)
 }
 
 /// `image`'s entries of a map keyed by (image, node), visiting no other image's.
@@ -849,63 +752,62 @@ fn of_image<'a, V>(
 }
 
 fn record_failure(st: &mut State, k: &PullKey, now: Timestamp, reason: &str, message: &str) {
-    let mem = st.pairs.entry(k);
-    mem.history.consecutive_failures += 1;
-    mem.history.set_failure(now);
-    mem.last_failure = Some(Box::new((reason.to_owned(), message.to_owned())));
+    if let Some(pair) = pair_mut(st, k) {
+        pair.failed(now, 0, reason, message);
+    }
     st.images
         .entry(k.image.to_string())
         .or_default()
         .consecutive_failures += 1;
 }
 
-/// After an operator restart: cached nodes and failures come back from the image's status, provided
-/// the status describes the current spec.
-fn restore(st: &mut State, image: &CachedImage, reference: &str, now: Timestamp) {
-    let name = image.name_any();
-    let memory = st.images.entry(name.clone()).or_default();
-    let Some(status) = image.status.as_ref() else {
-        return;
-    };
+/// After an operator restart: what the image's status says of the image as a whole, provided the
+/// status describes the current spec; then the status, for [`restore_pairs`] once the image has
+/// its pairs.
+fn restore<'a>(
+    st: &mut State,
+    image: &'a CachedImage,
+    reference: &str,
+) -> Option<&'a CachedImageStatus> {
+    let memory = st.images.entry(image.name_any()).or_default();
+    let status = image.status.as_ref()?;
     if status.observed_generation != image.metadata.generation {
-        return;
+        return None;
     }
     memory.reference = Some(reference.to_owned());
     memory.consecutive_failures = u32::try_from(status.consecutive_failures).unwrap_or(0);
     memory.digest = status.resolved_digest.clone();
-    let pulled = status.last_pulled_at.as_ref().map_or(now, |t| t.0);
-    for node in &status.cached_nodes {
-        let k = st.names.key(&name, node);
-        let mem = st.pairs.entry(&k);
-        mem.history.set_success(Some(pulled));
-        mem.cached = true;
-    }
-    restore_failures(st, &name, status, now);
+    Some(status)
 }
 
-fn restore_failures(st: &mut State, name: &str, status: &CachedImageStatus, now: Timestamp) {
+/// After an operator restart: cached nodes and failures come back from the image's status.
+fn restore_pairs(memory: &mut ImageMemory, status: &CachedImageStatus, now: Timestamp) {
+    let pulled = status.last_pulled_at.as_ref().map_or(now, |t| t.0);
+    for node in status.cached_nodes.iter() {
+        if let Some(pair) = memory.pairs.get_mut(node) {
+            pair.restore_cached(pulled);
+        }
+    }
     let failed_at = status.last_attempted_at.as_ref().map_or(now, |t| t.0);
+    let in_a_row = u32::try_from(status.consecutive_failures.max(1)).unwrap_or(1);
     for f in &status.failed_nodes {
-        let k = st.names.key(name, &f.node);
-        let mem = st.pairs.entry(&k);
-        mem.history.consecutive_failures =
-            u32::try_from(status.consecutive_failures.max(1)).unwrap_or(1);
-        mem.history.set_failure(failed_at);
-        mem.last_failure = Some(Box::new((f.reason.clone(), f.message.clone())));
+        if let Some(pair) = memory.pairs.get_mut(&f.node) {
+            pair.failed(failed_at, in_a_row, &f.reason, &f.message);
+        }
     }
 }
 
 fn observe(st: &State, name: &str, step: &Step<'_>) -> Observed {
     let mut nodes = BTreeMap::new();
+    let image = st.images.get(name);
     let mut last_pulled_at = None;
-    let mut last_attempted_at = None;
-    let pairs = st.pairs.0.get(name);
+    let mut last_attempted_at = image.and_then(|i| i.settled_start);
     let flying: BTreeSet<&str> = of_image(&st.in_flight, name)
         .map(|(k, _)| &*k.node)
         .collect();
     for node in step.targets {
-        let mem = pairs.and_then(|p| p.get(node.as_str()));
-        let h = mem.map_or_else(History::default, |m| m.history.history());
+        let mem = image.and_then(|i| i.pairs.get(node));
+        let h = mem.map_or_else(History::default, Pair::history);
         last_pulled_at = last_pulled_at.max(h.last_success);
         last_attempted_at = last_attempted_at.max(h.last_start);
         let cached = mem.is_some_and(|m| m.cached);
@@ -919,16 +821,13 @@ fn observe(st: &State, name: &str, step: &Step<'_>) -> Observed {
         } else if cached {
             NodeState::Cached
         } else if h.consecutive_failures > 0 {
-            let (reason, message) = mem
-                .and_then(|m| m.last_failure.as_deref().cloned())
-                .unwrap_or_default();
+            let (reason, message) = mem.and_then(Pair::failure).cloned().unwrap_or_default();
             NodeState::Failed { reason, message }
         } else {
             NodeState::Waiting
         };
         nodes.insert(node.clone(), state);
     }
-    let image = st.images.get(name);
     Observed {
         nodes,
         blocked: step.pace.as_ref().err().cloned(),

@@ -298,7 +298,7 @@ fn pacing_nodes_that_leave_the_targets_leave_the_pacer() {
     w.step(0, now, &[]);
     assert_eq!(w.pacer.remembered_pairs(), 5);
     assert_eq!(
-        w.pacer.lock().pairs.0["a"].len(),
+        w.pacer.lock().images["a"].pairs.len(),
         5,
         "no pair beyond the targets"
     );
@@ -425,29 +425,4 @@ fn pacing_a_repull_keeps_the_node_cached_in_the_status() {
     assert_eq!(out.observed.nodes["n1"], NodeState::Refreshing);
     let status = super::super::status::compute(None, &out.observed, at(101));
     assert_eq!(status.phase, Some(crate::api::CachedImagePhase::Ready));
-}
-
-#[test]
-fn pacing_a_packed_history_reads_back_as_it_was_written() {
-    let at = |s: &str| s.parse::<Timestamp>().expect("a timestamp");
-    let mut p = Packed::default();
-    assert_eq!(p.history(), History::default());
-    let start = at("2026-12-01T04:40:00.123456789Z");
-    p.set_start(start);
-    p.set_success(Some(at("2026-12-01T04:40:02Z")));
-    p.set_failure(at("1970-01-01T00:00:00Z"));
-    p.consecutive_failures = 3;
-    let h = p.history();
-    assert_eq!(h.last_start, Some(start), "to the nanosecond");
-    assert_eq!(h.last_success, Some(at("2026-12-01T04:40:02Z")));
-    assert_eq!(h.last_failure, Some(Timestamp::UNIX_EPOCH));
-    assert_eq!(h.consecutive_failures, 3);
-    p.set_success(None);
-    assert_eq!(p.history().last_success, None);
-    // Beyond what 64 bits of nanoseconds hold: clamped, still a time.
-    p.set_start(Timestamp::MAX);
-    assert!(p.history().last_start > Some(at("2262-01-01T00:00:00Z")));
-    p.set_start(Timestamp::MIN);
-    assert!(p.history().last_start < Some(at("1678-01-01T00:00:00Z")));
-    assert_eq!(std::mem::size_of::<Packed>(), 32);
 }

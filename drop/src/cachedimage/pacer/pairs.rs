@@ -1,0 +1,321 @@
+//! What the pacer remembers of each (image, node) pair, kept small: at a million pairs (200 images
+//! on 5000 nodes) these are most of the operator's memory.
+//!
+//! A pair of a settled fleet is either cached or never pulled; all it needs then is the time of its
+//! last success and a few flags (24 bytes). The start of its last pull and its failures matter only
+//! while a pull is under way or failing, and are boxed in a [`Detail`] until then. An image's pairs
+//! sit in one sorted vector with its target nodes' names, shared through [`Names`].
+
+use crate::pacing::History;
+use jiff::Timestamp;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+/// No time, in the packed form.
+const NONE: i64 = i64::MIN;
+
+/// A time as nanoseconds since the Unix epoch (exact from 1677 to 2262; times beyond are clamped).
+fn pack(t: Option<Timestamp>) -> i64 {
+    let Some(t) = t else { return NONE };
+    let ns = t.as_nanosecond();
+    i64::try_from(ns).unwrap_or(if ns < 0 { NONE + 1 } else { i64::MAX })
+}
+
+fn unpack(ns: i64) -> Option<Timestamp> {
+    (ns != NONE).then(|| Timestamp::from_nanosecond(i128::from(ns)).ok())?
+}
+
+/// What one image on one node has been through.
+#[derive(Debug, PartialEq)]
+pub(super) struct Pair {
+    /// The last pull's start and the failures since the last success, while they matter.
+    detail: Option<Box<Detail>>,
+    /// The last success, packed.
+    success: i64,
+    /// Pull Pods made for it so far (each attempt's Pod has its own name).
+    pub attempts: u32,
+    /// Cached with the image's current reference (a new reference drops the image's memory of
+    /// every node, so no other reference can be cached here).
+    pub cached: bool,
+    /// The node has listed the image since it was last pulled there.
+    pub listed: bool,
+    /// The node has since stopped listing it (with room in its list): it is gone.
+    pub gone: bool,
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Self {
+            detail: None,
+            success: NONE,
+            attempts: 0,
+            cached: false,
+            listed: false,
+            gone: false,
+        }
+    }
+}
+
+/// The part of a pair's history that a settled pair does without.
+#[derive(Debug, PartialEq)]
+struct Detail {
+    last_start: i64,
+    last_failure: i64,
+    consecutive_failures: u32,
+    /// The last failure's reason and message.
+    failure: Option<(String, String)>,
+}
+
+impl Default for Detail {
+    fn default() -> Self {
+        Self {
+            last_start: NONE,
+            last_failure: NONE,
+            consecutive_failures: 0,
+            failure: None,
+        }
+    }
+}
+
+impl Pair {
+    fn detail(&mut self) -> &mut Detail {
+        self.detail.get_or_insert_default()
+    }
+
+    /// Its history, as the pacing engine reads it.
+    pub fn history(&self) -> History {
+        let d = self.detail.as_deref();
+        History {
+            last_start: d.and_then(|d| unpack(d.last_start)),
+            last_success: unpack(self.success),
+            last_failure: d.and_then(|d| unpack(d.last_failure)),
+            consecutive_failures: d.map_or(0, |d| d.consecutive_failures),
+        }
+    }
+
+    /// A pull started at `t`.
+    pub fn started(&mut self, t: Timestamp) {
+        self.detail().last_start = pack(Some(t));
+    }
+
+    /// A pull succeeded at `t`: cached, no failures.
+    pub fn pulled(&mut self, t: Timestamp) {
+        self.success = pack(Some(t));
+        self.cached = true;
+        if let Some(d) = self.detail.as_deref_mut() {
+            d.consecutive_failures = 0;
+            d.failure = None;
+        }
+    }
+
+    /// Cached since `t`, as a status written before a restart says.
+    pub fn restore_cached(&mut self, t: Timestamp) {
+        self.success = pack(Some(t));
+        self.cached = true;
+    }
+
+    /// A pull failed at `t`, one more in a row (or `in_a_row` at least, for one restored from a
+    /// status).
+    pub fn failed(&mut self, t: Timestamp, in_a_row: u32, reason: &str, message: &str) {
+        let d = self.detail();
+        d.consecutive_failures = (d.consecutive_failures + 1).max(in_a_row);
+        d.last_failure = pack(Some(t));
+        d.failure = Some((reason.to_owned(), message.to_owned()));
+    }
+
+    /// Not cached any more, as if never pulled (the node lost the image).
+    pub fn lost(&mut self) {
+        (self.cached, self.listed, self.gone) = (false, false, false);
+        self.success = NONE;
+    }
+
+    /// The last failure's reason and message, if it failed since its last success.
+    pub fn failure(&self) -> Option<&(String, String)> {
+        self.detail.as_deref()?.failure.as_ref()
+    }
+
+    /// Drops the detail of a pair with no failures in a row (not in flight: the caller checks),
+    /// returning the start it held: the caller keeps the latest such start per image, which is all
+    /// the spacing of later pulls needs of it.
+    pub fn settle(&mut self) -> Option<Timestamp> {
+        if self
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.consecutive_failures == 0)
+        {
+            return self.detail.take().and_then(|d| unpack(d.last_start));
+        }
+        None
+    }
+}
+
+/// One image's pairs: one per target node, sorted by node.
+#[derive(Debug, Default)]
+pub(super) struct ImagePairs(Vec<(Arc<str>, Pair)>);
+
+impl ImagePairs {
+    fn find(&self, node: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| (**n).cmp(node))
+    }
+
+    pub fn get(&self, node: &str) -> Option<&Pair> {
+        self.find(node).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, node: &str) -> Option<&mut Pair> {
+        let i = self.find(node).ok()?;
+        Some(&mut self.0[i].1)
+    }
+
+    /// The `i`-th pair in node order, with its node.
+    pub fn at(&self, i: usize) -> Option<&(Arc<str>, Pair)> {
+        self.0.get(i)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(Arc<str>, Pair)> {
+        self.0.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut (Arc<str>, Pair)> {
+        self.0.iter_mut()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.0 = Vec::new();
+    }
+
+    /// Whether its nodes are exactly `targets`.
+    pub fn fits(&self, targets: &BTreeSet<&str>) -> bool {
+        self.0.len() == targets.len() && self.0.iter().zip(targets).all(|((n, _), t)| &**n == *t)
+    }
+
+    /// Gives the image a pair on each of its `targets` and none elsewhere, keeping what it knew of
+    /// the nodes that stay. The vector is made to size, with no room to spare.
+    pub fn fit(&mut self, targets: &BTreeSet<&str>, names: &mut Names) {
+        let mut old = std::mem::take(&mut self.0).into_iter().peekable();
+        let mut fitted = Vec::with_capacity(targets.len());
+        for t in targets {
+            while old.next_if(|(node, _)| &**node < *t).is_some() {}
+            let kept = old.next_if(|(node, _)| &**node == *t);
+            fitted.push(kept.unwrap_or_else(|| (names.get(t), Pair::default())));
+        }
+        self.0 = fitted;
+    }
+}
+
+/// One shared copy of each image and node name the pacer's keys use, so a million (image, node)
+/// pairs hold references to a few thousand names rather than a string each.
+#[derive(Default)]
+pub(super) struct Names(pub(super) HashSet<Arc<str>>);
+
+impl Names {
+    /// The shared copy of `name`, made if there is none.
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(name) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = name.into();
+        self.0.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// The key of `image` on `node`, with shared names.
+    pub fn key(&mut self, image: &str, node: &str) -> crate::pacing::PullKey {
+        crate::pacing::PullKey {
+            image: self.get(image),
+            node: self.get(node),
+        }
+    }
+
+    /// Lets go of the names nothing else uses any more.
+    pub fn sweep(&mut self) {
+        self.0.retain(|name| Arc::strong_count(name) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().expect("a timestamp")
+    }
+
+    #[test]
+    fn pacing_a_pair_reads_back_its_history_to_the_nanosecond() {
+        let mut p = Pair::default();
+        assert_eq!(p.history(), History::default());
+        let start = at("2026-12-01T04:40:00.123456789Z");
+        p.started(start);
+        p.failed(
+            at("1970-01-01T00:00:00Z"),
+            3,
+            "ErrImagePull",
+            "no such host",
+        );
+        let h = p.history();
+        assert_eq!(h.last_start, Some(start));
+        assert_eq!(h.last_failure, Some(Timestamp::UNIX_EPOCH));
+        assert_eq!(h.consecutive_failures, 3);
+        assert_eq!(
+            p.failure().map(|f| f.0.as_str()),
+            Some("ErrImagePull"),
+            "the reason is kept"
+        );
+        assert_eq!(p.settle(), None, "failing: its detail stays");
+        p.pulled(at("2026-12-01T04:40:02Z"));
+        assert_eq!(p.history().consecutive_failures, 0);
+        assert_eq!(p.failure(), None);
+        // Settled: the start goes back to the caller, the success stays.
+        assert_eq!(p.settle(), Some(start));
+        assert_eq!(
+            p.history(),
+            History {
+                last_success: Some(at("2026-12-01T04:40:02Z")),
+                ..History::default()
+            }
+        );
+        assert!(p.cached);
+        p.lost();
+        assert_eq!(p.history().last_success, None);
+        assert!(!p.cached);
+        // Beyond what 64 bits of nanoseconds hold: clamped, still a time.
+        p.started(Timestamp::MAX);
+        assert!(p.history().last_start > Some(at("2262-01-01T00:00:00Z")));
+        p.started(Timestamp::MIN);
+        assert!(p.history().last_start < Some(at("1678-01-01T00:00:00Z")));
+        assert_eq!(std::mem::size_of::<Pair>(), 24);
+    }
+
+    #[test]
+    fn pacing_image_pairs_fit_their_targets_and_keep_what_stays() {
+        let mut names = Names::default();
+        let mut pairs = ImagePairs::default();
+        let set = |v: &[&'static str]| v.iter().copied().collect::<BTreeSet<&str>>();
+        pairs.fit(&set(&["b", "d", "a"]), &mut names);
+        assert!(pairs.fits(&set(&["a", "b", "d"])));
+        pairs
+            .get_mut("b")
+            .expect("b is a target")
+            .restore_cached(at("2026-12-01T00:00:00Z"));
+        pairs.fit(&set(&["c", "b", "e"]), &mut names);
+        let nodes: Vec<&str> = pairs.iter().map(|(n, _)| &**n).collect();
+        assert_eq!(nodes, ["b", "c", "e"]);
+        assert!(
+            pairs.get("b").is_some_and(|p| p.cached),
+            "b stayed, and so did its state"
+        );
+        assert!(pairs.get("a").is_none());
+        names.sweep();
+        assert_eq!(names.0.len(), 3, "a and d went with their pairs");
+    }
+}
