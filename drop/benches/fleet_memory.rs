@@ -38,7 +38,7 @@ fn image(i: usize, nodes: &[String]) -> CachedImage {
         },
     );
     ci.status = Some(CachedImageStatus {
-        cached_nodes: nodes.to_vec(),
+        cached_nodes: nodes.iter().collect(),
         resolved_digest: Some(format!("sha256:{i:064x}")),
         ..Default::default()
     });

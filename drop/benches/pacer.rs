@@ -34,7 +34,7 @@ fn image(i: usize, nodes: &[String], cached: bool) -> CachedImage {
     );
     if cached {
         ci.status = Some(CachedImageStatus {
-            cached_nodes: nodes.to_vec(),
+            cached_nodes: nodes.iter().collect(),
             ..Default::default()
         });
     }

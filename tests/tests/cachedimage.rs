@@ -194,7 +194,7 @@ async fn cachedimage_basic_caches_on_every_matching_node() {
         .await;
     let st = ci.status.unwrap();
     assert_eq!(st.ready.as_deref(), Some("3/3"));
-    assert_eq!(st.cached_nodes, s.nodes.names().to_vec());
+    assert_eq!(st.cached_nodes.to_vec(), s.nodes.names().to_vec());
     assert!(
         st.resolved_digest
             .as_deref()

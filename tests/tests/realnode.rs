@@ -183,7 +183,7 @@ async fn realnode_images_land_in_containerd_and_then_run_without_a_pull() {
             .wait_image(&name, "cached on the real node", |ci| {
                 ci.status.as_ref().is_some_and(|st| {
                     st.phase == Some(CachedImagePhase::Ready)
-                        && st.cached_nodes == [s.node.name.as_str()]
+                        && st.cached_nodes.iter().eq([s.node.name.as_str()])
                 })
             })
             .await;
@@ -441,7 +441,7 @@ async fn removed_and_back(s: &Scene, policy: PullPolicySpec) -> Duration {
         .wait_image(&ci, "cached again", |ci| {
             ci.status.as_ref().is_some_and(|st| {
                 st.phase == Some(CachedImagePhase::Ready)
-                    && st.cached_nodes == [s.node.name.as_str()]
+                    && st.cached_nodes.iter().eq([s.node.name.as_str()])
             })
         })
         .await;

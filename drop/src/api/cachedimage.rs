@@ -1,6 +1,7 @@
 //! CachedImage: one image, kept cached on every matching node.
 
 use super::common::*;
+use super::node_names::NodeNames;
 use framework::{PrinterColumns, Status};
 use k8s_openapi::api::core::v1::{LocalObjectReference, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -181,8 +182,8 @@ pub struct CachedImageStatus {
     pub nodes_failed: i32,
 
     /// Names of the nodes that hold the image, sorted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cached_nodes: Vec<String>,
+    #[serde(default, skip_serializing_if = "NodeNames::is_empty")]
+    pub cached_nodes: NodeNames,
 
     /// The first failing nodes (at most 10, sorted by name) with the kubelet's reason; `nodesFailed`
     /// has the full count.

@@ -14,12 +14,14 @@ mod cachedimage;
 mod cachedimageset;
 mod common;
 mod discoverypolicy;
+mod node_names;
 mod pullpolicy;
 
 pub use cachedimage::*;
 pub use cachedimageset::*;
 pub use common::*;
 pub use discoverypolicy::*;
+pub use node_names::NodeNames;
 pub use pullpolicy::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -293,7 +293,7 @@ mod tests {
         );
         assert_eq!(s.phase, Some(CachedImagePhase::Ready));
         assert_eq!(s.ready.as_deref(), Some("3/3"));
-        assert_eq!(s.cached_nodes, vec!["a", "b", "c"]);
+        assert_eq!(s.cached_nodes.to_vec(), ["a", "b", "c"]);
         assert_eq!(
             (
                 cond(&s, "Ready").status.as_str(),

@@ -489,7 +489,7 @@ async fn add_nodes(
             let everywhere = list.iter().all(|i| {
                 i.status
                     .as_ref()
-                    .is_some_and(|s| s.cached_nodes.iter().any(|n| n == name))
+                    .is_some_and(|s| s.cached_nodes.contains(name))
             });
             if everywhere {
                 warm.insert(name.clone(), at.elapsed().as_secs_f64());
