@@ -3,6 +3,8 @@
 //! kube's `CustomResource` derive makes the CRD; [`build`] adds what the framework's derives describe:
 //! printer columns declared on spec and status fields, and the conditions list declared as a map list
 //! keyed by `type` (so server-side apply merges conditions by type instead of replacing the list).
+//! A status with an `observedGeneration` field gets the default `{observedGeneration: 0}`, so that a
+//! new object reads as not yet observed (kstatus: in progress) until its controller writes a status.
 //!
 //! ```
 //! use framework::{PrinterColumns, Status};
@@ -35,7 +37,8 @@
 
 use crate::{Column, ObjectStatus, PrinterColumns};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceColumnDefinition, CustomResourceDefinition, JSONSchemaProps,
+    CustomResourceColumnDefinition, CustomResourceDefinition, CustomResourceDefinitionVersion,
+    JSON, JSONSchemaProps,
 };
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::object::{HasSpec, HasStatus};
@@ -159,6 +162,9 @@ fn finish(
         all.sort_by_key(|c| c.priority.unwrap_or(0));
         version.additional_printer_columns = (!all.is_empty()).then_some(all);
 
+        if conditions_field.is_some() {
+            default_unobserved(version);
+        }
         if let Some(field) = conditions_field
             && let Some(props) = version
                 .schema
@@ -174,6 +180,33 @@ fn finish(
     }
     crd
 }
+
+/// Gives a status with an `observedGeneration` field the default `{observedGeneration: 0}`. The API
+/// server applies it to an object stored without a status, so a new object reads as "generation 1,
+/// generation 0 observed" until its controller first writes the status. kstatus (`helm install
+/// --wait`, Flux, `kubectl` tooling built on it) then sees the object as in progress from its
+/// creation on; an object with no status at all would read as current before the controller saw it.
+fn default_unobserved(version: &mut CustomResourceDefinitionVersion) {
+    let Some(status) = version
+        .schema
+        .as_mut()
+        .and_then(|s| s.open_api_v3_schema.as_mut())
+        .and_then(|root| root.properties.as_mut())
+        .and_then(|p| p.get_mut("status"))
+    else {
+        return;
+    };
+    let observed = status
+        .properties
+        .as_ref()
+        .is_some_and(|p| p.contains_key(OBSERVED_GENERATION));
+    if observed && status.default.is_none() {
+        status.default = Some(JSON(serde_json::json!({ OBSERVED_GENERATION: 0 })));
+    }
+}
+
+/// The status field kstatus compares with `metadata.generation`.
+const OBSERVED_GENERATION: &str = "observedGeneration";
 
 fn mark_map_list(list: &mut JSONSchemaProps, key: &str) {
     list.x_kubernetes_list_type = Some("map".into());
@@ -288,4 +321,47 @@ pub async fn check_installed(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{PrinterColumns, Status};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+    use kube::CustomResource;
+    use schemars::JsonSchema;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(CustomResource, PrinterColumns, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+    #[kube(
+        group = "example.com",
+        version = "v1",
+        kind = "Gadget",
+        status = "GadgetStatus"
+    )]
+    struct GadgetSpec {
+        size: i32,
+    }
+
+    #[derive(Status, PrinterColumns, Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    struct GadgetStatus {
+        #[status(observed_generation)]
+        observed_generation: Option<i64>,
+        #[status(conditions)]
+        conditions: Vec<Condition>,
+    }
+
+    #[test]
+    fn crd_status_defaults_to_no_generation_observed() {
+        let crd = super::build::<Gadget>();
+        let schema = crd.spec.versions[0].schema.as_ref().unwrap();
+        let root = schema.open_api_v3_schema.as_ref().unwrap();
+        let status = &root.properties.as_ref().unwrap()["status"];
+        assert_eq!(
+            status.default.as_ref().map(|d| &d.0),
+            Some(&serde_json::json!({"observedGeneration": 0}))
+        );
+        let spec = &root.properties.as_ref().unwrap()["spec"];
+        assert!(spec.default.is_none(), "only the status gets a default");
+    }
 }

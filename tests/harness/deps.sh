@@ -3,11 +3,12 @@
 set -euo pipefail
 need=()
 # prometheus (with promtool) and docker-registry are the real servers the discovery suites query;
-# containerd, runc, the CNI plugins and a static busybox (for the images it runs) make the real node.
+# containerd, runc, the CNI plugins and a static busybox (for the images it runs) make the real node;
+# lua5.4 runs the Argo CD health checks (deploy/argocd) against real objects.
 for pair in openssl:openssl curl:curl python3:python3 flock:util-linux setsid:util-linux \
   prometheus:prometheus promtool:prometheus docker-registry:docker-registry htpasswd:apache2-utils \
   containerd:containerd ctr:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
-  busybox:busybox-static; do
+  busybox:busybox-static lua5.4:lua5.4; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
