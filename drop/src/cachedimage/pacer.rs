@@ -702,13 +702,22 @@ fn settle_unseen(
     grace_ends
 }
 
+/// `image`'s memory, and the nodes it has a pull in flight on.
+fn with_flying<'a>(
+    st: &'a mut State,
+    image: &'a str,
+) -> Option<(&'a mut ImageMemory, BTreeSet<&'a str>)> {
+    let State {
+        in_flight, images, ..
+    } = st;
+    let flying = of_image(in_flight, image).map(|(k, _)| &*k.node).collect();
+    Some((images.get_mut(image)?, flying))
+}
+
 /// Nodes that no longer hold the image (see [`Pacer::node_images_changed`]) stop counting as cached,
 /// so the image is pulled there again, paced like any missing node.
 fn forget_gone(st: &mut State, image: &str) {
-    let flying: BTreeSet<&str> = of_image(&st.in_flight, image)
-        .map(|(k, _)| &*k.node)
-        .collect();
-    let Some(memory) = st.images.get_mut(image) else {
+    let Some((memory, flying)) = with_flying(st, image) else {
         return;
     };
     for (node, m) in memory.pairs.iter_mut() {
@@ -722,19 +731,16 @@ fn forget_gone(st: &mut State, image: &str) {
 /// Lets the image's pairs with nothing under way and no failures drop what they no longer need
 /// (see [`Pair::settle`]); the latest start among them stays with the image.
 fn settle(st: &mut State, image: &str) {
-    let flying: BTreeSet<&str> = of_image(&st.in_flight, image)
-        .map(|(k, _)| &*k.node)
-        .collect();
-    let Some(memory) = st.images.get_mut(image) else {
+    let Some((memory, flying)) = with_flying(st, image) else {
         return;
     };
+    let mut latest = memory.settled_start;
     for (node, pair) in memory.pairs.iter_mut() {
-        if !flying.contains(&**node)
-            && let Some(start) = pair.settle()
-        {
-            memory.settled_start = memory.settled_start.max(Some(start));
+        if !flying.contains(&**node) {
+            latest = latest.max(pair.settle());
         }
     }
+    memory.settled_start = latest;
 }
 
 /// The pair of `k`, if its node is one of its image's targets.
