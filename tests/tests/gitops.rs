@@ -149,12 +149,7 @@ spec:
 }
 
 fn ready(ci: &CachedImage) -> Option<(String, String)> {
-    let c = ci
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")?;
+    let c = framework::conditions::get(&ci.status.as_ref()?.conditions, "Ready")?;
     Some((c.status.clone(), c.reason.clone()))
 }
 
