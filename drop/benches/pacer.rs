@@ -96,6 +96,7 @@ fn measure(images: usize, nodes: usize, cached: bool) -> Figures {
                 key: PullKey::new(image, node),
                 priority: 0,
                 policy: None,
+                registry: "registry.example.com".into(),
             })
         })
         .collect();
@@ -115,10 +116,12 @@ fn measure(images: usize, nodes: usize, cached: bool) -> Figures {
         .map(|t| InFlight {
             key: t.key.clone(),
             policy: None,
+            registry: t.registry.clone(),
             started: now,
         })
         .collect();
-    let (paces, earlier_starts) = (BTreeMap::new(), BTreeMap::new());
+    let (paces, earlier_starts, registry_budgets) =
+        (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     let target_refs: Vec<&pacing::Target> = targets.iter().collect();
     let input = pacing::Input {
         now,
@@ -128,6 +131,7 @@ fn measure(images: usize, nodes: usize, cached: bool) -> Figures {
         in_flight: &in_flight,
         history: &history,
         pull_timeout: Duration::from_secs(600),
+        registry_budgets: &registry_budgets,
     };
     let whole_fleet = time(rounds * 5, || {
         black_box(pacing::decide(black_box(&input)));

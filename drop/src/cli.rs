@@ -82,6 +82,39 @@ struct RunArgs {
     /// Only reconcile Drop objects whose labels match this selector (e.g. to shard, or to test).
     #[arg(long)]
     watch_selector: Option<String>,
+    /// Warm-up: nodes carrying a taint with this key (e.g. drop.corewire.io/warming, set by the
+    /// node pool or the kubelet's --register-with-taints) keep it until every image targeting them
+    /// is cached, then Drop removes it. Pull Pods tolerate it. Off unless given.
+    #[arg(long)]
+    warmup_taint: Option<String>,
+    /// Warm-up: remove the taint this long after the node's creation even if images are missing
+    /// (a Warning Event on the Node names them).
+    #[arg(long, default_value = "10m", value_parser = parse_duration, requires = "warmup_taint")]
+    warmup_deadline: Duration,
+    /// At most N pulls in flight from registry HOST, across every PullPolicy and image
+    /// (HOST=N, e.g. docker.io=4; repeat for several registries). Docker Hub is docker.io.
+    #[arg(long = "registry-budget", value_parser = parse_budget)]
+    registry_budgets: Vec<(String, u32)>,
+}
+
+fn parse_budget(s: &str) -> Result<(String, u32), String> {
+    let (host, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not HOST=N, e.g. docker.io=4"))?;
+    let n: u32 = n
+        .parse()
+        .map_err(|e| format!("{s:?}: the budget {n:?} is not a whole number: {e}"))?;
+    if host.is_empty() || host.contains('/') {
+        return Err(format!(
+            "{s:?}: {host:?} is not a registry host like docker.io or registry.example.com:5000"
+        ));
+    }
+    if n == 0 {
+        return Err(format!(
+            "{s:?}: a budget of 0 would stop every pull from {host}"
+        ));
+    }
+    Ok((host.to_owned(), n))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -180,6 +213,14 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         watch_selector: args.watch_selector,
         status_interval: args.status_interval,
         node_status_max_images: args.node_status_max_images,
+        warmup: args
+            .warmup_taint
+            .filter(|t| !t.is_empty())
+            .map(|taint| crate::warmup::Warmup {
+                taint,
+                deadline: args.warmup_deadline,
+            }),
+        registry_budgets: args.registry_budgets.into_iter().collect(),
     };
     crate::operator::run(client, settings, framework::operator::shutdown_signal()).await?;
     Ok(())
@@ -222,6 +263,55 @@ mod tests {
         assert_eq!(
             run_args(&["--node-status-max-images", "-1"]).node_status_max_images,
             -1
+        );
+    }
+
+    #[test]
+    fn cli_registry_budgets_are_host_equals_number() {
+        assert!(run_args(&[]).registry_budgets.is_empty());
+        let args = run_args(&[
+            "--registry-budget",
+            "docker.io=2",
+            "--registry-budget=registry.example.com:5000=8",
+        ]);
+        assert_eq!(
+            args.registry_budgets,
+            [
+                ("docker.io".to_owned(), 2),
+                ("registry.example.com:5000".to_owned(), 8)
+            ]
+        );
+        for bad in [
+            "docker.io",
+            "docker.io=none",
+            "docker.io=0",
+            "=3",
+            "ghcr.io/org=2",
+        ] {
+            assert!(
+                Cli::try_parse_from(["drop", "run", "--registry-budget", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cli_warmup_is_off_by_default_and_takes_a_taint_and_deadline() {
+        assert_eq!(run_args(&[]).warmup_taint, None);
+        let args = run_args(&[
+            "--warmup-taint",
+            "drop.corewire.io/warming",
+            "--warmup-deadline",
+            "5m",
+        ]);
+        assert_eq!(
+            args.warmup_taint.as_deref(),
+            Some("drop.corewire.io/warming")
+        );
+        assert_eq!(args.warmup_deadline, Duration::from_secs(300));
+        assert_eq!(
+            run_args(&["--warmup-taint", "k"]).warmup_deadline,
+            crate::warmup::DEFAULT_DEADLINE
         );
     }
 }

@@ -8,6 +8,7 @@
 //! - [`discovery`]: the Prometheus and registry sources;
 //! - [`discoverypolicy`]: the DiscoveryPolicy controller;
 //! - [`metrics`]: the `drop_*` metrics;
+//! - [`warmup`]: keeping new nodes tainted until their images are cached;
 //! - [`operator`]: wiring the controllers into one process;
 //! - [`cli`]: the command line of the `drop` binary.
 
@@ -21,3 +22,4 @@ pub mod metrics;
 pub mod operator;
 pub mod pacing;
 pub mod podbuilder;
+pub mod warmup;

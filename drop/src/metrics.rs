@@ -36,6 +36,16 @@ pub struct Metrics {
     pub discovery_source_health: IntGaugeVec,
     /// `drop_discovery_source_latency_seconds{policy,source_type}`.
     pub discovery_source_latency: HistogramVec,
+    /// `drop_warmup_taints_removed_total{reason}`: `Cached` or `Deadline`.
+    pub warmup_released: IntCounterVec,
+    /// `drop_warmup_duration_seconds`: from a node's creation to the removal of its warm-up taint.
+    pub warmup_duration: Histogram,
+    /// `drop_nodes_warming`: nodes carrying the warm-up taint.
+    pub nodes_warming: IntGauge,
+    /// `drop_registry_pulls_in_flight{registry}`, for registries with a budget.
+    pub registry_in_flight: IntGaugeVec,
+    /// `drop_registry_waiting_images{registry}`: images whose due pulls the budget holds back.
+    pub registry_waiting: IntGaugeVec,
 }
 
 impl Metrics {
@@ -116,7 +126,44 @@ impl Metrics {
                 ),
                 &["policy", "source_type"],
             )?,
+            warmup_released: IntCounterVec::new(
+                Opts::new(
+                    "drop_warmup_taints_removed_total",
+                    "Warm-up taints removed from nodes, by why: every image cached, or the deadline passed.",
+                ),
+                &["reason"],
+            )?,
+            warmup_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "drop_warmup_duration_seconds",
+                    "Time from a node's creation until Drop removed its warm-up taint.",
+                )
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 12)?),
+            )?,
+            nodes_warming: IntGauge::new(
+                "drop_nodes_warming",
+                "Nodes that carry the warm-up taint, waiting for their images.",
+            )?,
+            registry_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "drop_registry_pulls_in_flight",
+                    "Pulls in flight from a registry that has a pull budget.",
+                ),
+                &["registry"],
+            )?,
+            registry_waiting: IntGaugeVec::new(
+                Opts::new(
+                    "drop_registry_waiting_images",
+                    "Images with pulls due that wait for their registry's pull budget.",
+                ),
+                &["registry"],
+            )?,
         };
+        registry.register(Box::new(m.registry_in_flight.clone()))?;
+        registry.register(Box::new(m.registry_waiting.clone()))?;
+        registry.register(Box::new(m.warmup_released.clone()))?;
+        registry.register(Box::new(m.warmup_duration.clone()))?;
+        registry.register(Box::new(m.nodes_warming.clone()))?;
         registry.register(Box::new(m.images_cached.clone()))?;
         registry.register(Box::new(m.pull_duration.clone()))?;
         registry.register(Box::new(m.pull_errors.clone()))?;

@@ -6,8 +6,10 @@ use crate::cachedimageset::{self, CachedImageSetReconciler};
 use crate::discoverypolicy::DiscoveryPolicyReconciler;
 use crate::metrics::Metrics;
 use crate::podbuilder::PullPodView;
+use crate::warmup::{Warden, Warmup};
 use framework::{Controller, LeaderElection, Operator, OperatorError};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,30 @@ pub struct Settings {
     /// The kubelets' `nodeStatusMaxImages` (negative: no limit): an image missing from a node's
     /// image list counts as gone only while the list is shorter than this.
     pub node_status_max_images: i32,
+    /// Keep the warm-up taint on new nodes until their images are cached (`None`: off).
+    pub warmup: Option<Warmup>,
+    /// The most pulls in flight per registry host, across every policy and image.
+    pub registry_budgets: BTreeMap<String, u32>,
+}
+
+impl Default for Settings {
+    /// The command line's defaults: pull Pods in `drop-system`, no endpoints, no election.
+    fn default() -> Self {
+        Self {
+            pod_namespace: "drop-system".into(),
+            pull_timeout: Duration::from_secs(15 * 60),
+            metrics_addr: None,
+            metrics_tls: None,
+            health_addr: None,
+            leader_election: None,
+            install_crds: false,
+            watch_selector: None,
+            status_interval: STATUS_INTERVAL,
+            node_status_max_images: NODE_STATUS_MAX_IMAGES,
+            warmup: None,
+            registry_budgets: BTreeMap::new(),
+        }
+    }
 }
 
 /// The default of [`Settings::node_status_max_images`]: the kubelet's default.
@@ -63,7 +89,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
-    let mut operator = Operator::new(NAME, client);
+    let mut operator = Operator::new(NAME, client.clone());
     let metrics = Metrics::register(operator.registry())?;
     let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let wake =
@@ -71,30 +97,44 @@ pub async fn run(
             wake_rx,
             |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
         );
-    let pacer = Arc::new(Pacer::new(wake_tx, settings.pull_timeout));
+    let budgets = settings
+        .registry_budgets
+        .iter()
+        .map(|(registry, n)| (registry.as_str().into(), *n))
+        .collect();
+    let pacer = Arc::new(Pacer::new(wake_tx, settings.pull_timeout).with_registry_budgets(budgets));
     let retargeting = pacer.clone();
     let max_images = settings.node_status_max_images;
-    let cachedimages = Controller::new(
-        "cachedimage",
-        CachedImageReconciler {
-            pacer,
-            namespace: settings.pod_namespace.clone(),
-            metrics: metrics.clone(),
-        },
-    )
-    .primary_watch(primary_watch(settings.watch_selector.as_deref()))
-    .coalesce_status(settings.status_interval)
-    .owns_in::<Pod>(&settings.pod_namespace)
-    // A pull Pod matters when its pull ends (or it goes), not at each of its status updates.
-    .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
-    .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, move |node, images| {
-        let mut wake = retargeting.retargeted_by(node, images);
-        wake.extend(retargeting.node_images_changed(node, max_images));
-        wake
-    })
-    .trim_cached::<Node>(cachedimage::targets::trim)
-    .watches::<PullPolicy, _>(cachedimage::images_using)
-    .trigger(wake);
+    let warden = settings
+        .warmup
+        .clone()
+        .map(|w| Warden::new(client.clone(), w, metrics.clone(), NAME));
+    // What every pull Pod tolerates besides its image's and policy's tolerations.
+    let tolerations: Vec<Toleration> = warden.iter().map(|w| w.warmup().toleration()).collect();
+    let reconciler = CachedImageReconciler {
+        pacer,
+        namespace: settings.pod_namespace.clone(),
+        metrics: metrics.clone(),
+        tolerations: tolerations.clone(),
+        warden: warden.clone(),
+    };
+    let cachedimages = Controller::new("cachedimage", reconciler)
+        .primary_watch(primary_watch(settings.watch_selector.as_deref()))
+        .coalesce_status(settings.status_interval)
+        .owns_in::<Pod>(&settings.pod_namespace)
+        // A pull Pod matters when its pull ends (or it goes), not at each of its status updates.
+        .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
+        .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, move |node, images| {
+            if let Some(warden) = &warden {
+                warden.node_changed(node, || retargeting.missing_on(node, images, &tolerations));
+            }
+            let mut wake = retargeting.retargeted_by(node, images, &tolerations);
+            wake.extend(retargeting.node_images_changed(node, max_images));
+            wake
+        })
+        .trim_cached::<Node>(cachedimage::targets::trim)
+        .watches::<PullPolicy, _>(cachedimage::images_using)
+        .trigger(wake);
     let sets = Controller::new("cachedimageset", CachedImageSetReconciler)
         .primary_watch(primary_watch(settings.watch_selector.as_deref()))
         .coalesce_status(settings.status_interval)

@@ -10,6 +10,8 @@
 //! - after a failure, the same image on the same node is retried after `initial · 2^(n-1)` (n failures
 //!   in a row), never more than `max`;
 //! - a cached image is pulled again `repullInterval` after its last success, if one is set;
+//! - a registry with a budget never has more than that many pulls in flight, whatever their policies
+//!   and images; a due pull that would exceed it waits for a pull from that registry to end;
 //! - among pulls that are due, nodes that lack the image go before refreshes of nodes that have it,
 //!   then lower `priority`, then image name, then node name;
 //! - several pulls start in one decision when the limits allow;
@@ -25,6 +27,10 @@ use std::time::Duration;
 
 /// The PullPolicy pacing a pull: its name, or `None` for the built-in pace.
 pub type PolicyKey = Option<String>;
+
+/// A registry host as written in image references after normalisation (`docker.io`,
+/// `registry.example.com:5000`): what a pull budget per registry is keyed by.
+pub type Registry = Arc<str>;
 
 /// The limits of one PullPolicy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +118,8 @@ pub struct Target {
     pub priority: i32,
     /// The policy pacing it.
     pub policy: PolicyKey,
+    /// The registry it is pulled from.
+    pub registry: Registry,
 }
 
 /// What happened to one image on one node so far.
@@ -148,6 +156,8 @@ pub struct InFlight {
     pub key: PullKey,
     /// The policy it was started under (it counts against that policy until it ends).
     pub policy: PolicyKey,
+    /// The registry it pulls from (it counts against that registry's budget until it ends).
+    pub registry: Registry,
     /// When it started.
     pub started: Timestamp,
 }
@@ -160,6 +170,7 @@ impl InFlight {
         Some(Self {
             key: PullKey::new(&view.image, &view.node),
             policy: view.policy,
+            registry: crate::api::registry_of(&view.reference).into(),
             started: view.created,
         })
     }
@@ -185,6 +196,9 @@ pub struct Input<'a> {
     pub history: &'a dyn Histories,
     /// How long a pull may take before it counts as failed.
     pub pull_timeout: Duration,
+    /// The most pulls in flight per registry, across every policy and image; a registry missing
+    /// here has no budget of its own.
+    pub registry_budgets: &'a BTreeMap<Registry, u32>,
 }
 
 /// What to do now.
@@ -199,6 +213,9 @@ pub struct Decision {
     /// Per policy held back only by its `minDelayBetweenPulls`, the target it starts next and when:
     /// the one image that needs waking then (the others' targets wait behind it).
     pub next_in_line: Vec<(PullKey, Timestamp)>,
+    /// Due pulls that their policy would start now but their registry's budget holds back, with
+    /// that registry: they start when one of its pulls ends (which re-runs the decision).
+    pub registry_held: Vec<(PullKey, Registry)>,
 }
 
 /// Why a due pull is wanted: a node lacking the image comes before a refresh.
@@ -331,6 +348,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
     let mut next_in_line: BTreeMap<&PolicyKey, (PullKey, Timestamp)> = BTreeMap::new();
 
     let mut count: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
+    let mut at_registry: BTreeMap<&Registry, u32> = BTreeMap::new();
     let mut last_start: BTreeMap<&PolicyKey, Timestamp> = BTreeMap::new();
     for (policy, at) in input.earlier_starts {
         note_start(&mut last_start, policy, *at);
@@ -340,6 +358,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
     let flying_keys: BTreeSet<&PullKey> = flying.iter().map(|f| &f.key).collect();
     for f in &flying {
         *count.entry(&f.policy).or_default() += 1;
+        *at_registry.entry(&f.registry).or_default() += 1;
         note_start(&mut last_start, &f.policy, f.started);
         let deadline = after(f.started, input.pull_timeout);
         if deadline <= now {
@@ -382,8 +401,19 @@ pub fn decide(input: &Input<'_>) -> Decision {
                 continue;
             }
         }
+        let pulling_there = at_registry.get(&t.registry).copied().unwrap_or(0);
+        if let Some(budget) = input.registry_budgets.get(&t.registry)
+            && pulling_there >= *budget
+        {
+            // A pull from that registry ending (a Pod event) re-runs the decision.
+            decision
+                .registry_held
+                .push((t.key.clone(), Arc::clone(&t.registry)));
+            continue;
+        }
         decision.start.push(t.key.clone());
         *count.entry(&t.policy).or_default() += 1;
+        *at_registry.entry(&t.registry).or_default() += 1;
         last_start.insert(&t.policy, now);
     }
     decision.wake_at = wake;

@@ -61,6 +61,9 @@ pub struct PullPod<'a> {
     /// Which pull of this image on this node this is (1 for the first); part of the Pod's name, so a
     /// retry never collides with the Pod of the previous attempt.
     pub attempt: u32,
+    /// Tolerations the operator gives every pull Pod (the warm-up taint's), added after the image's
+    /// and the policy's.
+    pub tolerations: &'a [Toleration],
 }
 
 /// Why a Pod could not be built.
@@ -96,10 +99,11 @@ pub fn build(p: &PullPod<'_>) -> Result<Pod, BuildError> {
         block_owner_deletion: Some(true),
     };
     let mut tolerations: Vec<Toleration> = spec.tolerations.clone();
-    for t in p
-        .policy
-        .map(|pol| pol.tolerations.as_slice())
+    let policy_tolerations = p.policy.map(|pol| pol.tolerations.as_slice());
+    for t in policy_tolerations
         .unwrap_or_default()
+        .iter()
+        .chain(p.tolerations)
     {
         if !tolerations.contains(t) {
             tolerations.push(t.clone());

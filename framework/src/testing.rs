@@ -246,23 +246,35 @@ impl TestCluster {
         count: usize,
         labels: &BTreeMap<String, String>,
     ) -> Result<TestNodes, TestError> {
+        let nodes = (0..count)
+            .map(|i| simulated_node(&format!("{prefix}-{i}"), labels))
+            .collect();
+        self.create_nodes(client, nodes).await
+    }
+
+    /// Creates the given Node objects (e.g. [`simulated_node`]s given taints), and waits until KWOK
+    /// reports them Ready. They are deleted when the returned guard drops.
+    pub async fn create_nodes(
+        &self,
+        client: &Client,
+        nodes: Vec<Node>,
+    ) -> Result<TestNodes, TestError> {
         let api: Api<Node> = Api::all(client.clone());
-        let mut names = Vec::new();
-        for i in 0..count {
-            let name = format!("{prefix}-{i}");
-            let node = simulated_node(&name, labels);
+        let mut guard = TestNodes {
+            names: Vec::new(),
+            kubeconfig: self.kubeconfig.clone(),
+        };
+        for node in nodes {
+            let name = node.metadata.name.clone().unwrap_or_default();
             api.create(&PostParams::default(), &node)
                 .await
                 .map_err(|e| TestError::Api(format!("creating node {name}"), e))?;
-            names.push(name);
+            guard.names.push(name);
         }
-        for name in &names {
+        for name in &guard.names {
             wait_node_ready(&api, name).await?;
         }
-        Ok(TestNodes {
-            names,
-            kubeconfig: self.kubeconfig.clone(),
-        })
+        Ok(guard)
     }
 }
 

@@ -71,6 +71,7 @@ impl DropUnderTest {
             watch_selector: Some(format!("{TEST_LABEL}={id}")),
             status_interval: drop::operator::STATUS_INTERVAL,
             node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
+            ..drop::operator::Settings::default()
         };
         adjust(&mut settings);
         let task = tokio::spawn(drop::operator::run(client.clone(), settings, async move {

@@ -398,6 +398,7 @@ fn ideal_makespan(pace: &drop::pacing::Pace, nodes: usize, secs: i64) -> i64 {
             key: PullKey::new("x", &format!("n{i}")),
             priority: 0,
             policy: None,
+            registry: "docker.io".into(),
         })
         .collect();
     let mut history: BTreeMap<PullKey, History> = BTreeMap::new();
@@ -421,6 +422,7 @@ fn ideal_makespan(pace: &drop::pacing::Pace, nodes: usize, secs: i64) -> i64 {
             in_flight: &in_flight,
             history: &history,
             pull_timeout: Duration::from_secs(3600),
+            registry_budgets: &BTreeMap::new(),
         });
         for k in d.start {
             history.entry(k.clone()).or_default().last_start = Some(t(now));
@@ -428,6 +430,7 @@ fn ideal_makespan(pace: &drop::pacing::Pace, nodes: usize, secs: i64) -> i64 {
                 InFlight {
                     key: k,
                     policy: None,
+                    registry: "docker.io".into(),
                     started: t(now),
                 },
                 now + secs,
@@ -781,6 +784,7 @@ async fn cachedimage_operator_without_crds_fails_with_a_clear_message() {
         watch_selector: None,
         status_interval: drop::operator::STATUS_INTERVAL,
         node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
+        ..drop::operator::Settings::default()
     };
     let err = tokio::time::timeout(
         Duration::from_secs(30),
@@ -822,6 +826,7 @@ async fn cachedimage_operator_reports_ready_every_time_it_starts() {
             watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
             status_interval: drop::operator::STATUS_INTERVAL,
             node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
+            ..drop::operator::Settings::default()
         };
         let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
             let _ = stopped.await;
@@ -878,6 +883,7 @@ async fn cachedimage_metrics_count_pulls_and_forget_deleted_images() {
         watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
         status_interval: drop::operator::STATUS_INTERVAL,
         node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
+        ..drop::operator::Settings::default()
     };
     let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
         let _ = stopped.await;

@@ -46,6 +46,10 @@ fn helm_charts_lint_cleanly_with_every_option() {
             "dashboard.enabled=true",
             "--set",
             "replicaCount=2",
+            "--set",
+            "warmup.enabled=true",
+            "--set",
+            "registryBudgets.docker\\.io=4",
         ],
         vec![
             "lint",
@@ -354,6 +358,7 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         watch_selector: None,
         status_interval: drop::operator::STATUS_INTERVAL,
         node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
+        ..drop::operator::Settings::default()
     };
     let running = tokio::spawn(drop::operator::run(
         sa_client.clone(),
@@ -463,6 +468,33 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
         );
     }
 
+    // Warm-up adds exactly one right: patching Nodes (to remove the taint).
+    assert!(!allowed(&sa_client, "patch", "", "nodes", None).await);
+    let (ok, out) = helm(
+        &[
+            "upgrade",
+            "drop",
+            "deploy/charts/drop",
+            "-n",
+            "drop-operator",
+            "--reuse-values",
+            "--set",
+            "warmup.enabled=true",
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+        Some(&kc),
+    );
+    assert!(ok, "{out}");
+    assert!(allowed(&sa_client, "patch", "", "nodes", None).await);
+    for verb in ["update", "delete", "create"] {
+        assert!(
+            !allowed(&sa_client, verb, "", "nodes", None).await,
+            "{verb} nodes"
+        );
+    }
+
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 
@@ -544,6 +576,7 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
         watch_selector: Some("e2e.drop.corewire.io/none=none".into()),
         status_interval: drop::operator::STATUS_INTERVAL,
         node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
+        ..drop::operator::Settings::default()
     };
     let running = tokio::spawn(drop::operator::run(operator, settings, async move {
         let _ = stopped.await;

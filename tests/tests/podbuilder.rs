@@ -43,6 +43,7 @@ async fn podbuilder_pod_is_admitted_under_restricted_and_collected_with_its_owne
         namespace: ns.name(),
         policy: None,
         attempt: 1,
+        tolerations: &[],
     })
     .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());

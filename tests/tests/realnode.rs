@@ -522,6 +522,7 @@ async fn realnode_pull_pod_designs_compared() {
                 namespace: &ns,
                 policy: None,
                 attempt: 1,
+                tolerations: &[],
             })
             .unwrap();
             pod.metadata.owner_references = None;

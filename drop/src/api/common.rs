@@ -125,10 +125,38 @@ pub fn image_reference(image: &str, tag: Option<&str>, digest: Option<&str>) -> 
     }
 }
 
+/// The registry host a reference pulls from, normalised as the container runtimes do: `nginx` and
+/// `library/nginx` come from `docker.io`, `registry.example.com:5000/team/app` from
+/// `registry.example.com:5000`. A reference that does not parse yields its first path segment.
+pub fn registry_of(reference: &str) -> String {
+    match reference.parse::<oci_spec::distribution::Reference>() {
+        Ok(r) => r.registry().to_owned(),
+        Err(_) => reference.split('/').next().unwrap_or_default().to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn registry_budget_registry_of_normalises_docker_hub_and_keeps_ports() {
+        assert_eq!(registry_of("nginx:1.27"), "docker.io");
+        assert_eq!(registry_of("library/nginx:1.27"), "docker.io");
+        assert_eq!(registry_of("docker.io/library/nginx:1.27"), "docker.io");
+        assert_eq!(
+            registry_of(
+                "ghcr.io/org/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            ),
+            "ghcr.io"
+        );
+        assert_eq!(
+            registry_of("registry.example.com:5000/team/app:1"),
+            "registry.example.com:5000"
+        );
+        assert_eq!(registry_of("localhost:5000/app:1"), "localhost:5000");
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig {

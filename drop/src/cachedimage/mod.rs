@@ -14,8 +14,9 @@ use crate::api::{CachedImage, PullPolicy};
 use crate::metrics::Metrics;
 use crate::pacing::Pace;
 use crate::podbuilder::{self, PullPod, PullPodView};
+use crate::warmup::Warden;
 use framework::{Child, Context, Plan, Reconciler};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use pacer::{Ended, Pacer, Step};
@@ -41,6 +42,11 @@ pub struct CachedImageReconciler {
     pub namespace: String,
     /// Drop's metrics.
     pub metrics: Metrics,
+    /// Tolerations every pull Pod carries besides its image's and policy's (the warm-up taint's);
+    /// targeting counts them too.
+    pub tolerations: Vec<Toleration>,
+    /// Removes the warm-up taint from nodes whose images are cached (`None`: warm-up is off).
+    pub warden: Option<Arc<Warden>>,
 }
 
 /// The CachedImages a PullPolicy change concerns.
@@ -57,11 +63,44 @@ pub fn images_using(
 }
 
 impl CachedImageReconciler {
-    /// `drop_active_pulls`: the pulls in flight across every image.
+    /// Counts again the images missing on the warming nodes among `targets`: this reconcile may
+    /// have recorded the last of them as cached.
+    fn check_warming(&self, targets: &[String], nodes: &[Arc<Node>], ctx: &Context) {
+        let Some(warden) = &self.warden else { return };
+        let warming = warden.warming_among(targets);
+        if warming.is_empty() {
+            return;
+        }
+        let images = ctx.cached::<CachedImage>();
+        let judging = warden.warmup().judging_tolerations();
+        for name in warming {
+            if let Some(node) = nodes
+                .iter()
+                .find(|n| n.metadata.name.as_ref() == Some(&name))
+            {
+                warden.checked(&name, self.pacer.missing_on(node, &images, &judging));
+            }
+        }
+    }
+
+    /// `drop_active_pulls`: the pulls in flight across every image; and per registry with a budget,
+    /// its pulls in flight and the images waiting on it.
     fn publish_active_pulls(&self) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics
             .active_pulls
-            .set(i64::try_from(self.pacer.active_pulls()).unwrap_or(i64::MAX));
+            .set(gauge(self.pacer.active_pulls()));
+        for load in self.pacer.registry_loads() {
+            let registry: &[&str] = &[&load.registry];
+            self.metrics
+                .registry_in_flight
+                .with_label_values(registry)
+                .set(gauge(load.in_flight));
+            self.metrics
+                .registry_waiting
+                .with_label_values(registry)
+                .set(gauge(load.waiting_images));
+        }
     }
 }
 
@@ -91,8 +130,12 @@ impl Reconciler for CachedImageReconciler {
             Some(Err(missing)) => (Err(Blocked::PolicyNotFound(missing.clone())), None),
         };
         let nodes = ctx.cached::<Node>();
-        let target_nodes =
-            targets::targets(nodes.iter().map(AsRef::as_ref), &image.spec, policy_spec);
+        let target_nodes = targets::targets(
+            nodes.iter().map(AsRef::as_ref),
+            &image.spec,
+            policy_spec,
+            &self.tolerations,
+        );
         let pods = ctx.owned::<Pod>();
         let views: Vec<PullPodView> = pods.iter().filter_map(|p| PullPodView::of(p)).collect();
         // Images being deleted are not reconciled again and never register their targets: they
@@ -144,9 +187,12 @@ impl Reconciler for CachedImageReconciler {
                 namespace: &self.namespace,
                 policy: policy_spec,
                 attempt: *attempt,
+                tolerations: &self.tolerations,
             })?;
             plan = plan.child(Child::new(&pod)?);
         }
+
+        self.check_warming(&target_nodes, &nodes, ctx);
 
         let new_status = status::compute(image.status.as_ref(), &out.observed, ctx.now());
         self.metrics.record_image(&name, &new_status);

@@ -11,10 +11,10 @@ use super::presence::Listed;
 use super::status::{Blocked, NodeState, Observed};
 use super::targets;
 use crate::api::{CachedImage, CachedImageStatus, PullPolicySpec};
-use crate::pacing::{self, History, InFlight, Pace, PolicyKey, PullKey, Target};
+use crate::pacing::{self, History, InFlight, Pace, PolicyKey, PullKey, Registry, Target};
 use crate::podbuilder::{PullOutcome, PullPodView};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Toleration};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use pairs::{ImagePairs, Names, Pair};
@@ -112,6 +112,7 @@ struct Registration {
     image: Arc<str>,
     priority: i32,
     policy: PolicyKey,
+    registry: Registry,
 }
 
 impl Registration {
@@ -123,6 +124,7 @@ impl Registration {
             },
             priority: self.priority,
             policy: self.policy.clone(),
+            registry: Arc::clone(&self.registry),
         }
     }
 }
@@ -176,6 +178,8 @@ struct State {
     images: BTreeMap<String, ImageMemory>,
     /// Images told (through [`Outcome::wake_others`]) to wake at a time, until they reconcile.
     appointed: BTreeMap<String, Timestamp>,
+    /// Images whose due pulls their registry's budget held back at their last reconcile.
+    registry_waiting: BTreeMap<String, Registry>,
 }
 
 /// The shared pacing state.
@@ -183,6 +187,18 @@ pub struct Pacer {
     state: Mutex<State>,
     wake: UnboundedSender<ObjectRef<CachedImage>>,
     pull_timeout: Duration,
+    registry_budgets: BTreeMap<Registry, u32>,
+}
+
+/// A registry with a budget, as the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryLoad {
+    /// The registry host.
+    pub registry: Registry,
+    /// Pulls from it in flight.
+    pub in_flight: usize,
+    /// Images with due pulls its budget holds back.
+    pub waiting_images: usize,
 }
 
 impl Pacer {
@@ -192,7 +208,28 @@ impl Pacer {
             state: Mutex::new(State::default()),
             wake,
             pull_timeout,
+            registry_budgets: BTreeMap::new(),
         }
+    }
+
+    /// Limits the pulls in flight per registry host, across every policy and image.
+    #[must_use]
+    pub fn with_registry_budgets(mut self, budgets: BTreeMap<Registry, u32>) -> Self {
+        self.registry_budgets = budgets;
+        self
+    }
+
+    /// Each registry with a budget: its pulls in flight and the images waiting on it.
+    pub fn registry_loads(&self) -> Vec<RegistryLoad> {
+        let st = self.lock();
+        self.registry_budgets
+            .keys()
+            .map(|r| RegistryLoad {
+                registry: Arc::clone(r),
+                in_flight: st.in_flight.values().filter(|f| f.registry == *r).count(),
+                waiting_images: st.registry_waiting.values().filter(|w| *w == r).count(),
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -213,6 +250,7 @@ impl Pacer {
         &self,
         node: &Node,
         images: &[Arc<CachedImage>],
+        also: &[Toleration],
     ) -> Vec<ObjectRef<CachedImage>> {
         let st = self.lock();
         let name = node.name_any();
@@ -234,10 +272,56 @@ impl Pacer {
                     },
                 };
                 let was = known.pairs.get(&name).is_some();
-                was != targets::is_target(node, &image.spec, policy)
+                was != targets::is_target(node, &image.spec, policy, also)
             })
             .map(|image| ObjectRef::from_obj(image.as_ref()))
             .collect()
+    }
+
+    /// The images that target `node` (counting `also`, the tolerations every pull Pod carries) and
+    /// are not cached there, as far as the pacer knows. An image it cannot judge yet (not reconciled
+    /// since the operator started, or naming a policy it has not seen) counts as missing; an image
+    /// blocked (its policy does not exist) pulls nowhere and does not count.
+    pub fn missing_on(
+        &self,
+        node: &Node,
+        images: &[Arc<CachedImage>],
+        also: &[Toleration],
+    ) -> Vec<String> {
+        let st = self.lock();
+        let name = node.name_any();
+        let mut missing = Vec::new();
+        for image in images {
+            if image.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let image_name = image.name_any();
+            let memory = st.images.get(&image_name);
+            if memory.is_some_and(|m| m.registered.is_none() && m.reference.is_some()) {
+                continue;
+            }
+            let policy = match &image.spec.policy_ref {
+                None => None,
+                Some(r) => match st.policies.get(&r.name) {
+                    Some(p) => Some(p),
+                    None => {
+                        missing.push(image_name);
+                        continue;
+                    }
+                },
+            };
+            if !targets::is_target(node, &image.spec, policy, also) {
+                continue;
+            }
+            let cached = memory
+                .filter(|m| m.reference.as_deref() == Some(image.spec.reference().as_str()))
+                .and_then(|m| m.pairs.get(&name))
+                .is_some_and(|p| p.cached);
+            if !cached {
+                missing.push(image_name);
+            }
+        }
+        missing
     }
 
     /// The images a change of `node`'s image list says are gone from it: cached there (and listed
@@ -336,6 +420,7 @@ impl Pacer {
     pub fn step(&self, step: &Step<'_>) -> Outcome {
         let name = step.image.name_any();
         let reference = step.image.spec.reference();
+        let registry: Registry = crate::api::registry_of(&reference).into();
         let now = step.now;
         let mut st = self.lock();
         let st = &mut *st;
@@ -390,15 +475,15 @@ impl Pacer {
             Ok((policy, pace)) => {
                 st.paces.insert(policy.clone(), pace.clone());
                 let priority = step.image.spec.priority.unwrap_or(0);
-                let current = memory
-                    .registered
-                    .as_ref()
-                    .is_some_and(|r| r.priority == priority && r.policy == *policy);
+                let current = memory.registered.as_ref().is_some_and(|r| {
+                    r.priority == priority && r.policy == *policy && r.registry == registry
+                });
                 if !current {
                     memory.registered = Some(Registration {
                         image: st.names.get(&name),
                         priority,
                         policy: policy.clone(),
+                        registry: Arc::clone(&registry),
                     });
                 }
             }
@@ -440,6 +525,7 @@ impl Pacer {
                                 .ok()
                                 .map(|(p, _)| p.clone())
                                 .unwrap_or_default(),
+                            registry: Arc::clone(&registry),
                             started: pod.created,
                         },
                     );
@@ -533,6 +619,7 @@ impl Pacer {
             in_flight: &in_flight,
             history: &PairHistories(&st.images),
             pull_timeout: self.pull_timeout,
+            registry_budgets: &self.registry_budgets,
         });
         let mut wake = BTreeSet::new();
         // Policies some of whose images have not registered their targets yet: hold their starts
@@ -550,6 +637,15 @@ impl Pacer {
             let policy = st.images.get(&*k.image).and_then(ImageMemory::policy);
             policy.is_none_or(|p| !held.contains(p))
         });
+        let registry_wait = decision
+            .registry_held
+            .iter()
+            .find(|(k, _)| *k.image == *name)
+            .map(|(_, r)| Arc::clone(r));
+        match &registry_wait {
+            Some(r) => st.registry_waiting.insert(name.clone(), Arc::clone(r)),
+            None => st.registry_waiting.remove(&name),
+        };
         for k in &decision.timed_out {
             if *k.image == *name {
                 let message = format!("no pull outcome after {}s", self.pull_timeout.as_secs());
@@ -585,6 +681,7 @@ impl Pacer {
                 InFlight {
                     key: k.clone(),
                     policy,
+                    registry: Arc::clone(&registry),
                     started: now,
                 },
             );
@@ -625,7 +722,11 @@ impl Pacer {
         }
         st.images.entry(name.clone()).or_default().due = due;
 
-        let observed = observe(st, &name, step);
+        let mut observed = observe(st, &name, step);
+        observed.registry_wait = registry_wait.map(|r| {
+            let budget = self.registry_budgets.get(&r).copied().unwrap_or(0);
+            (r.to_string(), budget)
+        });
         Outcome {
             keep,
             start,
@@ -647,6 +748,7 @@ fn forget(st: &mut State, image: &str) {
     st.in_flight.retain(|k, _| &*k.image != image);
     st.seen_pulling.retain(|k, _| &*k.image != image);
     st.appointed.remove(image);
+    st.registry_waiting.remove(image);
     st.names.sweep();
 }
 
@@ -841,6 +943,7 @@ fn observe(st: &State, name: &str, step: &Step<'_>) -> Observed {
         last_pulled_at,
         last_attempted_at,
         resolved_digest: image.and_then(|i| i.digest.clone()),
+        registry_wait: None,
     }
 }
 

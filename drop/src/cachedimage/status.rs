@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 pub const MAX_FAILED_NODES: usize = 10;
 /// The second condition type.
 pub const PULL_PROGRESS: &str = "PullProgress";
+/// `PullProgress` reason while the due pulls wait for their registry's budget.
+pub const REGISTRY_BUDGET: &str = "WaitingForRegistry";
 
 /// Where one target node stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +58,8 @@ pub struct Observed {
     pub last_attempted_at: Option<Timestamp>,
     /// Digest reported by the last successful pull.
     pub resolved_digest: Option<String>,
+    /// The registry (and its budget of pulls in flight) holding back pulls that are due.
+    pub registry_wait: Option<(String, u32)>,
 }
 
 impl Observed {
@@ -180,12 +184,22 @@ pub fn compute(
         }
         (None, _) => Cond::ready(false, "InProgress", fraction.clone()),
     };
+    let registry_wait = o.registry_wait.as_ref().map(|(registry, budget)| {
+        format!("waiting for a slot at {registry} (its budget of {budget} pulls in flight is taken by other images)")
+    });
     let progress = if pulling > 0 {
+        let mut message =
+            format!("Actively pulling on {pulling} node(s), {ready}/{total} complete");
+        if let Some(wait) = &registry_wait {
+            message = format!("{message}; others {wait}");
+        }
+        Cond::new(PULL_PROGRESS, true, "Pulling", message)
+    } else if let Some(wait) = registry_wait {
         Cond::new(
             PULL_PROGRESS,
-            true,
-            "Pulling",
-            format!("Actively pulling on {pulling} node(s), {ready}/{total} complete"),
+            false,
+            REGISTRY_BUDGET,
+            format!("{ready}/{total} nodes ready; {wait}"),
         )
     } else if phase == CachedImagePhase::Ready {
         Cond::new(PULL_PROGRESS, false, "Complete", "All pulls complete")
@@ -435,5 +449,28 @@ mod tests {
         let (kind, reason, _) =
             transition_event(Some(CachedImagePhase::Pulling), &bad, "x:1").unwrap();
         assert_eq!((kind, reason), (EventKind::Warning, "PullFailed"));
+    }
+
+    #[test]
+    fn registry_budget_waiting_images_say_which_registry_holds_them() {
+        let mut o = observed(&[("a", NodeState::Cached), ("b", NodeState::Waiting)]);
+        o.registry_wait = Some(("docker.io".into(), 2));
+        let st = compute(None, &o, at(0));
+        let progress = conditions::get(&st.conditions, PULL_PROGRESS).unwrap();
+        assert_eq!(progress.reason, REGISTRY_BUDGET);
+        assert!(
+            progress.message.contains("docker.io"),
+            "{}",
+            progress.message
+        );
+        assert!(
+            progress.message.contains("budget of 2"),
+            "{}",
+            progress.message
+        );
+        assert_eq!(
+            conditions::get(&st.conditions, "Ready").unwrap().reason,
+            "InProgress"
+        );
     }
 }

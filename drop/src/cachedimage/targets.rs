@@ -37,8 +37,14 @@ fn labels_match(node: &Node, selector: &BTreeMap<String, String>) -> bool {
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
-/// Whether the image (under its policy) goes to `node`.
-pub fn is_target(node: &Node, spec: &CachedImageSpec, policy: Option<&PullPolicySpec>) -> bool {
+/// Whether the image (under its policy) goes to `node`. `also` are tolerations every pull Pod carries
+/// besides the image's and the policy's (the warm-up taint's, see [`crate::warmup`]).
+pub fn is_target(
+    node: &Node,
+    spec: &CachedImageSpec,
+    policy: Option<&PullPolicySpec>,
+    also: &[Toleration],
+) -> bool {
     if node.metadata.deletion_timestamp.is_some() {
         return false;
     }
@@ -51,6 +57,7 @@ pub fn is_target(node: &Node, spec: &CachedImageSpec, policy: Option<&PullPolicy
         .tolerations
         .iter()
         .chain(policy.map(|p| p.tolerations.as_slice()).unwrap_or_default())
+        .chain(also)
         .collect();
     node.spec
         .as_ref()
@@ -66,10 +73,11 @@ pub fn targets<'a>(
     nodes: impl IntoIterator<Item = &'a Node>,
     spec: &CachedImageSpec,
     policy: Option<&PullPolicySpec>,
+    also: &[Toleration],
 ) -> Vec<String> {
     let mut names: Vec<String> = nodes
         .into_iter()
-        .filter(|n| is_target(n, spec, policy))
+        .filter(|n| is_target(n, spec, policy, also))
         .filter_map(|n| n.metadata.name.clone())
         .collect();
     names.sort();
@@ -182,18 +190,18 @@ mod tests {
             node("c", &[("pool", "web")], &[]),
         ];
         let s = spec(&[("pool", "ci")], vec![]);
-        assert_eq!(targets(&nodes, &s, None), vec!["a", "b"]);
+        assert_eq!(targets(&nodes, &s, None, &[]), vec!["a", "b"]);
         let policy = PullPolicySpec {
             node_selector: BTreeMap::from([("zone".into(), "2".into())]),
             ..PullPolicySpec::default()
         };
         assert_eq!(
-            targets(&nodes, &s, Some(&policy)),
+            targets(&nodes, &s, Some(&policy), &[]),
             vec!["b"],
             "the policy narrows the pool"
         );
         assert_eq!(
-            targets(&nodes, &spec(&[], vec![]), None),
+            targets(&nodes, &spec(&[], vec![]), None, &[]),
             vec!["a", "b", "c"]
         );
     }
@@ -211,12 +219,12 @@ mod tests {
             ),
         ];
         assert_eq!(
-            targets(&nodes, &spec(&[], vec![]), None),
+            targets(&nodes, &spec(&[], vec![]), None, &[]),
             vec!["plain", "prefer"]
         );
         let t = tol(Some("dedicated"), "Equal", Some("ci"), Some("NoSchedule"));
         assert_eq!(
-            targets(&nodes, &spec(&[], vec![t.clone()]), None),
+            targets(&nodes, &spec(&[], vec![t.clone()]), None, &[]),
             vec!["build", "plain", "prefer"]
         );
         let policy = PullPolicySpec {
@@ -224,9 +232,15 @@ mod tests {
             ..PullPolicySpec::default()
         };
         assert_eq!(
-            targets(&nodes, &spec(&[], vec![]), Some(&policy)),
+            targets(&nodes, &spec(&[], vec![]), Some(&policy), &[]),
             vec!["build", "plain", "prefer"],
             "the policy's tolerations count too"
+        );
+        let warming = tol(Some("dedicated"), "Exists", None, None);
+        assert_eq!(
+            targets(&nodes, &spec(&[], vec![]), None, &[warming]),
+            vec!["build", "plain", "prefer"],
+            "the tolerations every pull Pod carries count too"
         );
     }
 
@@ -312,7 +326,10 @@ mod tests {
             vec![tol(Some("dedicated"), "Equal", Some("ci"), None)],
         );
         for s in [spec(&[("pool", "ci")], vec![]), tolerating] {
-            assert_eq!(is_target(&trimmed, &s, None), is_target(&full, &s, None));
+            assert_eq!(
+                is_target(&trimmed, &s, None, &[]),
+                is_target(&full, &s, None, &[])
+            );
         }
     }
 }

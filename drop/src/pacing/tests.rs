@@ -2,6 +2,9 @@ use super::*;
 use jiff::SignedDuration;
 use proptest::prelude::*;
 
+/// No registry has a budget.
+static NO_BUDGETS: BTreeMap<Registry, u32> = BTreeMap::new();
+
 fn at(secs: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + secs).unwrap()
 }
@@ -23,8 +26,12 @@ fn target(image: &str, node: &str, priority: i32, policy: Option<&str>) -> Targe
         key: PullKey::new(image, node),
         priority,
         policy: policy.map(str::to_owned),
+        registry: REGISTRY.into(),
     }
 }
+
+/// The registry of the targets [`target`] makes.
+const REGISTRY: &str = "registry.example.com";
 
 /// A discrete-event run: pulls take `duration(key, attempt)` and fail when `fails(key, attempt)`.
 struct Sim {
@@ -37,6 +44,9 @@ struct Sim {
     /// (key, policy, start, attempt)
     log: Vec<(PullKey, PolicyKey, Timestamp, u32)>,
     max_in_flight: BTreeMap<PolicyKey, u32>,
+    budgets: BTreeMap<Registry, u32>,
+    /// Most pulls in flight per registry.
+    max_at_registry: BTreeMap<Registry, u32>,
 }
 
 impl Sim {
@@ -50,6 +60,8 @@ impl Sim {
             attempts: BTreeMap::new(),
             log: Vec::new(),
             max_in_flight: BTreeMap::new(),
+            budgets: BTreeMap::new(),
+            max_at_registry: BTreeMap::new(),
         }
     }
 
@@ -85,15 +97,11 @@ impl Sim {
                 history: &self.history,
                 earlier_starts: &BTreeMap::new(),
                 pull_timeout: Duration::from_secs(86_400),
+                registry_budgets: &self.budgets,
             });
             for key in &decision.start {
-                let policy = self
-                    .targets
-                    .iter()
-                    .find(|x| &x.key == key)
-                    .unwrap()
-                    .policy
-                    .clone();
+                let target = self.targets.iter().find(|x| &x.key == key).unwrap();
+                let (policy, registry) = (target.policy.clone(), target.registry.clone());
                 let attempt = {
                     let a = self.attempts.entry(key.clone()).or_default();
                     *a += 1;
@@ -104,6 +112,7 @@ impl Sim {
                     InFlight {
                         key: key.clone(),
                         policy: policy.clone(),
+                        registry: registry.clone(),
                         started: self.now,
                     },
                     end,
@@ -118,6 +127,13 @@ impl Sim {
                     .filter(|(f, _, _)| f.policy == policy)
                     .count() as u32;
                 let m = self.max_in_flight.entry(policy).or_default();
+                *m = (*m).max(n);
+                let n = self
+                    .flying
+                    .iter()
+                    .filter(|(f, _, _)| f.registry == registry)
+                    .count() as u32;
+                let m = self.max_at_registry.entry(registry).or_default();
                 *m = (*m).max(n);
             }
             let next_end = self.flying.iter().map(|(_, end, _)| *end).min();
@@ -263,6 +279,7 @@ fn pacing_new_nodes_go_before_refreshes_whatever_the_priority() {
         history: &history,
         earlier_starts: &BTreeMap::new(),
         pull_timeout: Duration::from_secs(600),
+        registry_budgets: &NO_BUDGETS,
     });
     assert_eq!(
         d.start,
@@ -283,6 +300,7 @@ fn pacing_several_pulls_start_in_one_decision_when_limits_allow() {
         history: &BTreeMap::new(),
         earlier_starts: &BTreeMap::new(),
         pull_timeout: Duration::from_secs(600),
+        registry_budgets: &NO_BUDGETS,
     });
     assert_eq!(d.start.len(), 3);
     assert_eq!(
@@ -307,6 +325,7 @@ fn pacing_policies_are_separate_budgets() {
         history: &BTreeMap::new(),
         earlier_starts: &BTreeMap::new(),
         pull_timeout: Duration::from_secs(600),
+        registry_budgets: &NO_BUDGETS,
     });
     assert_eq!(
         d.start,
@@ -320,6 +339,7 @@ fn pacing_reports_pulls_past_the_timeout() {
     let in_flight = vec![InFlight {
         key: PullKey::new("img", "n0"),
         policy: None,
+        registry: REGISTRY.into(),
         started: at(0),
     }];
     let paces = BTreeMap::new();
@@ -334,6 +354,7 @@ fn pacing_reports_pulls_past_the_timeout() {
         history: &history,
         earlier_starts: &earlier_starts,
         pull_timeout: Duration::from_secs(600),
+        registry_budgets: &NO_BUDGETS,
     };
     let before = decide(&input(at(599)));
     assert!(before.timed_out.is_empty());
@@ -368,6 +389,7 @@ fn pacing_in_flight_pulls_are_rebuilt_from_pods() {
         namespace: "drop-system",
         policy: None,
         attempt: 2,
+        tolerations: &[],
     })
     .unwrap();
     assert_eq!(
@@ -382,6 +404,7 @@ fn pacing_in_flight_pulls_are_rebuilt_from_pods() {
         Some(InFlight {
             key: PullKey::new("web", "node-7"),
             policy: Some("slow".into()),
+            registry: "docker.io".into(),
             started: at(42),
         })
     );
@@ -438,6 +461,7 @@ fn arb_world() -> impl Strategy<Value = (BTreeMap<PolicyKey, Pace>, Vec<Target>,
                     key: PullKey::new(&format!("img{img}"), &format!("n{node}")),
                     priority: prio,
                     policy: if p >= n { None } else { Some(format!("p{p}")) },
+                    registry: format!("reg{}", img % 2).into(),
                 })
                 .collect();
             // One policy and priority per image, as the controller derives them from the spec.
@@ -533,10 +557,10 @@ proptest! {
                 last_success: None,
             })).collect();
         let in_flight: Vec<InFlight> = targets.iter().filter(|t| hashy(&t.key, 2, seed).is_multiple_of(5))
-            .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), started: at(0) }).collect();
+            .map(|t| InFlight { key: t.key.clone(), policy: t.policy.clone(), registry: t.registry.clone(), started: at(0) }).collect();
         let input = Input { now: at(now), paces: &paces, targets: &refs(&targets), in_flight: &in_flight,
             history: &history,
-        earlier_starts: &BTreeMap::new(), pull_timeout: Duration::from_secs(600) };
+        earlier_starts: &BTreeMap::new(), pull_timeout: Duration::from_secs(600), registry_budgets: &NO_BUDGETS };
         let a = decide(&input);
         prop_assert_eq!(&a, &decide(&input));
         let mut shuffled = targets.clone();
@@ -563,7 +587,7 @@ proptest! {
         let builtin = Pace::builtin();
         let none = BTreeMap::new();
         let whole = Input { now: at(now), paces: &paces, targets: &refs(&targets), earlier_starts: &none,
-            in_flight: &in_flight, history: &history, pull_timeout: Duration::from_secs(600) };
+            in_flight: &in_flight, history: &history, pull_timeout: Duration::from_secs(600), registry_budgets: &NO_BUDGETS };
 
         let mut kept = Vec::new();
         let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
@@ -610,7 +634,7 @@ proptest! {
         let builtin = Pace::builtin();
         let none = BTreeMap::new();
         let whole = Input { now: at(now), paces: &paces, targets: &refs(&targets), earlier_starts: &none,
-            in_flight: &in_flight, history: &history, pull_timeout: Duration::from_secs(600) };
+            in_flight: &in_flight, history: &history, pull_timeout: Duration::from_secs(600), registry_budgets: &NO_BUDGETS };
 
         // An "image" of the pacer: targets of one image under one policy.
         let mut groups: BTreeMap<(&str, &PolicyKey), Vec<Target>> = BTreeMap::new();
@@ -655,10 +679,10 @@ proptest! {
         let none = BTreeMap::new();
         let first = decide(&Input { now: at(now), paces: &paces, targets: &refs(&targets),
             earlier_starts: &none, in_flight: &in_flight, history: &history,
-            pull_timeout: Duration::from_secs(600) });
+            pull_timeout: Duration::from_secs(600), registry_budgets: &NO_BUDGETS });
         for k in &first.start {
             let t = targets.iter().find(|t| &t.key == k).unwrap();
-            in_flight.push(InFlight { key: k.clone(), policy: t.policy.clone(), started: at(now) });
+            in_flight.push(InFlight { key: k.clone(), policy: t.policy.clone(), registry: t.registry.clone(), started: at(now) });
             history.entry(k.clone()).or_default().last_start = Some(at(now));
         }
         let policy_of = |k: &PullKey| &targets.iter().find(|t| &t.key == k).unwrap().policy;
@@ -679,7 +703,7 @@ proptest! {
             }
             let then = decide(&Input { now: *when, paces: &paces, targets: &refs(&targets),
                 earlier_starts: &none, in_flight: &in_flight, history: &history,
-                pull_timeout: Duration::from_secs(600) });
+                pull_timeout: Duration::from_secs(600), registry_budgets: &NO_BUDGETS });
             let started = then.start.iter().find(|k| policy_of(k) == policy);
             prop_assert_eq!(started, Some(key));
         }
@@ -717,6 +741,7 @@ fn past(
         .map(|t| InFlight {
             key: t.key.clone(),
             policy: t.policy.clone(),
+            registry: t.registry.clone(),
             started: at(now / 2),
         })
         .collect();
@@ -731,4 +756,99 @@ fn pacing_end(start: Timestamp, k: &PullKey, seed: u64) -> Timestamp {
 /// The targets as the engine takes them.
 fn refs(targets: &[Target]) -> Vec<&Target> {
     targets.iter().collect()
+}
+
+#[test]
+fn registry_budget_holds_across_policies_and_reports_what_waits() {
+    // Two policies with room for 3 each, both pulling from one registry with a budget of 2.
+    let paces = BTreeMap::from([
+        (Some("a".to_owned()), pace(3, 0)),
+        (Some("b".to_owned()), pace(3, 0)),
+    ]);
+    let mut targets = nodes("x", 3, Some("a"));
+    targets.extend(nodes("y", 3, Some("b")));
+    let mut other = target("z", "n0", 0, Some("b"));
+    other.registry = "elsewhere.example.com".into();
+    targets.push(other);
+    let budgets = BTreeMap::from([(Registry::from(REGISTRY), 2)]);
+    let d = decide(&Input {
+        now: at(0),
+        paces: &paces,
+        targets: &refs(&targets),
+        in_flight: &[],
+        history: &BTreeMap::new(),
+        earlier_starts: &BTreeMap::new(),
+        pull_timeout: Duration::from_secs(600),
+        registry_budgets: &budgets,
+    });
+    let started: Vec<String> = d
+        .start
+        .iter()
+        .map(|k| format!("{}/{}", k.image, k.node))
+        .collect();
+    assert_eq!(
+        started,
+        ["x/n0", "x/n1", "z/n0"],
+        "two from the registry, and the other registry's"
+    );
+    let held: Vec<String> = d
+        .registry_held
+        .iter()
+        .map(|(k, r)| format!("{}/{}@{r}", k.image, k.node))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            "x/n2@registry.example.com",
+            "y/n0@registry.example.com",
+            "y/n1@registry.example.com",
+            "y/n2@registry.example.com"
+        ]
+    );
+    // A pull ending frees a slot for the next in the engine's order, whichever its policy.
+    let flying = vec![InFlight {
+        key: PullKey::new("x", "n0"),
+        policy: Some("a".into()),
+        registry: REGISTRY.into(),
+        started: at(0),
+    }];
+    let d = decide(&Input {
+        now: at(1),
+        paces: &paces,
+        targets: &refs(&targets[2..6]),
+        in_flight: &flying,
+        history: &BTreeMap::new(),
+        earlier_starts: &BTreeMap::new(),
+        pull_timeout: Duration::from_secs(600),
+        registry_budgets: &budgets,
+    });
+    assert_eq!(d.start, [PullKey::new("x", "n2")]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// With a budget per registry on top of the policies: no registry ever has more pulls in flight
+    /// than its budget, the policies' own limits still hold, and every target is started (no
+    /// starvation, whatever the policies and priorities competing for the registry).
+    #[test]
+    fn registry_budget_is_never_exceeded_and_starves_nobody(
+        (paces, targets, dur, seed) in arb_world(),
+        b0 in 1u32..3,
+        b1 in 1u32..4,
+    ) {
+        let mut sim = Sim::new(paces.clone(), targets.clone());
+        sim.budgets = BTreeMap::from([(Registry::from("reg0"), b0), (Registry::from("reg1"), b1)]);
+        sim.run(20_000, |k, a| 1 + hashy(k, a, seed) % (dur * 2), |k, a| hashy(k, a, seed).is_multiple_of(4));
+        for (r, m) in &sim.max_at_registry {
+            prop_assert!(*m <= sim.budgets[r], "{}: {} in flight, budget {}", r, m, sim.budgets[r]);
+        }
+        let builtin = Pace::builtin();
+        for (p, m) in &sim.max_in_flight {
+            prop_assert!(*m <= paces.get(p).unwrap_or(&builtin).max_concurrent);
+        }
+        for t in &targets {
+            prop_assert!(sim.log.iter().any(|(k, _, _, _)| k == &t.key), "{:?} never started", t.key);
+        }
+    }
 }

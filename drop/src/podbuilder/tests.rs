@@ -28,6 +28,7 @@ fn pod_for(ci: &CachedImage, policy: Option<&PullPolicySpec>) -> Pod {
         namespace: "drop-system",
         policy,
         attempt: 1,
+        tolerations: &[],
     })
     .unwrap()
 }
@@ -119,10 +120,25 @@ fn podbuilder_tolerations_merge_image_and_policy_without_duplicates() {
         tolerations: vec![t("shared"), t("ci")],
         ..PullPolicySpec::default()
     };
-    let p = pod_for(&image("web", s), Some(&policy));
+    let ci = image("web", s);
+    let p = pod_for(&ci, Some(&policy));
     assert_eq!(
         p.spec.unwrap().tolerations.unwrap(),
         vec![t("build"), t("shared"), t("ci")]
+    );
+    // The operator's own (the warm-up taint's) come last.
+    let p = build(&PullPod {
+        image: &ci,
+        node: "node-a",
+        namespace: "drop-system",
+        policy: Some(&policy),
+        attempt: 1,
+        tolerations: &[t("warming"), t("ci")],
+    })
+    .unwrap();
+    assert_eq!(
+        p.spec.unwrap().tolerations.unwrap(),
+        vec![t("build"), t("shared"), t("ci"), t("warming")]
     );
 }
 
@@ -169,6 +185,7 @@ fn podbuilder_long_names_are_hashed_into_valid_labels() {
         namespace: "drop-system",
         policy: None,
         attempt: 3,
+        tolerations: &[],
     })
     .unwrap();
     let labels = p.metadata.labels.clone().unwrap();
@@ -207,6 +224,7 @@ fn podbuilder_needs_an_object_from_the_api_server() {
         namespace: "ns",
         policy: None,
         attempt: 1,
+        tolerations: &[],
     })
     .unwrap_err();
     assert_eq!(err, BuildError::Missing("uid"));

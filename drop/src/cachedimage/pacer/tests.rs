@@ -330,7 +330,7 @@ fn pacing_a_node_change_names_only_the_images_it_retargets() {
     };
     // Not reconciled yet: the pacer cannot judge, so every image is named.
     assert_eq!(
-        names(w.pacer.retargeted_by(&node("g1", "gpu"), &images)),
+        names(w.pacer.retargeted_by(&node("g1", "gpu"), &images, &[])),
         ["gpu", "web"]
     );
     // gpu targets g1, web targets w1.
@@ -340,23 +340,23 @@ fn pacing_a_node_change_names_only_the_images_it_retargets() {
     w.step(1, 0, &[]);
     // A new gpu node concerns gpu only; a heartbeat of a known node concerns nobody.
     assert_eq!(
-        names(w.pacer.retargeted_by(&node("g2", "gpu"), &images)),
+        names(w.pacer.retargeted_by(&node("g2", "gpu"), &images, &[])),
         ["gpu"]
     );
     assert!(
         w.pacer
-            .retargeted_by(&node("w1", "web"), &images)
+            .retargeted_by(&node("w1", "web"), &images, &[])
             .is_empty()
     );
     // w1 relabelled into the gpu pool concerns both; its deletion concerns web.
     assert_eq!(
-        names(w.pacer.retargeted_by(&node("w1", "gpu"), &images)),
+        names(w.pacer.retargeted_by(&node("w1", "gpu"), &images, &[])),
         ["gpu", "web"]
     );
     let mut gone = node("w1", "web");
     gone.metadata.deletion_timestamp =
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(5)));
-    assert_eq!(names(w.pacer.retargeted_by(&gone, &images)), ["web"]);
+    assert_eq!(names(w.pacer.retargeted_by(&gone, &images, &[])), ["web"]);
 }
 
 #[test]
@@ -425,4 +425,124 @@ fn pacing_a_repull_keeps_the_node_cached_in_the_status() {
     assert_eq!(out.observed.nodes["n1"], NodeState::Refreshing);
     let status = super::super::status::compute(None, &out.observed, at(101));
     assert_eq!(status.phase, Some(crate::api::CachedImagePhase::Ready));
+}
+
+#[test]
+fn warmup_missing_on_names_the_targeting_images_not_cached_there() {
+    use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint, Toleration};
+    let warming = |name: &str| {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "warming".into(),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            }]),
+            ..NodeSpec::default()
+        });
+        n
+    };
+    let also = [Toleration {
+        key: Some("warming".into()),
+        operator: Some("Exists".into()),
+        ..Toleration::default()
+    }];
+    let mut w = World::new(&["a", "b", "blocked"]);
+    w.images[2].spec.policy_ref = Some(crate::api::PolicyReference {
+        name: "absent".into(),
+    });
+    w.known[2].1 = Some("absent".into());
+    let images: Vec<Arc<CachedImage>> = w.images.iter().cloned().map(Arc::new).collect();
+    let n1 = warming("n1");
+    // Before any reconcile the pacer cannot tell: every image counts as missing.
+    assert_eq!(
+        w.pacer.missing_on(&n1, &images, &also),
+        ["a", "b", "blocked"]
+    );
+    // Without the toleration the taint keeps the images it can judge away (the one naming a policy
+    // it has not seen still counts).
+    assert_eq!(w.pacer.missing_on(&n1, &images, &[]), ["blocked"]);
+    // The blocked image reconciles (its policy does not exist): it pulls nowhere, so it no longer
+    // counts. a starts first and gets pulled; b is still missing.
+    w.pacer.step(&Step {
+        now: at(0),
+        image: &w.images[2],
+        targets: &w.nodes,
+        pace: Err(Blocked::PolicyNotFound("absent".into())),
+        policy: None,
+        pods: &[],
+        known_images: &w.known,
+    });
+    w.step(1, 0, &[]);
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    assert_eq!(w.pacer.missing_on(&n1, &images, &also), ["a", "b"]);
+    let pulled = PullOutcome::Pulled { digest: None };
+    w.step(0, 2, &[pod(&w.images[0], "n1", 1, 0, pulled.clone())]);
+    assert_eq!(w.pacer.missing_on(&n1, &images, &also), ["b"]);
+    assert_eq!(starts(&w.step(1, 12, &[])), [("n1", 1)]);
+    w.step(1, 14, &[pod(&w.images[1], "n1", 1, 12, pulled)]);
+    assert!(w.pacer.missing_on(&n1, &images, &also).is_empty());
+    // A node the images do not target is warm at once.
+    w.images[0].spec.node_selector = [("pool".to_owned(), "gpu".to_owned())].into();
+    w.images[1].spec.node_selector = [("pool".to_owned(), "gpu".to_owned())].into();
+    let images: Vec<Arc<CachedImage>> = w.images.iter().cloned().map(Arc::new).collect();
+    assert!(
+        w.pacer
+            .missing_on(&warming("n2"), &images, &also)
+            .is_empty()
+    );
+}
+
+#[test]
+fn registry_budget_an_image_held_by_its_registry_says_so_and_starts_when_a_slot_frees() {
+    // Two images from one registry under separate paces (one node each, no spacing), with a
+    // registry budget of 1.
+    let (wake, _wakes) = tokio::sync::mpsc::unbounded_channel();
+    let pacer = Pacer::new(wake, Duration::from_secs(600))
+        .with_registry_budgets(BTreeMap::from([("registry.example.com".into(), 1)]));
+    let images = [image("a"), image("b")];
+    let known: Vec<(String, PolicyKey)> = vec![
+        ("a".into(), Some("pa".into())),
+        ("b".into(), Some("pb".into())),
+    ];
+    let nodes = vec!["n1".to_owned()];
+    let pace = Pace {
+        min_delay: Duration::ZERO,
+        ..Pace::builtin()
+    };
+    let step = |i: usize, now: i64, pods: &[PullPodView]| {
+        let policy = known[i].1.clone();
+        pacer.step(&Step {
+            now: at(now),
+            image: &images[i],
+            targets: &nodes,
+            pace: Ok((policy, pace.clone())),
+            policy: None,
+            pods,
+            known_images: &known,
+        })
+    };
+    assert_eq!(starts(&step(0, 0, &[])), [("n1", 1)]);
+    let held = step(1, 1, &[]);
+    assert!(held.start.is_empty());
+    assert_eq!(
+        held.observed.registry_wait,
+        Some(("registry.example.com".to_owned(), 1))
+    );
+    assert_eq!(
+        pacer.registry_loads(),
+        [RegistryLoad {
+            registry: "registry.example.com".into(),
+            in_flight: 1,
+            waiting_images: 1
+        }]
+    );
+    // a's pull ends: b may start, and waits no more.
+    let pulled = PullOutcome::Pulled { digest: None };
+    step(0, 2, &[pod(&images[0], "n1", 1, 0, pulled)]);
+    let out = step(1, 2, &[]);
+    assert_eq!(starts(&out), [("n1", 1)]);
+    assert_eq!(out.observed.registry_wait, None);
+    assert_eq!(pacer.registry_loads()[0].waiting_images, 0);
 }
