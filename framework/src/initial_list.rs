@@ -11,6 +11,7 @@
 //! administrator can turn them off anywhere. An API server without them refuses such a watch (422),
 //! so every watch first asks, with a watch that can match nothing, and falls back to listing.
 
+use crate::lean::Lean;
 use futures::{Stream, StreamExt};
 use kube::Api;
 use kube::api::WatchParams;
@@ -61,8 +62,9 @@ pub enum InitialList {
     Listed,
 }
 
-/// `kube`'s [`watcher()`] over `api` with `config`. With [`InitialList::Auto`] it asks for a streaming
-/// list where the API server offers one (see [`streams_initial_state`]) and lists otherwise.
+/// `kube`'s [`watcher()`] over `api` with `config`, its objects decoded without managed fields
+/// ([`Lean`]). With [`InitialList::Auto`] it asks for a streaming list where the API server offers one
+/// (see [`streams_initial_state`]) and lists otherwise.
 pub fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -70,6 +72,7 @@ pub fn watch<K>(
 ) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
 {
     futures::stream::once(async move {
         let streaming = how == InitialList::Auto && streams_initial_state(&api).await;
@@ -78,7 +81,23 @@ where
         } else {
             config
         };
-        watcher(api, config)
+        let dt = K::DynamicType::default();
+        let lean: Api<Lean<K>> = match api.namespace() {
+            Some(ns) => Api::namespaced_with(api.clone().into_client(), ns, &dt),
+            None => Api::all_with(api.into_client(), &dt),
+        };
+        watcher(lean, config).map(|e| e.map(unwrap_event))
     })
     .flatten()
+}
+
+fn unwrap_event<K>(e: watcher::Event<Lean<K>>) -> watcher::Event<K> {
+    use watcher::Event;
+    match e {
+        Event::Apply(Lean(k)) => Event::Apply(k),
+        Event::Delete(Lean(k)) => Event::Delete(k),
+        Event::Init => Event::Init,
+        Event::InitApply(Lean(k)) => Event::InitApply(k),
+        Event::InitDone => Event::InitDone,
+    }
 }

@@ -34,6 +34,7 @@ mod fence;
 pub mod http;
 pub mod initial_list;
 pub mod leader;
+pub mod lean;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_auth;
