@@ -63,14 +63,8 @@ impl DropUnderTest {
         let mut settings = drop::operator::Settings {
             pod_namespace: namespace.to_owned(),
             pull_timeout: std::time::Duration::from_secs(120),
-            metrics_addr: None,
-            metrics_tls: None,
-            health_addr: None,
-            leader_election: None,
             install_crds: true,
             watch_selector: Some(format!("{TEST_LABEL}={id}")),
-            status_interval: drop::operator::STATUS_INTERVAL,
-            node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
             ..drop::operator::Settings::default()
         };
         adjust(&mut settings);

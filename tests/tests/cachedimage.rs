@@ -774,16 +774,7 @@ async fn cachedimage_operator_without_crds_fails_with_a_clear_message() {
     let bare = TestCluster::start(0).unwrap();
     let client = bare.client().await.unwrap();
     let settings = drop::operator::Settings {
-        pod_namespace: "drop-system".into(),
         pull_timeout: Duration::from_secs(60),
-        metrics_addr: None,
-        metrics_tls: None,
-        health_addr: None,
-        leader_election: None,
-        install_crds: false,
-        watch_selector: None,
-        status_interval: drop::operator::STATUS_INTERVAL,
-        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
         ..drop::operator::Settings::default()
     };
     let err = tokio::time::timeout(
@@ -818,14 +809,9 @@ async fn cachedimage_operator_reports_ready_every_time_it_starts() {
         let settings = drop::operator::Settings {
             pod_namespace: ns.name().to_owned(),
             pull_timeout: Duration::from_secs(60),
-            metrics_addr: None,
-            metrics_tls: None,
             health_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
-            leader_election: None,
             install_crds: true,
             watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
-            status_interval: drop::operator::STATUS_INTERVAL,
-            node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
             ..drop::operator::Settings::default()
         };
         let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {
@@ -876,13 +862,8 @@ async fn cachedimage_metrics_count_pulls_and_forget_deleted_images() {
         pod_namespace: ns.name().to_owned(),
         pull_timeout: Duration::from_secs(60),
         metrics_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
-        metrics_tls: None,
-        health_addr: None,
-        leader_election: None,
         install_crds: true,
         watch_selector: Some(format!("{}={}", e2e::TEST_LABEL, ns.name())),
-        status_interval: drop::operator::STATUS_INTERVAL,
-        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
         ..drop::operator::Settings::default()
     };
     let running = tokio::spawn(drop::operator::run(client.clone(), settings, async move {

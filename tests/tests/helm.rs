@@ -344,20 +344,12 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
     let sa_client = client_as(&admin, &cluster, "drop-operator", "drop").await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let settings = drop::operator::Settings {
-        pod_namespace: "drop-system".into(),
         pull_timeout: Duration::from_secs(120),
-        metrics_addr: None,
-        metrics_tls: None,
-        health_addr: None,
         leader_election: Some(framework::LeaderElection::new(
             "drop-leader",
             "drop-operator",
             "e2e-operator",
         )),
-        install_crds: false,
-        watch_selector: None,
-        status_interval: drop::operator::STATUS_INTERVAL,
-        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
         ..drop::operator::Settings::default()
     };
     let running = tokio::spawn(drop::operator::run(
@@ -571,11 +563,7 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
         metrics_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
         metrics_tls: Some(framework::metrics_auth::Certificate::SelfSigned),
         health_addr: Some(format!("127.0.0.1:{health_port}").parse().unwrap()),
-        leader_election: None,
-        install_crds: false,
         watch_selector: Some("e2e.drop.corewire.io/none=none".into()),
-        status_interval: drop::operator::STATUS_INTERVAL,
-        node_status_max_images: drop::operator::NODE_STATUS_MAX_IMAGES,
         ..drop::operator::Settings::default()
     };
     let running = tokio::spawn(drop::operator::run(operator, settings, async move {

@@ -168,6 +168,12 @@ fn workload(name: &str, node: &str) -> Pod {
     .unwrap()
 }
 
+/// When Node `node` was created (whole seconds).
+async fn created_at(client: &Client, node: &str) -> Timestamp {
+    let node = Api::<Node>::all(client.clone()).get(node).await.unwrap();
+    node.metadata.creation_timestamp.unwrap().0
+}
+
 /// The Events recorded on Node `node`: (type, reason, message).
 async fn node_events(client: &Client, node: &str) -> Vec<(String, String, String)> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
@@ -253,14 +259,7 @@ async fn warmup_tainted_node_takes_no_workload_until_its_images_are_cached() {
         .and_then(|c| c.last_transition_time)
         .map(|t| t.0)
         .expect("PodScheduled condition");
-    let created = Api::<Node>::all(client.clone())
-        .get(&node)
-        .await
-        .unwrap()
-        .metadata
-        .creation_timestamp
-        .unwrap()
-        .0;
+    let created = created_at(&client, &node).await;
     // The API server's times have one-second resolution.
     assert!(
         scheduled.as_second() >= released.as_second() - 1,
@@ -304,14 +303,7 @@ async fn warmup_taint_goes_at_the_deadline_when_the_registry_is_down() {
     .await
     .unwrap();
     let released = released.lock().unwrap().unwrap();
-    let created = Api::<Node>::all(client.clone())
-        .get(&node)
-        .await
-        .unwrap()
-        .metadata
-        .creation_timestamp
-        .unwrap()
-        .0;
+    let created = created_at(&client, &node).await;
     let waited = released.duration_since(created).as_secs_f64();
     println!(
         "warm-up with the registry down: taint removed {waited:.1}s after the node was created (deadline {}s)",

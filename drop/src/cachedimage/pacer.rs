@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Toleration};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
-use pairs::{ImagePairs, Names, Pair};
+use pairs::{ImagePairs, Names, Pair, TargetNodes};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,7 +42,8 @@ pub struct Step<'a> {
     pub now: Timestamp,
     /// The image.
     pub image: &'a CachedImage,
-    /// Its target nodes.
+    /// Its target nodes, best sorted without duplicates (as [`targets::targets`] gives them;
+    /// otherwise the pacer sorts a copy).
     pub targets: &'a [String],
     /// Its policy's pace, or why it has none.
     pub pace: Result<(PolicyKey, Pace), Blocked>,
@@ -458,9 +459,10 @@ impl Pacer {
         }
 
         // A pair on each target. Most reconciles see the targets of the last one: those stay.
-        let targets: BTreeSet<&str> = step.targets.iter().map(String::as_str).collect();
-        if !memory.pairs.fits(&targets) {
-            memory.pairs.fit(&targets, &mut st.names);
+        let mut spare = Vec::new();
+        let targets = TargetNodes::of(step.targets, &mut spare);
+        if !memory.pairs.fits(targets) {
+            memory.pairs.fit(targets, &mut st.names);
             st.names.sweep();
         }
         if let Some(status) = restored {
@@ -566,7 +568,7 @@ impl Pacer {
             image.seen.retain(|uid| observed_uids.contains(uid));
         }
         forget_gone(st, &name);
-        let grace_ends = settle_unseen(st, &name, &targets, &observed_keys, now, &mut ended);
+        let grace_ends = settle_unseen(st, &name, targets, &observed_keys, now, &mut ended);
 
         // Decide over this image (its wake-up needs its own targets) and the other images that may
         // start a pull now: not those whose policy has every slot taken, and of the others only
@@ -722,7 +724,7 @@ impl Pacer {
         }
         st.images.entry(name.clone()).or_default().due = due;
 
-        let mut observed = observe(st, &name, step);
+        let mut observed = observe(st, &name, step, targets);
         observed.registry_wait = registry_wait.map(|r| {
             let budget = self.registry_budgets.get(&r).copied().unwrap_or(0);
             (r.to_string(), budget)
@@ -760,7 +762,7 @@ fn forget(st: &mut State, image: &str) {
 fn settle_unseen(
     st: &mut State,
     name: &str,
-    targets: &BTreeSet<&str>,
+    targets: TargetNodes<'_>,
     observed: &BTreeSet<PullKey>,
     now: Timestamp,
     ended: &mut Vec<Ended>,
@@ -773,7 +775,7 @@ fn settle_unseen(
     for (k, started) in unseen {
         let was_seen = st.seen_pulling.get(&k) == Some(&started);
         let deadline = pacing::after(started, CREATION_GRACE);
-        let failure = if !targets.contains(&*k.node) {
+        let failure = if !targets.contains(&k.node) {
             None
         } else if was_seen {
             Some((
@@ -905,21 +907,26 @@ fn restore_pairs(memory: &mut ImageMemory, status: &CachedImageStatus, now: Time
     }
 }
 
-fn observe(st: &State, name: &str, step: &Step<'_>) -> Observed {
-    let mut nodes = BTreeMap::new();
+fn observe(st: &State, name: &str, step: &Step<'_>, targets: TargetNodes<'_>) -> Observed {
+    let mut nodes = Vec::with_capacity(targets.len());
     let image = st.images.get(name);
     let mut last_pulled_at = None;
     let mut last_attempted_at = image.and_then(|i| i.settled_start);
-    let flying: BTreeSet<&str> = of_image(&st.in_flight, name)
+    // The targets, the image's pairs and its pulls in flight are all sorted by node: walk them
+    // side by side rather than look each node up.
+    let mut pairs = image.into_iter().flat_map(|i| i.pairs.iter()).peekable();
+    let mut flying = of_image(&st.in_flight, name)
         .map(|(k, _)| &*k.node)
-        .collect();
-    for node in step.targets {
-        let mem = image.and_then(|i| i.pairs.get(node));
+        .peekable();
+    for node in targets.iter() {
+        while pairs.next_if(|(n, _)| &**n < node).is_some() {}
+        let mem = pairs.next_if(|(n, _)| &**n == node).map(|(_, p)| p);
+        while flying.next_if(|n| *n < node).is_some() {}
+        let flying = flying.next_if(|n| *n == node).is_some();
         let h = mem.map_or_else(History::default, Pair::history);
         last_pulled_at = last_pulled_at.max(h.last_success);
         last_attempted_at = last_attempted_at.max(h.last_start);
         let cached = mem.is_some_and(|m| m.cached);
-        let flying = flying.contains(node.as_str());
         let state = if flying && step.pace.is_ok() {
             if cached {
                 NodeState::Refreshing
@@ -934,7 +941,7 @@ fn observe(st: &State, name: &str, step: &Step<'_>) -> Observed {
         } else {
             NodeState::Waiting
         };
-        nodes.insert(node.clone(), state);
+        nodes.push((node.to_owned(), state));
     }
     Observed {
         nodes,

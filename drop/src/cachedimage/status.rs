@@ -6,7 +6,6 @@ use framework::conditions::{self, Cond};
 use framework::plan::EventKind;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use std::collections::BTreeMap;
 
 /// How many failing nodes the status lists by name.
 pub const MAX_FAILED_NODES: usize = 10;
@@ -46,8 +45,8 @@ pub enum Blocked {
 /// Everything the status is computed from.
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
-    /// Target nodes and their state.
-    pub nodes: BTreeMap<String, NodeState>,
+    /// Target nodes and their state, sorted by node name.
+    pub nodes: Vec<(String, NodeState)>,
     /// Set when the image cannot be pulled at all.
     pub blocked: Option<Blocked>,
     /// Failed pulls in a row since the last success.
@@ -64,7 +63,12 @@ pub struct Observed {
 
 impl Observed {
     fn count(&self, f: impl Fn(&NodeState) -> bool) -> usize {
-        self.nodes.values().filter(|s| f(s)).count()
+        self.nodes.iter().filter(|(_, s)| f(s)).count()
+    }
+
+    /// Where `node` stands, if it is a target.
+    pub fn node(&self, node: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|(n, _)| n == node).map(|(_, s)| s)
     }
 }
 
@@ -133,7 +137,7 @@ pub fn compute(
         .nodes
         .iter()
         .filter(|(_, s)| s.is_cached())
-        .map(|(n, _)| n.clone())
+        .map(|(n, _)| n.as_str())
         .collect();
     status.failed_nodes = failures.iter().take(MAX_FAILED_NODES).cloned().collect();
     status.consecutive_failures = i32::try_from(o.consecutive_failures).unwrap_or(i32::MAX);
@@ -271,11 +275,13 @@ mod tests {
     }
 
     fn observed(states: &[(&str, NodeState)]) -> Observed {
+        let mut nodes: Vec<(String, NodeState)> = states
+            .iter()
+            .map(|(n, s)| (n.to_string(), s.clone()))
+            .collect();
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
         Observed {
-            nodes: states
-                .iter()
-                .map(|(n, s)| (n.to_string(), s.clone()))
-                .collect(),
+            nodes,
             ..Observed::default()
         }
     }
@@ -353,7 +359,7 @@ mod tests {
             .collect();
         states.push(("z".into(), NodeState::Cached));
         let o = Observed {
-            nodes: states.into_iter().collect(),
+            nodes: states,
             consecutive_failures: 4,
             ..Observed::default()
         };

@@ -45,27 +45,7 @@ pub fn is_target(
     policy: Option<&PullPolicySpec>,
     also: &[Toleration],
 ) -> bool {
-    if node.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    if !labels_match(node, &spec.node_selector)
-        || !policy.is_none_or(|p| labels_match(node, &p.node_selector))
-    {
-        return false;
-    }
-    let tolerations: Vec<&Toleration> = spec
-        .tolerations
-        .iter()
-        .chain(policy.map(|p| p.tolerations.as_slice()).unwrap_or_default())
-        .chain(also)
-        .collect();
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-        .all(|taint| tolerations.iter().any(|t| tolerates(t, taint)))
+    Targeting::new(spec, policy, also).admits(node)
 }
 
 /// The names of the target nodes, sorted.
@@ -75,13 +55,59 @@ pub fn targets<'a>(
     policy: Option<&PullPolicySpec>,
     also: &[Toleration],
 ) -> Vec<String> {
+    let targeting = Targeting::new(spec, policy, also);
     let mut names: Vec<String> = nodes
         .into_iter()
-        .filter(|n| is_target(n, spec, policy, also))
+        .filter(|n| targeting.admits(n))
         .filter_map(|n| n.metadata.name.clone())
         .collect();
-    names.sort();
+    names.sort_unstable();
     names
+}
+
+/// What chooses an image's nodes, gathered once for a pass over the fleet.
+struct Targeting<'a> {
+    selectors: [Option<&'a BTreeMap<String, String>>; 2],
+    tolerations: Vec<&'a Toleration>,
+}
+
+impl<'a> Targeting<'a> {
+    fn new(
+        spec: &'a CachedImageSpec,
+        policy: Option<&'a PullPolicySpec>,
+        also: &'a [Toleration],
+    ) -> Self {
+        Self {
+            selectors: [Some(&spec.node_selector), policy.map(|p| &p.node_selector)],
+            tolerations: spec
+                .tolerations
+                .iter()
+                .chain(policy.map(|p| p.tolerations.as_slice()).unwrap_or_default())
+                .chain(also)
+                .collect(),
+        }
+    }
+
+    fn admits(&self, node: &Node) -> bool {
+        if node.metadata.deletion_timestamp.is_some() {
+            return false;
+        }
+        if !self
+            .selectors
+            .iter()
+            .flatten()
+            .all(|s| labels_match(node, s))
+        {
+            return false;
+        }
+        node.spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            .all(|taint| self.tolerations.iter().any(|t| tolerates(t, taint)))
+    }
 }
 
 /// What about a node decides whether it is a target: labels, taints (key, value, effect), and

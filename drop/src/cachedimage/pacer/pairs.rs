@@ -8,7 +8,7 @@
 
 use crate::pacing::History;
 use jiff::Timestamp;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// No time, in the packed form.
@@ -194,21 +194,58 @@ impl ImagePairs {
     }
 
     /// Whether its nodes are exactly `targets`.
-    pub fn fits(&self, targets: &BTreeSet<&str>) -> bool {
-        self.0.len() == targets.len() && self.0.iter().zip(targets).all(|((n, _), t)| &**n == *t)
+    pub fn fits(&self, targets: TargetNodes<'_>) -> bool {
+        self.0.len() == targets.len()
+            && self
+                .0
+                .iter()
+                .zip(targets.iter())
+                .all(|((n, _), t)| &**n == t)
     }
 
     /// Gives the image a pair on each of its `targets` and none elsewhere, keeping what it knew of
     /// the nodes that stay. The vector is made to size, with no room to spare.
-    pub fn fit(&mut self, targets: &BTreeSet<&str>, names: &mut Names) {
+    pub fn fit(&mut self, targets: TargetNodes<'_>, names: &mut Names) {
         let mut old = std::mem::take(&mut self.0).into_iter().peekable();
         let mut fitted = Vec::with_capacity(targets.len());
-        for t in targets {
-            while old.next_if(|(node, _)| &**node < *t).is_some() {}
-            let kept = old.next_if(|(node, _)| &**node == *t);
+        for t in targets.iter() {
+            while old.next_if(|(node, _)| &**node < t).is_some() {}
+            let kept = old.next_if(|(node, _)| &**node == t);
             fitted.push(kept.unwrap_or_else(|| (names.get(t), Pair::default())));
         }
         self.0 = fitted;
+    }
+}
+
+/// An image's target nodes, sorted and without duplicates: a set read by binary search, made
+/// without building one (a reconcile at 1000 nodes would otherwise build a tree of 1000 names).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TargetNodes<'a>(&'a [String]);
+
+impl<'a> TargetNodes<'a> {
+    /// `nodes` themselves when they are sorted without duplicates (as
+    /// [`targets`](crate::cachedimage::targets::targets) gives them); otherwise a sorted copy
+    /// made in `spare`.
+    pub fn of(nodes: &'a [String], spare: &'a mut Vec<String>) -> Self {
+        if nodes.windows(2).all(|w| w[0] < w[1]) {
+            return Self(nodes);
+        }
+        spare.extend_from_slice(nodes);
+        spare.sort();
+        spare.dedup();
+        Self(spare)
+    }
+
+    pub fn contains(&self, node: &str) -> bool {
+        self.0.binary_search_by(|t| t.as_str().cmp(node)).is_ok()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        self.0.iter().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -300,14 +337,21 @@ mod tests {
     fn pacing_image_pairs_fit_their_targets_and_keep_what_stays() {
         let mut names = Names::default();
         let mut pairs = ImagePairs::default();
-        let set = |v: &[&'static str]| v.iter().copied().collect::<BTreeSet<&str>>();
-        pairs.fit(&set(&["b", "d", "a"]), &mut names);
-        assert!(pairs.fits(&set(&["a", "b", "d"])));
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        let (unsorted, sorted) = (owned(&["b", "d", "a", "b"]), owned(&["a", "b", "d"]));
+        let mut spare = Vec::new();
+        pairs.fit(TargetNodes::of(&unsorted, &mut spare), &mut names);
+        assert!(pairs.fits(TargetNodes::of(&sorted, &mut Vec::new())));
+        assert!(TargetNodes::of(&unsorted, &mut Vec::new()).contains("d"));
+        assert!(!TargetNodes::of(&sorted, &mut Vec::new()).contains("c"));
         pairs
             .get_mut("b")
             .expect("b is a target")
             .restore_cached(at("2026-12-01T00:00:00Z"));
-        pairs.fit(&set(&["c", "b", "e"]), &mut names);
+        pairs.fit(
+            TargetNodes::of(&owned(&["c", "b", "e"]), &mut Vec::new()),
+            &mut names,
+        );
         let nodes: Vec<&str> = pairs.iter().map(|(n, _)| &**n).collect();
         assert_eq!(nodes, ["b", "c", "e"]);
         assert!(

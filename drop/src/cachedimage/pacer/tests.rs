@@ -199,7 +199,7 @@ fn pacing_an_image_the_node_stops_listing_is_pulled_again() {
     assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
     let pulled = PullOutcome::Pulled { digest: None };
     let out = w.step(0, 2, &[pod(a, "n1", 1, 0, pulled)]);
-    assert_eq!(out.observed.nodes["n1"], NodeState::Cached);
+    assert_eq!(*out.observed.node("n1").unwrap(), NodeState::Cached);
     // Right after the pull the kubelet may not list it yet: that proves nothing.
     assert!(
         w.pacer
@@ -229,11 +229,11 @@ fn pacing_an_image_the_node_stops_listing_is_pulled_again() {
     // Its reconcile pulls it again (the old Pod is long gone), and the status says so meanwhile.
     let out = w.step(0, 20, &[]);
     assert_eq!(starts(&out), [("n1", 2)]);
-    assert_eq!(out.observed.nodes["n1"], NodeState::Pulling);
+    assert_eq!(*out.observed.node("n1").unwrap(), NodeState::Pulling);
 }
 
 fn failure_reason(out: &Outcome) -> Option<String> {
-    match out.observed.nodes.get("n1") {
+    match out.observed.node("n1") {
         Some(NodeState::Failed { reason, .. }) => Some(reason.clone()),
         _ => None,
     }
@@ -422,7 +422,7 @@ fn pacing_a_repull_keeps_the_node_cached_in_the_status() {
     // The refresh is due 100 s after the success: the node is pulled again, and stays cached.
     let out = step(101, &[]);
     assert_eq!(starts(&out), [("n1", 2)]);
-    assert_eq!(out.observed.nodes["n1"], NodeState::Refreshing);
+    assert_eq!(*out.observed.node("n1").unwrap(), NodeState::Refreshing);
     let status = super::super::status::compute(None, &out.observed, at(101));
     assert_eq!(status.phase, Some(crate::api::CachedImagePhase::Ready));
 }
