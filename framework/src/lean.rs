@@ -2,10 +2,9 @@
 //!
 //! `metadata.managedFields` is server-side apply bookkeeping. It is often the largest part of an
 //! object, and no reconciler reads it. The caches drop it anyway ([`crate::trim`]), but by then it
-//! has been decoded into a tree of maps only to be thrown away: for a controller whose children
-//! change often (a pull Pod per pull), that decoding is a large share of its CPU. [`Lean`] decodes an
-//! object with every map entry named `managedFields` skipped in the parser, so none of it is
-//! allocated. The framework's watches all decode this way.
+//! has been decoded into a tree of maps only to be thrown away. [`Lean`] decodes an object with
+//! `metadata.managedFields` skipped in the parser, so none of it is allocated; everything else
+//! decodes as it would without the wrapper. The framework's watches all decode this way.
 
 use kube::Resource;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -16,14 +15,25 @@ use std::fmt;
 /// The key left out.
 const SKIPPED: &str = "managedFields";
 
-/// An object of kind `K`, decoded without `managedFields`.
+/// An object of kind `K`, decoded without `metadata.managedFields`.
+///
+/// ```
+/// use framework::lean::Lean;
+/// use k8s_openapi::api::core::v1::ConfigMap;
+///
+/// let text = r#"{"metadata": {"name": "c", "managedFields": [{"manager": "kubectl"}]},
+///                "data": {"managedFields": "kept: only metadata's entry goes"}}"#;
+/// let Lean(cm) = serde_json::from_str::<Lean<ConfigMap>>(text).unwrap();
+/// assert_eq!(cm.metadata.managed_fields, None);
+/// assert!(cm.data.unwrap().contains_key("managedFields"));
+/// ```
 #[derive(Clone, Debug, Serialize)]
 #[serde(transparent)]
 pub struct Lean<K>(pub K);
 
 impl<'de, K: Deserialize<'de>> Deserialize<'de> for Lean<K> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        K::deserialize(Skipping(d)).map(Lean)
+        K::deserialize(Skipping(d, Level::Object)).map(Lean)
     }
 }
 
@@ -57,20 +67,29 @@ impl<K: Resource> Resource for Lean<K> {
     }
 }
 
-/// A deserializer that hands every map it meets, at any depth, to its visitor without the entries
-/// named [`SKIPPED`].
-struct Skipping<D>(D);
+/// Where in the object a value is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    /// The object itself: its `metadata` is read at [`Level::Metadata`].
+    Object,
+    /// Its metadata: the [`SKIPPED`] entry is left out.
+    Metadata,
+}
 
-/// A visitor whose maps, sequences and nested values are read through [`Skipping`].
-struct Wrap<V>(V);
+/// A deserializer reading the object or its metadata for [`Lean`]; everything below those two maps
+/// is handed to the real deserializer untouched.
+struct Skipping<D>(D, Level);
+
+/// A visitor of the object or its metadata.
+struct Wrap<V>(V, Level);
 
 /// A seed whose value is read through [`Skipping`].
-struct Seed<S>(S);
+struct Seed<S>(S, Level);
 
 macro_rules! forward {
     ($($method:ident),* $(,)?) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
-            self.0.$method(Wrap(visitor))
+            self.0.$method(Wrap(visitor, self.1))
         }
     )*};
 }
@@ -111,7 +130,7 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Skipping<D> {
         name: &'static str,
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        self.0.deserialize_unit_struct(name, Wrap(visitor))
+        self.0.deserialize_unit_struct(name, Wrap(visitor, self.1))
     }
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(
@@ -119,7 +138,8 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Skipping<D> {
         name: &'static str,
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        self.0.deserialize_newtype_struct(name, Wrap(visitor))
+        self.0
+            .deserialize_newtype_struct(name, Wrap(visitor, self.1))
     }
 
     fn deserialize_tuple<V: Visitor<'de>>(
@@ -127,7 +147,7 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Skipping<D> {
         len: usize,
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        self.0.deserialize_tuple(len, Wrap(visitor))
+        self.0.deserialize_tuple(len, Wrap(visitor, self.1))
     }
 
     fn deserialize_tuple_struct<V: Visitor<'de>>(
@@ -136,7 +156,8 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Skipping<D> {
         len: usize,
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        self.0.deserialize_tuple_struct(name, len, Wrap(visitor))
+        self.0
+            .deserialize_tuple_struct(name, len, Wrap(visitor, self.1))
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -145,7 +166,8 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Skipping<D> {
         fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        self.0.deserialize_struct(name, fields, Wrap(visitor))
+        self.0
+            .deserialize_struct(name, fields, Wrap(visitor, self.1))
     }
 
     fn deserialize_enum<V: Visitor<'de>>(
@@ -154,7 +176,7 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Skipping<D> {
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        // Enum payloads are left as they are: no Kubernetes enum carries managed fields.
+        // An object or its metadata is never an enum.
         self.0.deserialize_enum(name, variants, visitor)
     }
 
@@ -210,19 +232,24 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<V> {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
-        self.0.visit_some(Skipping(d))
+        self.0.visit_some(Skipping(d, self.1))
     }
 
     fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
-        self.0.visit_newtype_struct(Skipping(d))
+        self.0.visit_newtype_struct(Skipping(d, self.1))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
-        self.0.visit_seq(Wrap(seq))
+        // An object or its metadata is never a sequence.
+        self.0.visit_seq(seq)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
-        self.0.visit_map(Wrap(map))
+        self.0.visit_map(Entries {
+            map,
+            level: self.1,
+            metadata_next: false,
+        })
     }
 
     fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<V::Value, A::Error> {
@@ -230,22 +257,15 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<V> {
     }
 }
 
-impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Wrap<A> {
-    type Error = A::Error;
-
-    fn next_element_seed<T: DeserializeSeed<'de>>(
-        &mut self,
-        seed: T,
-    ) -> Result<Option<T::Value>, A::Error> {
-        self.0.next_element_seed(Seed(seed))
-    }
-
-    fn size_hint(&self) -> Option<usize> {
-        self.0.size_hint()
-    }
+/// The entries of the object or of its metadata.
+struct Entries<A> {
+    map: A,
+    level: Level,
+    /// The key just read is the object's `metadata`.
+    metadata_next: bool,
 }
 
-impl<'de, A: MapAccess<'de>> MapAccess<'de> for Wrap<A> {
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Entries<A> {
     type Error = A::Error;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(
@@ -253,13 +273,14 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for Wrap<A> {
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
         loop {
-            let Some(key) = self.0.next_key::<Key<'de>>()? else {
+            let Some(key) = self.map.next_key::<Key<'de>>()? else {
                 return Ok(None);
             };
-            if key.0 == SKIPPED {
-                self.0.next_value::<IgnoredAny>()?;
+            if self.level == Level::Metadata && key.0 == SKIPPED {
+                self.map.next_value::<IgnoredAny>()?;
                 continue;
             }
+            self.metadata_next = self.level == Level::Object && key.0 == "metadata";
             return match key.0 {
                 Cow::Borrowed(k) => seed
                     .deserialize(de::value::BorrowedStrDeserializer::new(k))
@@ -272,7 +293,11 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for Wrap<A> {
     }
 
     fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
-        self.0.next_value_seed(Seed(seed))
+        if self.metadata_next {
+            self.map.next_value_seed(Seed(seed, Level::Metadata))
+        } else {
+            self.map.next_value_seed(seed)
+        }
     }
 }
 
@@ -280,7 +305,7 @@ impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Seed<S> {
     type Value = S::Value;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
-        self.0.deserialize(Skipping(d))
+        self.0.deserialize(Skipping(d, self.1))
     }
 }
 
@@ -356,15 +381,10 @@ mod tests {
         assert_eq!(lean.metadata.managed_fields, None);
         let mut expected = full.clone();
         expected.metadata.managed_fields = None;
-        // Every other field, nested maps, lists, options and quantities included, is the same;
-        // only the managedFields key of a map is left out, here the label of that name too.
-        expected
-            .metadata
-            .labels
-            .as_mut()
-            .unwrap()
-            .remove("managedFields");
+        // Every other field, nested maps, lists, options and quantities included, is the same; a
+        // label that happens to be called managedFields is a label, and stays.
         assert_eq!(lean, expected);
+        assert!(lean.metadata.labels.unwrap().contains_key("managedFields"));
     }
 
     #[test]
