@@ -303,6 +303,19 @@ status() {
   return $rc
 }
 
+# `up`, started again (with new ports) when a component could not bind its port: a port chosen free
+# can be taken before the component binds it, by another cluster starting at the same time or as a
+# client's ephemeral port. At most three attempts; any other failure ends at once.
+up_retrying() {
+  local attempt
+  for attempt in 1 2 3; do
+    ( up "$@" ) && return 0
+    grep -qs "address already in use" "$STATE"/logs/*.log || return 1
+    log "a port was taken before its component could bind it; starting again (attempt $((attempt + 1)) of 3)"
+  done
+  return 1
+}
+
 # Reuse a healthy cluster; otherwise clean up whatever is left and start afresh. Serialised by a lock so
 # parallel test processes end up sharing one cluster.
 ensure() {
@@ -314,7 +327,7 @@ ensure() {
     return 0
   fi
   [[ -d "$STATE" ]] && stop_all
-  up "$@"
+  up_retrying "$@"
 }
 
 # Stops one component and starts it again with the same command line (same ports, same data), as
@@ -346,7 +359,7 @@ restart() {
 
 cmd=${1:-}; shift || true
 case "$cmd" in
-  up) up "$@" ;;
+  up) up_retrying "$@" ;;
   ensure) ensure "$@" ;;
   down) down ;;
   env) [[ -f "$STATE/kubeconfig" ]] || die "not up"; echo "export KUBECONFIG=$STATE/kubeconfig" ;;
