@@ -648,6 +648,16 @@ impl Pacer {
             Some(r) => st.registry_waiting.insert(name.clone(), Arc::clone(r)),
             None => st.registry_waiting.remove(&name),
         };
+        // Another image that this decision finds held back by its registry for the first time is
+        // woken once, so that its status says so (its own reconciles would not come before a slot
+        // frees).
+        for (k, r) in &decision.registry_held {
+            if *k.image != *name && !st.registry_waiting.contains_key(&*k.image) {
+                st.registry_waiting
+                    .insert(k.image.to_string(), Arc::clone(r));
+                wake.insert(k.image.to_string());
+            }
+        }
         for k in &decision.timed_out {
             if *k.image == *name {
                 let message = format!("no pull outcome after {}s", self.pull_timeout.as_secs());
