@@ -126,7 +126,9 @@ pub async fn run(
         .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
         .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, move |node, images| {
             if let Some(warden) = &warden {
-                warden.node_changed(node, || retargeting.missing_on(node, images, &tolerations));
+                warden.node_changed(node, || {
+                    retargeting.missing_on(node, images, warden.judging())
+                });
             }
             let mut wake = retargeting.retargeted_by(node, images, &tolerations);
             wake.extend(retargeting.node_images_changed(node, max_images));

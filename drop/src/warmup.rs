@@ -65,7 +65,8 @@ impl Warmup {
     }
 
     /// What a warming node's images are judged with: [`Warmup::toleration`] and the
-    /// [`STARTUP_TAINTS`], so that an image counts for a node that is not ready yet.
+    /// [`STARTUP_TAINTS`], so that an image counts for a node that is not ready yet. The
+    /// [`Warden`] computes it once.
     pub fn judging_tolerations(&self) -> Vec<Toleration> {
         std::iter::once(self.toleration())
             .chain(STARTUP_TAINTS.iter().map(|key| Toleration {

@@ -72,13 +72,15 @@ impl CachedImageReconciler {
             return;
         }
         let images = ctx.cached::<CachedImage>();
-        let judging = warden.warmup().judging_tolerations();
         for name in warming {
             if let Some(node) = nodes
                 .iter()
                 .find(|n| n.metadata.name.as_ref() == Some(&name))
             {
-                warden.checked(&name, self.pacer.missing_on(node, &images, &judging));
+                warden.checked(
+                    &name,
+                    self.pacer.missing_on(node, &images, warden.judging()),
+                );
             }
         }
     }

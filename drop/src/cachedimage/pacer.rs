@@ -183,6 +183,17 @@ struct State {
     registry_waiting: BTreeMap<String, Registry>,
 }
 
+impl State {
+    /// The policy `image` names, as its last reconcile saw it: `Some(None)` for none, `None` when
+    /// it names one the pacer has not seen (it cannot judge the image's targets).
+    fn policy_of(&self, image: &CachedImage) -> Option<Option<&PullPolicySpec>> {
+        match &image.spec.policy_ref {
+            None => Some(None),
+            Some(r) => self.policies.get(&r.name).map(Some),
+        }
+    }
+}
+
 /// The shared pacing state.
 pub struct Pacer {
     state: Mutex<State>,
@@ -265,12 +276,8 @@ impl Pacer {
                 else {
                     return true;
                 };
-                let policy = match &image.spec.policy_ref {
-                    None => None,
-                    Some(r) => match st.policies.get(&r.name) {
-                        Some(p) => Some(p),
-                        None => return true,
-                    },
+                let Some(policy) = st.policy_of(image) else {
+                    return true;
                 };
                 let was = known.pairs.get(&name).is_some();
                 was != targets::is_target(node, &image.spec, policy, also)
@@ -301,15 +308,9 @@ impl Pacer {
             if memory.is_some_and(|m| m.registered.is_none() && m.reference.is_some()) {
                 continue;
             }
-            let policy = match &image.spec.policy_ref {
-                None => None,
-                Some(r) => match st.policies.get(&r.name) {
-                    Some(p) => Some(p),
-                    None => {
-                        missing.push(image_name);
-                        continue;
-                    }
-                },
+            let Some(policy) = st.policy_of(image) else {
+                missing.push(image_name);
+                continue;
             };
             if !targets::is_target(node, &image.spec, policy, also) {
                 continue;

@@ -8,7 +8,7 @@
 use super::{CACHED, DEADLINE, Verdict, Warmup};
 use crate::metrics::Metrics;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Toleration};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -34,6 +34,8 @@ struct Warming {
 /// Removes the warm-up taint from nodes that are warm or out of time.
 pub struct Warden {
     warmup: Warmup,
+    /// [`Warmup::judging_tolerations`], computed once.
+    judging: Vec<Toleration>,
     api: Api<Node>,
     recorder: Recorder,
     metrics: Metrics,
@@ -51,6 +53,7 @@ impl Warden {
             },
         );
         Arc::new(Self {
+            judging: warmup.judging_tolerations(),
             warmup,
             api: Api::all(client),
             recorder,
@@ -62,6 +65,12 @@ impl Warden {
     /// The settings.
     pub fn warmup(&self) -> &Warmup {
         &self.warmup
+    }
+
+    /// The tolerations a warming node's images are judged with
+    /// ([`Warmup::judging_tolerations`]).
+    pub fn judging(&self) -> &[Toleration] {
+        &self.judging
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Warming>> {
