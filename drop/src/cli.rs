@@ -2,7 +2,7 @@
 //! the very same program in a process of their own.
 
 use clap::{Parser, Subcommand};
-use framework::logging::LogFormat;
+use kube_plan::logging::LogFormat;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -144,7 +144,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Crd { dir } => report(print_crds(dir.as_deref())),
         Command::Run(args) => {
-            framework::logging::init(args.log_format);
+            kube_plan::logging::init(args.log_format);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -169,7 +169,7 @@ fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let metrics_addr = parse_addr("metrics-bind-address", &args.metrics_bind_address)?;
     let health_addr = parse_addr("health-probe-bind-address", &args.health_probe_bind_address)?;
     let client = kube::Client::try_default().await.map_err(|e| {
@@ -188,7 +188,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             .leader_election_namespace
             .clone()
             .unwrap_or_else(|| args.pod_namespace.clone());
-        let mut election = framework::LeaderElection::new("drop-leader", &ns, &identity);
+        let mut election = kube_plan::LeaderElection::new("drop-leader", &ns, &identity);
         election.lease_duration = args.leader_elect_lease_duration;
         election.renew_deadline = args.leader_elect_renew_deadline;
         election.retry_period = args.leader_elect_retry_period;
@@ -204,8 +204,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         pull_timeout: args.pull_timeout,
         metrics_addr,
         metrics_tls: args.metrics_secure.then(|| match args.metrics_cert_dir {
-            Some(dir) => framework::metrics_auth::Certificate::in_dir(dir),
-            None => framework::metrics_auth::Certificate::SelfSigned,
+            Some(dir) => kube_plan::metrics_auth::Certificate::in_dir(dir),
+            None => kube_plan::metrics_auth::Certificate::SelfSigned,
         }),
         health_addr,
         leader_election,
@@ -222,13 +222,13 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             }),
         registry_budgets: args.registry_budgets.into_iter().collect(),
     };
-    crate::operator::run(client, settings, framework::operator::shutdown_signal()).await?;
+    crate::operator::run(client, settings, kube_plan::operator::shutdown_signal()).await?;
     Ok(())
 }
 
 fn print_crds(dir: Option<&std::path::Path>) -> Result<(), Box<dyn std::error::Error>> {
     match dir {
-        None => print!("{}", framework::crd::to_yaml_stream(&crate::api::crds())?),
+        None => print!("{}", kube_plan::crd::to_yaml_stream(&crate::api::crds())?),
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
             for (file, yaml) in crate::api::crd_files()? {

@@ -12,12 +12,12 @@ use crate::api::{
 use crate::discovery::client::{Credentials, redact};
 use crate::discovery::{self, FailureKind, Found, SourceError, prometheus, registry};
 use crate::metrics::Metrics;
-use framework::conditions::{self, Cond};
-use framework::{Context, Plan, Reconciler};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{Api, ResourceExt};
+use kube_plan::conditions::{self, Cond};
+use kube_plan::{Context, Plan, Reconciler};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -199,7 +199,7 @@ async fn credentials(
         )),
         Err(e) => Err(SourceError::new(
             FailureKind::SourceError,
-            format!("reading Secret {:?}: {}", r.name, framework::describe(&e)),
+            format!("reading Secret {:?}: {}", r.name, kube_plan::describe(&e)),
         )),
     }
 }

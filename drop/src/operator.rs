@@ -7,8 +7,8 @@ use crate::discoverypolicy::DiscoveryPolicyReconciler;
 use crate::metrics::Metrics;
 use crate::podbuilder::PullPodView;
 use crate::warmup::{Warden, Warmup};
-use framework::{Controller, LeaderElection, Operator, OperatorError};
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
+use kube_plan::{Controller, LeaderElection, Operator, OperatorError};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// Serve `/metrics` over TLS to authorised callers only, with this certificate (`None`: plain
     /// HTTP to anyone who can reach the port).
-    pub metrics_tls: Option<framework::metrics_auth::Certificate>,
+    pub metrics_tls: Option<kube_plan::metrics_auth::Certificate>,
     /// Where to serve `/healthz` and `/readyz`.
     pub health_addr: Option<SocketAddr>,
     /// Reconcile only while holding this Lease.

@@ -122,7 +122,7 @@ proptest! {
             0..8,
         )
     ) {
-        framework::install_crypto_provider();
+        kube_plan::install_crypto_provider();
         let data = pairs.into_iter().map(|(k, v)| (k, ByteString(v))).collect();
         if let Ok(c) = Credentials::from_secret("s", &data) {
             // A client is built (or refused with a reason) from whatever the Secret holds.

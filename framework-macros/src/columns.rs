@@ -78,7 +78,7 @@ pub fn derive(input: &DeriveInput) -> Result<TokenStream> {
             None => quote!(::core::option::Option::None),
         };
         quote! {
-            ::framework::Column {
+            ::kube_plan::Column {
                 name: ::std::string::String::from(#name),
                 type_: #type_,
                 json_path: ::std::format!("{}{}", prefix, #suffix),
@@ -89,8 +89,8 @@ pub fn derive(input: &DeriveInput) -> Result<TokenStream> {
     });
     Ok(quote! {
         #[automatically_derived]
-        impl #impl_generics ::framework::PrinterColumns for #ident #ty_generics #where_clause {
-            fn columns(prefix: &str) -> ::std::vec::Vec<::framework::Column> {
+        impl #impl_generics ::kube_plan::PrinterColumns for #ident #ty_generics #where_clause {
+            fn columns(prefix: &str) -> ::std::vec::Vec<::kube_plan::Column> {
                 ::std::vec![#(#items),*]
             }
         }

@@ -11,7 +11,7 @@ mod types;
 
 use proc_macro::TokenStream;
 
-/// Declares printer columns on the fields they display. See `framework::PrinterColumns`.
+/// Declares printer columns on the fields they display. See `kube_plan::PrinterColumns`.
 ///
 /// Field attribute `#[column(...)]`, repeatable:
 /// - `name = "Header"`: column header (default: the serialized field name, first letter upper-cased);
@@ -29,7 +29,7 @@ pub fn derive_printer_columns(input: TokenStream) -> TokenStream {
         .into()
 }
 
-/// Implements `framework::ObjectStatus` from marked fields.
+/// Implements `kube_plan::ObjectStatus` from marked fields.
 ///
 /// Field attributes: `#[status(conditions)]` on a `Vec<Condition>` (or `Option<Vec<Condition>>`), and
 /// `#[status(observed_generation)]` on an `Option<i64>` (or `i64`). Both are optional, each at most once.

@@ -90,7 +90,7 @@ pub fn derive(input: &DeriveInput) -> Result<TokenStream> {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let condition_path =
-        quote!(::framework::k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition);
+        quote!(::kube_plan::k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition);
     let (field_name, get, get_mut) = match &conditions {
         Some((field, name)) => {
             let f = &field.ident;
@@ -128,7 +128,7 @@ pub fn derive(input: &DeriveInput) -> Result<TokenStream> {
     };
     Ok(quote! {
         #[automatically_derived]
-        impl #impl_generics ::framework::ObjectStatus for #ident #ty_generics #where_clause {
+        impl #impl_generics ::kube_plan::ObjectStatus for #ident #ty_generics #where_clause {
             const CONDITIONS_FIELD: ::core::option::Option<&'static str> = #field_name;
             fn conditions(&self) -> &[#condition_path] {
                 #get

@@ -1,11 +1,11 @@
 //! What decoding a watched object costs with and without its managed fields: a pull Pod as the
 //! API server sends it (created by server-side apply, its status written by the kubelet), decoded
-//! as `Pod` and as `framework::lean::Lean<Pod>`. Prints figures; asserts nothing.
+//! as `Pod` and as `kube_plan::lean::Lean<Pod>`. Prints figures; asserts nothing.
 //!
 //! `cargo bench -p framework --bench lean_decode`
 
-use framework::lean::Lean;
 use k8s_openapi::api::core::v1::Pod;
+use kube_plan::lean::Lean;
 use std::hint::black_box;
 use std::time::Instant;
 

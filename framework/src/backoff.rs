@@ -4,7 +4,7 @@
 //! keeps it, so one object failing repeatedly waits longer and longer while others are unaffected.
 //!
 //! ```
-//! use framework::backoff::{Backoff, BackoffTracker};
+//! use kube_plan::backoff::{Backoff, BackoffTracker};
 //! use std::time::Duration;
 //!
 //! let mut t = BackoffTracker::new(Backoff::new(Duration::from_secs(1), Duration::from_secs(8)));

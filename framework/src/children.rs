@@ -69,7 +69,7 @@ impl Child {
     /// the framework.
     ///
     /// ```
-    /// use framework::Child;
+    /// use kube_plan::Child;
     /// use k8s_openapi::api::core::v1::ConfigMap;
     ///
     /// let mut cm = ConfigMap::default();

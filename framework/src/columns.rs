@@ -5,7 +5,7 @@
 //! nothing. [`crate::crd::build`] collects the columns of the spec and the status.
 //!
 //! ```
-//! use framework::{Column, PrinterColumns};
+//! use kube_plan::{Column, PrinterColumns};
 //!
 //! #[derive(PrinterColumns)]
 //! #[serde(rename_all = "camelCase")]

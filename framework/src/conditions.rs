@@ -6,8 +6,8 @@
 //! framework skip status writes that would change nothing.
 //!
 //! ```
-//! use framework::conditions::{self, Cond};
-//! use framework::Timestamp;
+//! use kube_plan::conditions::{self, Cond};
+//! use kube_plan::Timestamp;
 //!
 //! let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
 //! let t1: Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();

@@ -86,7 +86,7 @@ type WatchFn<K> = Box<
 /// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
 ///
 /// ```no_run
-/// # use framework::{Context, Controller, Plan, Reconciler};
+/// # use kube_plan::{Context, Controller, Plan, Reconciler};
 /// # use k8s_openapi::api::apps::v1::Deployment;
 /// # use k8s_openapi::api::core::v1::Node;
 /// # use kube::runtime::reflector::ObjectRef;
@@ -94,7 +94,7 @@ type WatchFn<K> = Box<
 /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
 /// # #[kube(group = "example.com", version = "v1", kind = "App", namespaced, status = "AppStatus")]
 /// # struct AppSpec {}
-/// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+/// # #[derive(kube_plan::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
 /// # struct AppStatus {}
 /// # impl Reconciler for MyReconciler {
 /// #     type Resource = App;
@@ -274,12 +274,12 @@ where
     /// when a reconcile reads only part of an object, so the rest of its churn costs nothing.
     ///
     /// ```
-    /// # use framework::{Context, Controller, Plan, Reconciler};
+    /// # use kube_plan::{Context, Controller, Plan, Reconciler};
     /// # use k8s_openapi::api::batch::v1::Job;
     /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
     /// # #[kube(group = "example.com", version = "v1", kind = "Task", namespaced, status = "TaskStatus")]
     /// # struct TaskSpec {}
-    /// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+    /// # #[derive(kube_plan::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
     /// # struct TaskStatus {}
     /// # struct Tasks;
     /// # impl Reconciler for Tasks {
@@ -345,12 +345,12 @@ where
     /// mappers see the trimmed objects. Managed fields are always dropped; see [`crate::trim`].
     ///
     /// ```
-    /// # use framework::{Context, Controller, Plan, Reconciler};
+    /// # use kube_plan::{Context, Controller, Plan, Reconciler};
     /// # use k8s_openapi::api::core::v1::Node;
     /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
     /// # #[kube(group = "example.com", version = "v1", kind = "App", status = "AppStatus")]
     /// # struct AppSpec {}
-    /// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+    /// # #[derive(kube_plan::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
     /// # struct AppStatus {}
     /// # struct MyReconciler;
     /// # impl Reconciler for MyReconciler {
@@ -384,11 +384,11 @@ where
     /// of a whole decoded list) and lists it elsewhere; see [`crate::initial_list`].
     ///
     /// ```
-    /// # use framework::{Context, Controller, Plan, Reconciler};
+    /// # use kube_plan::{Context, Controller, Plan, Reconciler};
     /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
     /// # #[kube(group = "example.com", version = "v1", kind = "App", status = "AppStatus")]
     /// # struct AppSpec {}
-    /// # #[derive(framework::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+    /// # #[derive(kube_plan::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
     /// # struct AppStatus {}
     /// # struct MyReconciler;
     /// # impl Reconciler for MyReconciler {
@@ -396,7 +396,7 @@ where
     /// #     type Error = std::convert::Infallible;
     /// #     async fn reconcile(&self, _: &App, _: &Context) -> Result<Plan<App>, Self::Error> { Ok(Plan::new()) }
     /// # }
-    /// use framework::initial_list::InitialList;
+    /// use kube_plan::initial_list::InitialList;
     ///
     /// // Behind a proxy that holds watch requests: list first, as clients always did.
     /// let controller = Controller::new("app", MyReconciler).initial_list(InitialList::Listed);

@@ -7,7 +7,7 @@
 //! new object reads as not yet observed (kstatus: in progress) until its controller writes a status.
 //!
 //! ```
-//! use framework::{PrinterColumns, Status};
+//! use kube_plan::{PrinterColumns, Status};
 //! use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 //! use kube::CustomResource;
 //! use schemars::JsonSchema;
@@ -27,11 +27,11 @@
 //!     conditions: Vec<Condition>,
 //! }
 //!
-//! let crd = framework::crd::build::<Widget>();
+//! let crd = kube_plan::crd::build::<Widget>();
 //! let cols = crd.spec.versions[0].additional_printer_columns.clone().unwrap();
 //! assert_eq!(cols[0].json_path, ".spec.size");
 //! assert_eq!(cols[1].json_path, ".status.conditions[?(@.type==\"Ready\")].reason");
-//! let yaml = framework::crd::to_yaml(&crd).unwrap();
+//! let yaml = kube_plan::crd::to_yaml(&crd).unwrap();
 //! assert!(yaml.contains("x-kubernetes-list-type: map"));
 //! ```
 
@@ -105,7 +105,7 @@ where
 /// ignored, so check the result in a test (for instance against `kubectl get` output you expect).
 ///
 /// ```
-/// # use framework::crd::order_columns;
+/// # use kube_plan::crd::order_columns;
 /// # use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::*;
 /// let col = |name: &str| CustomResourceColumnDefinition {
 ///     name: name.into(),

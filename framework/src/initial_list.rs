@@ -26,7 +26,7 @@ use std::fmt::Debug;
 /// # async fn probe(client: kube::Client) {
 /// use k8s_openapi::api::core::v1::ConfigMap;
 /// let api: kube::Api<ConfigMap> = kube::Api::default_namespaced(client);
-/// if framework::initial_list::streams_initial_state(&api).await {
+/// if kube_plan::initial_list::streams_initial_state(&api).await {
 ///     println!("watches will stream their initial state");
 /// }
 /// # }

@@ -18,7 +18,7 @@ const SKIPPED: &str = "managedFields";
 /// An object of kind `K`, decoded without `metadata.managedFields`.
 ///
 /// ```
-/// use framework::lean::Lean;
+/// use kube_plan::lean::Lean;
 /// use k8s_openapi::api::core::v1::ConfigMap;
 ///
 /// let text = r#"{"metadata": {"name": "c", "managedFields": [{"manager": "kubectl"}]},

@@ -18,8 +18,8 @@
 //! See `docs/framework.md` in the repository for a walk-through, and `examples/memcached` for a whole
 //! operator.
 
-// Lets the derives' `::framework::…` paths resolve inside this crate's own tests.
-extern crate self as framework;
+// Lets the derives' `::kube_plan::…` paths resolve inside this crate's own tests.
+extern crate self as kube_plan;
 
 mod applied;
 pub mod backoff;
@@ -53,15 +53,14 @@ pub use children::Child;
 pub use columns::{Column, PrinterColumns};
 pub use controller::Controller;
 pub use fence::LeadershipLapsed;
-pub use framework_macros::{PrinterColumns, Status};
 pub use jiff::Timestamp;
+pub use kube_plan_macros::{PrinterColumns, Status};
 pub use leader::LeaderElection;
 pub use operator::{Operator, OperatorError};
 pub use plan::Plan;
 pub use reconciler::{Context, Reconciler};
 pub use status::ObjectStatus;
 
-/// Re-exported so derived code and users agree on one version.
 /// A Kubernetes API error as a user should read it: the API server's own message and reason for an
 /// API error (kube's `Display` includes a debug dump of the whole `Status` object), the error's
 /// message otherwise. Used for conditions, Events and logs.
@@ -69,7 +68,7 @@ pub use status::ObjectStatus;
 /// ```
 /// let status = kube::core::Status::failure("pods \"p\" is forbidden: exceeded quota", "Forbidden")
 ///     .with_code(403);
-/// let text = framework::describe(&kube::Error::Api(status.boxed()));
+/// let text = kube_plan::describe(&kube::Error::Api(status.boxed()));
 /// assert_eq!(text, "pods \"p\" is forbidden: exceeded quota (Forbidden)");
 /// ```
 pub fn describe(e: &kube::Error) -> String {
@@ -80,6 +79,7 @@ pub fn describe(e: &kube::Error) -> String {
     }
 }
 
+/// Re-exported so derived code and users agree on one version.
 pub use k8s_openapi;
 /// Re-exported so derived code and users agree on one version.
 pub use kube;

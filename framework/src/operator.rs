@@ -79,8 +79,8 @@ enum CrdMode {
 /// Runs controllers until SIGTERM/SIGINT (or a given shutdown future).
 ///
 /// ```no_run
-/// # use framework::{Operator, Controller};
-/// # async fn run(client: kube::Client) -> Result<(), framework::OperatorError> {
+/// # use kube_plan::{Operator, Controller};
+/// # async fn run(client: kube::Client) -> Result<(), kube_plan::OperatorError> {
 /// Operator::new("my-operator", client)
 ///     .metrics_addr("0.0.0.0:8080".parse().unwrap())
 ///     .health_addr("0.0.0.0:8081".parse().unwrap())
@@ -169,8 +169,8 @@ impl Operator {
     /// `subjectaccessreviews`. See [`crate::metrics_auth`].
     ///
     /// ```no_run
-    /// # use framework::{Operator, metrics_auth::Certificate};
-    /// # async fn run(client: kube::Client) -> Result<(), framework::OperatorError> {
+    /// # use kube_plan::{Operator, metrics_auth::Certificate};
+    /// # async fn run(client: kube::Client) -> Result<(), kube_plan::OperatorError> {
     /// Operator::new("my-operator", client)
     ///     .metrics_addr("0.0.0.0:8443".parse().unwrap())
     ///     .secure_metrics(Certificate::SelfSigned)

@@ -35,7 +35,7 @@ pub struct PlannedEvent {
 /// it differs from the stored one, and publishing the Events.
 ///
 /// ```
-/// use framework::{Plan, Status};
+/// use kube_plan::{Plan, Status};
 /// use std::time::Duration;
 /// # use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 /// # #[derive(Clone, Default, Status)]

@@ -149,8 +149,8 @@ impl Context {
 /// told why it runs, and must give the same plan for the same world.
 ///
 /// ```
-/// use framework::{Context, Plan, Reconciler, Status};
-/// use framework::conditions::{self, Cond};
+/// use kube_plan::{Context, Plan, Reconciler, Status};
+/// use kube_plan::conditions::{self, Cond};
 /// use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 /// use kube::CustomResource;
 /// use schemars::JsonSchema;

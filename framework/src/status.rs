@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 /// order changes between runs, and every reconcile would write).
 ///
 /// ```
-/// use framework::{ObjectStatus, Status};
+/// use kube_plan::{ObjectStatus, Status};
 /// use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 ///
 /// #[derive(Status, Default)]

@@ -11,7 +11,7 @@
 //! nodes ([`TestCluster::add_nodes`]), so tests run in parallel without seeing each other.
 //!
 //! ```no_run
-//! use framework::testing::{TestCluster, eventually};
+//! use kube_plan::testing::{TestCluster, eventually};
 //! use k8s_openapi::api::core::v1::Namespace;
 //! use kube::Api;
 //! use std::time::Duration;

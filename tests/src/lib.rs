@@ -1,5 +1,5 @@
 //! Shared helpers of the end-to-end suites (`tests/tests/*.rs`). Every suite runs against a real local
-//! control plane started (or reused) through `framework::testing`.
+//! control plane started (or reused) through `kube_plan::testing`.
 
 pub mod audit;
 pub mod chaos;
@@ -7,24 +7,24 @@ pub mod fixtures;
 pub mod identity;
 pub mod realnode;
 
-use framework::testing::{TestCluster, TestError};
 use futures::future::BoxFuture;
 use kube::Client;
+use kube_plan::testing::{TestCluster, TestError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// The shared cluster and a client for it; installs the TLS provider first.
 pub async fn cluster() -> Result<(&'static TestCluster, Client), TestError> {
-    framework::install_crypto_provider();
-    framework::testing::init_logging();
+    kube_plan::install_crypto_provider();
+    kube_plan::testing::init_logging();
     let cluster = TestCluster::shared()?;
     let client = cluster.client().await?;
     Ok((cluster, client))
 }
 
 /// Installs (or updates) Drop's CRDs and waits until they are established.
-pub async fn install_drop_crds(client: &Client) -> Result<(), framework::crd::CrdError> {
-    framework::crd::install(
+pub async fn install_drop_crds(client: &Client) -> Result<(), kube_plan::crd::CrdError> {
+    kube_plan::crd::install(
         client,
         &drop::api::crds(),
         "drop-e2e",
@@ -37,7 +37,7 @@ pub async fn install_drop_crds(client: &Client) -> Result<(), framework::crd::Cr
 /// Pods in the test's namespace (which enforces Pod Security "restricted", as the chart's does).
 pub struct DropUnderTest {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), framework::OperatorError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), kube_plan::OperatorError>>>,
     /// The label value objects of this test carry.
     pub id: String,
 }
@@ -113,7 +113,7 @@ impl DropUnderTest {
     {
         object.meta_mut().labels = Some(self.labels());
         let what = format!("{} created", K::kind(&Default::default()));
-        framework::testing::eventually(std::time::Duration::from_secs(30), &what, || async {
+        kube_plan::testing::eventually(std::time::Duration::from_secs(30), &what, || async {
             api.create(&kube::api::PostParams::default(), &object)
                 .await
                 .map_err(|e| e.to_string())
@@ -143,7 +143,7 @@ pub async fn wait_until<K>(
 where
     K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
-    framework::testing::eventually(std::time::Duration::from_secs(secs), what, || async {
+    kube_plan::testing::eventually(std::time::Duration::from_secs(secs), what, || async {
         let object = api.get(name).await.map_err(|e| e.to_string())?;
         if ok(&object) {
             Ok(object)

@@ -2,8 +2,8 @@
 //! containerd, and the loopback registry that holds the images it runs. Tests read the node's
 //! containerd directly (`ctr`), not only what Drop reports.
 
-use framework::testing::TestCluster;
 use k8s_openapi::api::core::v1::Toleration;
+use kube_plan::testing::TestCluster;
 use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -5,11 +5,11 @@ use drop::api::{
     CachedImage, CachedImagePhase, CachedImageSpec, PolicyReference, PullPolicy, PullPolicySpec,
 };
 use e2e::{DropUnderTest, PodRecorder, cluster};
-use framework::testing::{TestCluster, eventually};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{LocalObjectReference, Node, Pod, Taint, Toleration};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use kube_plan::testing::{TestCluster, eventually};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -18,8 +18,8 @@ const POOL: &str = "e2e.drop/pool";
 struct Scene {
     client: Client,
     drop: DropUnderTest,
-    ns: framework::testing::TestNamespace,
-    nodes: framework::testing::TestNodes,
+    ns: kube_plan::testing::TestNamespace,
+    nodes: kube_plan::testing::TestNodes,
     images: Api<CachedImage>,
     pods: Api<Pod>,
     recorder: PodRecorder,
@@ -149,7 +149,7 @@ fn phase(ci: &CachedImage) -> Option<CachedImagePhase> {
 fn ready_reason(ci: &CachedImage) -> String {
     ci.status
         .as_ref()
-        .and_then(|s| framework::conditions::get(&s.conditions, "Ready"))
+        .and_then(|s| kube_plan::conditions::get(&s.conditions, "Ready"))
         .map(|c| c.reason.clone())
         .unwrap_or_default()
 }
@@ -203,7 +203,7 @@ async fn cachedimage_basic_caches_on_every_matching_node() {
         st.resolved_digest
     );
     assert_eq!(st.observed_generation, ci.metadata.generation);
-    let ready = framework::conditions::get(&st.conditions, "Ready").unwrap();
+    let ready = kube_plan::conditions::get(&st.conditions, "Ready").unwrap();
     assert_eq!(
         (ready.reason.as_str(), ready.message.as_str()),
         ("Cached", "Image cached on all 3 target nodes")
@@ -273,7 +273,7 @@ async fn cachedimage_failures_back_off_and_recover() {
         .await;
     assert_eq!(ready_reason(&ci), "PullFailed");
     let st = ci.status.unwrap();
-    let progress = framework::conditions::get(&st.conditions, "PullProgress").unwrap();
+    let progress = kube_plan::conditions::get(&st.conditions, "PullProgress").unwrap();
     assert!(
         ["Stalled", "Pulling"].contains(&progress.reason.as_str()),
         "{}",
@@ -769,7 +769,7 @@ async fn cachedimage_missing_policy_is_reported_then_honoured() {
 
 #[tokio::test]
 async fn cachedimage_operator_without_crds_fails_with_a_clear_message() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     // A cluster of its own, where Drop's CRDs were never installed.
     let bare = TestCluster::start(0).unwrap();
     let client = bare.client().await.unwrap();

@@ -10,11 +10,11 @@ use drop::api::{
 };
 use e2e::chaos::{DropCommand, DropProcess, InvariantWatch, log_dir};
 use e2e::{TEST_LABEL, cluster, install_drop_crds};
-use framework::testing::{TestCluster, TestNodes, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
+use kube_plan::testing::{TestCluster, TestNodes, eventually};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ const CONCURRENCY: i32 = 10;
 
 struct Rollout {
     client: Client,
-    ns: framework::testing::TestNamespace,
+    ns: kube_plan::testing::TestNamespace,
     _nodes: TestNodes,
     command: DropCommand,
     images: Vec<String>,

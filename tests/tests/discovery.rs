@@ -10,9 +10,9 @@ use drop::discovery::client::Credentials;
 use drop::discovery::{FailureKind, prometheus, registry};
 use e2e::fixtures::{Prometheus, Registry, closed_port};
 use e2e::{DropUnderTest, cluster};
-use framework::testing::eventually;
 use jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use kube_plan::testing::eventually;
 use std::time::Duration;
 
 const NGINX: &str = "docker.io/library/nginx:1.27";
@@ -37,7 +37,7 @@ fn reg(url: &str, repos: &[&str]) -> RegistrySource {
 
 #[tokio::test]
 async fn discovery_prometheus_instant_and_range_scores_are_exact() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let now = Timestamp::now().as_second() / 60 * 60;
     let p = Prometheus::start(&[(NGINX, 3.0), (REDIS, 5.0)], now).await;
     let at = Timestamp::from_second(now).unwrap();
@@ -100,7 +100,7 @@ async fn discovery_prometheus_instant_and_range_scores_are_exact() {
 
 #[tokio::test]
 async fn discovery_registry_lists_tags_with_filter_topx_and_template() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let r = Registry::start().await;
     for tag in ["v1.0.0", "v1.1.0", "v2.0.0", "edge"] {
         r.push("test/myapp", tag).await;
@@ -156,7 +156,7 @@ async fn discovery_registry_lists_tags_with_filter_topx_and_template() {
 
 #[tokio::test]
 async fn discovery_failures_are_classified_against_real_conditions() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let none = Credentials::default();
     let dns = registry::list(
         &reg("http://nonexistent-registry.invalid:5000", &["a"]),
@@ -216,7 +216,7 @@ fn source_reg(url: &str, repo: &str) -> DiscoverySource {
 fn ready(dp: &DiscoveryPolicy) -> (String, String) {
     dp.status
         .as_ref()
-        .and_then(|s| framework::conditions::get(&s.conditions, "Ready"))
+        .and_then(|s| kube_plan::conditions::get(&s.conditions, "Ready"))
         .map(|c| (c.reason.clone(), c.message.clone()))
         .unwrap_or_default()
 }
@@ -332,7 +332,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         "Discovered 2 images, but some sources failed: 1"
     );
     let health =
-        framework::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
+        kube_plan::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
             .unwrap();
     assert_eq!(health.reason, "ConnectionRefused");
 
@@ -361,7 +361,7 @@ async fn discovery_policy_controller_publishes_refreshes_and_reports_failures() 
         "{message}"
     );
     let health =
-        framework::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
+        kube_plan::conditions::get(&dp.status.as_ref().unwrap().conditions, "SourcesHealthy")
             .unwrap();
     assert_eq!(health.reason, "DNSError");
 
@@ -421,7 +421,7 @@ fn secret(pairs: &[(&str, Vec<u8>)]) -> Credentials {
 
 #[tokio::test]
 async fn discovery_registry_with_custom_ca_client_certificate_and_basic_auth() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let pki = e2e::fixtures::Pki::generate();
     let r = Registry::start_secured(&pki, "drop", "s3cret").await;
     r.push("team/app", "v1").await;
@@ -478,7 +478,7 @@ fn tags(n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn discovery_registry_follows_pagination_and_keeps_the_last_tags() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     let f = FakeRegistry::start(FakeRegistryConfig {
         tags: tags(8),
@@ -510,7 +510,7 @@ async fn discovery_registry_follows_pagination_and_keeps_the_last_tags() {
 
 #[tokio::test]
 async fn discovery_registry_bearer_token_flow_and_extra_headers() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     let f = FakeRegistry::start(FakeRegistryConfig {
         tags: tags(2),
@@ -555,7 +555,7 @@ async fn discovery_registry_bearer_token_flow_and_extra_headers() {
 
 #[tokio::test]
 async fn discovery_huge_answers_are_cut_off() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     let f = FakeRegistry::start(FakeRegistryConfig::default()).await;
     let e = registry::list(&reg(&f.url, &["huge"]), &Credentials::default())
@@ -566,7 +566,7 @@ async fn discovery_huge_answers_are_cut_off() {
 
 #[tokio::test]
 async fn discovery_slow_answers_time_out() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     let f = FakeRegistry::start(FakeRegistryConfig {
         tags: tags(1),
@@ -583,7 +583,7 @@ async fn discovery_slow_answers_time_out() {
 
 #[tokio::test]
 async fn discovery_prometheus_with_custom_ca_client_certificate_and_basic_auth() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let pki = e2e::fixtures::Pki::generate();
     let now = Timestamp::now().as_second() / 60 * 60;
     let p = Prometheus::start_secured(&[(NGINX, 4.0)], now, &pki, "drop", "s3cret").await;
@@ -657,7 +657,7 @@ fn assert_nothing_reached(spy: &e2e::fixtures::FakeRegistry) {
 
 #[tokio::test]
 async fn discovery_credentials_pagination_to_another_origin_is_not_followed() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     let spy = FakeRegistry::start(FakeRegistryConfig::default()).await;
     let f = FakeRegistry::start(FakeRegistryConfig {
@@ -676,7 +676,7 @@ async fn discovery_credentials_pagination_to_another_origin_is_not_followed() {
 
 #[tokio::test]
 async fn discovery_credentials_basic_are_not_sent_to_a_plain_http_realm_elsewhere() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     let spy = FakeRegistry::start(FakeRegistryConfig::default()).await;
     let f = FakeRegistry::start(FakeRegistryConfig {
@@ -698,7 +698,7 @@ async fn discovery_credentials_basic_are_not_sent_to_a_plain_http_realm_elsewher
 
 #[tokio::test]
 async fn discovery_credentials_and_headers_do_not_follow_a_redirect_to_another_origin() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     let spy = FakeRegistry::start(FakeRegistryConfig {
         tags: tags(2),
@@ -721,7 +721,7 @@ async fn discovery_credentials_and_headers_do_not_follow_a_redirect_to_another_o
 async fn discovery_secrets_never_appear_in_logs_events_status_or_metrics() {
     use e2e::fixtures::{FakeRegistry, FakeRegistryConfig};
     use k8s_openapi::api::core::v1::{Event, Secret};
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let (cluster, client) = cluster().await.unwrap();
     let ns = cluster
         .namespace(&client, "discovery-secrets")

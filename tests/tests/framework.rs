@@ -1,14 +1,14 @@
 //! The framework's own guarantees, on the local control plane, with reconcilers written for the test.
 
 use e2e::cluster;
-use framework::testing::eventually;
-use framework::{Child, Context, Controller, Operator, Plan, PrinterColumns, Reconciler, Status};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
+use kube_plan::testing::eventually;
+use kube_plan::{Child, Context, Controller, Operator, Plan, PrinterColumns, Reconciler, Status};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,7 +58,7 @@ struct HolderReconciler {
 
 impl Reconciler for HolderReconciler {
     type Resource = Holder;
-    type Error = framework::children::ChildError;
+    type Error = kube_plan::children::ChildError;
 
     async fn reconcile(&self, h: &Holder, ctx: &Context) -> Result<Plan<Holder>, Self::Error> {
         let mut status = h.status.clone().unwrap_or_default();
@@ -142,12 +142,12 @@ async fn framework_child_applied_is_not_pruned_while_its_watch_lags() {
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = Operator::new("framework-e2e", held_client)
-        .install_crds(vec![framework::crd::build::<Holder>()])
+        .install_crds(vec![kube_plan::crd::build::<Holder>()])
         .controller(
             Controller::new("holder", HolderReconciler { release })
                 // The hook delays watch requests; the caches must fill by listing, as they would
                 // behind an API server without streaming lists.
-                .initial_list(framework::initial_list::InitialList::Listed)
+                .initial_list(kube_plan::initial_list::InitialList::Listed)
                 .owns::<ConfigMap>()
                 .primary_watch(
                     watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
@@ -196,7 +196,7 @@ struct Panicking;
 
 impl Reconciler for Panicking {
     type Resource = Holder;
-    type Error = framework::children::ChildError;
+    type Error = kube_plan::children::ChildError;
 
     async fn reconcile(&self, _: &Holder, _: &Context) -> Result<Plan<Holder>, Self::Error> {
         panic!("reconciler bug for the test");
@@ -213,7 +213,7 @@ async fn framework_operator_fails_health_and_exits_when_a_controller_dies() {
     };
     let operator = Operator::new("framework-e2e-panic", client.clone())
         .health_addr(health)
-        .install_crds(vec![framework::crd::build::<Holder>()])
+        .install_crds(vec![kube_plan::crd::build::<Holder>()])
         .controller(Controller::new("panicking", Panicking).primary_watch(
             watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
         ));
@@ -241,7 +241,7 @@ struct Busy;
 
 impl Reconciler for Busy {
     type Resource = Holder;
-    type Error = framework::children::ChildError;
+    type Error = kube_plan::children::ChildError;
 
     async fn reconcile(&self, h: &Holder, _: &Context) -> Result<Plan<Holder>, Self::Error> {
         let mut status = h.status.clone().unwrap_or_default();
@@ -258,7 +258,7 @@ async fn framework_leader_whose_renewals_hang_stops_writing_before_a_standby_tak
     let (cluster, client) = cluster().await.unwrap();
     let ns = cluster.namespace(&client, "fw-fence").await.unwrap();
     let election = |id: &str| {
-        let mut e = framework::LeaderElection::new("fw-fence", ns.name(), id);
+        let mut e = kube_plan::LeaderElection::new("fw-fence", ns.name(), id);
         e.lease_duration = Duration::from_secs(4);
         e.renew_deadline = Duration::from_secs(3);
         e.retry_period = Duration::from_millis(500);
@@ -287,7 +287,7 @@ async fn framework_leader_whose_renewals_hang_stops_writing_before_a_standby_tak
     let client_a = e2e::hooked_client(cluster, hook).await;
     let operator = |name: &str, client: kube::Client| {
         Operator::new(name, client)
-            .install_crds(vec![framework::crd::build::<Holder>()])
+            .install_crds(vec![kube_plan::crd::build::<Holder>()])
             .leader_election(election(name))
             .controller(Controller::new("busy", Busy).primary_watch(
                 watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
@@ -370,9 +370,9 @@ async fn framework_leader_whose_renewals_hang_stops_writing_before_a_standby_tak
 /// (Kubernetes 1.33 ships them off) refuses that watch, and the framework lists instead.
 #[tokio::test]
 async fn framework_watches_stream_their_initial_state_or_fall_back_to_lists() {
-    use framework::initial_list;
-    use framework::testing::TestCluster;
     use kube::runtime::watcher::Event;
+    use kube_plan::initial_list;
+    use kube_plan::testing::TestCluster;
 
     let (_, client) = cluster().await.expect("cluster");
     let api: Api<ConfigMap> = Api::namespaced(client, "default");

@@ -9,9 +9,9 @@ use drop::api::{
 };
 use e2e::fixtures::closed_port;
 use e2e::{DropUnderTest, TEST_LABEL, cluster, repo, tool, wait_until};
-use framework::testing::{TestCluster, TestNamespace, TestNodes};
 use kube::api::{Api, PostParams};
 use kube::{Client, Resource};
+use kube_plan::testing::{TestCluster, TestNamespace, TestNodes};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -149,7 +149,7 @@ spec:
 }
 
 fn ready(ci: &CachedImage) -> Option<(String, String)> {
-    let c = framework::conditions::get(&ci.status.as_ref()?.conditions, "Ready")?;
+    let c = kube_plan::conditions::get(&ci.status.as_ref()?.conditions, "Ready")?;
     Some((c.status.clone(), c.reason.clone()))
 }
 

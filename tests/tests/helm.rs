@@ -4,7 +4,6 @@
 
 use drop::api::{CachedImage, CachedImagePhase, CachedImageSpec, PullPolicy, PullPolicySpec};
 use e2e::{repo, tool};
-use framework::testing::{TestCluster, eventually};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
@@ -12,6 +11,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, Config};
+use kube_plan::testing::{TestCluster, eventually};
 use std::process::Command;
 use std::time::Duration;
 
@@ -312,8 +312,8 @@ async fn allowed(
 
 #[tokio::test]
 async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
-    framework::install_crypto_provider();
-    framework::testing::init_logging();
+    kube_plan::install_crypto_provider();
+    kube_plan::testing::init_logging();
     // A cluster of its own: the shared one has CRDs that Helm does not own.
     let cluster = TestCluster::start(1).unwrap();
     let kc = cluster.kubeconfig().to_path_buf();
@@ -345,7 +345,7 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let settings = drop::operator::Settings {
         pull_timeout: Duration::from_secs(120),
-        leader_election: Some(framework::LeaderElection::new(
+        leader_election: Some(kube_plan::LeaderElection::new(
             "drop-leader",
             "drop-operator",
             "e2e-operator",
@@ -391,7 +391,7 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
             let ci = images.get("helm-basic").await.map_err(|e| e.to_string())?;
             let status = ci.status.unwrap_or_default();
             let recon =
-                framework::conditions::get(&status.conditions, framework::controller::RECONCILED)
+                kube_plan::conditions::get(&status.conditions, kube_plan::controller::RECONCILED)
                     .map(|c| c.message.clone());
             if status.phase == Some(CachedImagePhase::Ready) {
                 Ok(())
@@ -527,8 +527,8 @@ async fn helm_install_gives_the_operator_exactly_the_rights_it_uses() {
 /// metrics, one without it is refused, and so are callers without a (valid) token.
 #[tokio::test]
 async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
-    framework::install_crypto_provider();
-    framework::testing::init_logging();
+    kube_plan::install_crypto_provider();
+    kube_plan::testing::init_logging();
     let (cluster, admin) = e2e::cluster().await.unwrap();
     e2e::install_drop_crds(&admin).await.unwrap();
     let kc = cluster.kubeconfig().to_path_buf();
@@ -561,7 +561,7 @@ async fn helm_metrics_are_served_over_tls_only_to_allowed_callers() {
         pod_namespace: "helm-metrics-pods".into(),
         pull_timeout: Duration::from_secs(120),
         metrics_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
-        metrics_tls: Some(framework::metrics_auth::Certificate::SelfSigned),
+        metrics_tls: Some(kube_plan::metrics_auth::Certificate::SelfSigned),
         health_addr: Some(format!("127.0.0.1:{health_port}").parse().unwrap()),
         watch_selector: Some("e2e.drop.corewire.io/none=none".into()),
         ..drop::operator::Settings::default()

@@ -10,10 +10,10 @@ use drop::api::{
 };
 use drop::cachedimageset::plan::{Wanted, child_name};
 use e2e::{DropUnderTest, cluster};
-use framework::testing::eventually;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Client, ResourceExt};
+use kube_plan::testing::eventually;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -22,8 +22,8 @@ const POOL: &str = "e2e.drop/pool";
 struct Scene {
     client: Client,
     drop: DropUnderTest,
-    ns: framework::testing::TestNamespace,
-    _nodes: framework::testing::TestNodes,
+    ns: kube_plan::testing::TestNamespace,
+    _nodes: kube_plan::testing::TestNodes,
     sets: Api<CachedImageSet>,
     images: Api<CachedImage>,
 }
@@ -147,7 +147,7 @@ impl Scene {
 fn ready_message(s: &CachedImageSet) -> (String, String) {
     s.status
         .as_ref()
-        .and_then(|st| framework::conditions::get(&st.conditions, "Ready"))
+        .and_then(|st| kube_plan::conditions::get(&st.conditions, "Ready"))
         .map(|c| (c.reason.clone(), c.message.clone()))
         .unwrap_or_default()
 }

@@ -3,25 +3,25 @@
 //! controlled by someone else left alone.
 
 use e2e::cluster;
-use framework::controller::CHILD_CONFLICT;
-use framework::testing::eventually;
-use framework::{Controller, Operator};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
+use kube_plan::controller::CHILD_CONFLICT;
+use kube_plan::testing::eventually;
+use kube_plan::{Controller, Operator};
 use memcached_operator::{Memcached, MemcachedReconciler, MemcachedSpec};
 use std::time::Duration;
 
 fn ready(m: &Memcached) -> bool {
     m.status
         .as_ref()
-        .is_some_and(|s| framework::conditions::is_true(&s.conditions, "Ready"))
+        .is_some_and(|s| kube_plan::conditions::is_true(&s.conditions, "Ready"))
 }
 
 /// The Memcached operator, watching only `ns`, optionally campaigning for a Lease as `identity`.
 fn operator_in(ns: &str, client: &kube::Client, identity: Option<&str>) -> Operator {
     let op = Operator::new("memcached-e2e", client.clone())
-        .install_crds(vec![framework::crd::build::<Memcached>()])
+        .install_crds(vec![kube_plan::crd::build::<Memcached>()])
         .controller(
             Controller::new("memcached", MemcachedReconciler)
                 .owns::<Deployment>()
@@ -30,7 +30,7 @@ fn operator_in(ns: &str, client: &kube::Client, identity: Option<&str>) -> Opera
                 ),
         );
     match identity {
-        Some(id) => op.leader_election(framework::LeaderElection::new("memcached-e2e", ns, id)),
+        Some(id) => op.leader_election(kube_plan::LeaderElection::new("memcached-e2e", ns, id)),
         None => op,
     }
 }
@@ -188,7 +188,7 @@ async fn memcached_foreign_deployment_is_left_alone_and_reported() {
         || async {
             let m = caches.get("taken").await.map_err(|e| e.to_string())?;
             let conds = m.status.map(|s| s.conditions).unwrap_or_default();
-            framework::conditions::get(&conds, CHILD_CONFLICT)
+            kube_plan::conditions::get(&conds, CHILD_CONFLICT)
                 .map(|c| c.message.clone())
                 .ok_or("no conflict yet".to_owned())
         },

@@ -4,9 +4,9 @@
 use drop::api::{CachedImage, CachedImageSpec};
 use drop::podbuilder::{self, PullOutcome, PullPod};
 use e2e::{cluster, install_drop_crds};
-use framework::testing::eventually;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube_plan::testing::eventually;
 use std::time::Duration;
 
 #[tokio::test]

@@ -6,10 +6,10 @@ use drop::api::{
 };
 use e2e::realnode::RealNode;
 use e2e::{DropUnderTest, cluster, fixtures};
-use framework::testing::{TestNamespace, eventually};
 use k8s_openapi::api::core::v1::{Event, LocalObjectReference, Pod, Secret};
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
+use kube_plan::testing::{TestNamespace, eventually};
 use std::time::Duration;
 
 struct Scene {

@@ -3,10 +3,10 @@
 
 use drop::api::{CachedImage, CachedImageSpec, PolicyReference, PullPolicy, PullPolicySpec};
 use e2e::{DropUnderTest, PodRecorder, changes, cluster};
-use framework::testing::eventually;
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
+use kube_plan::testing::eventually;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,7 +62,7 @@ async fn registry_budget_two_policies_share_one_registry_budget() {
             let reason = ci
                 .status
                 .as_ref()
-                .and_then(|s| framework::conditions::get(&s.conditions, "PullProgress"))
+                .and_then(|s| kube_plan::conditions::get(&s.conditions, "PullProgress"))
                 .map(|c| c.reason.clone());
             if let Some(reason) = reason {
                 seen.lock().unwrap().insert((ci.name_any(), reason));

@@ -2,10 +2,10 @@
 //! and the harness's process lifecycle.
 
 use e2e::cluster;
-use framework::testing::{TestCluster, eventually};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube_plan::testing::{TestCluster, eventually};
 use std::path::Path;
 use std::time::Duration;
 
@@ -232,7 +232,7 @@ fn recorded_pids(state: &Path) -> Vec<u32> {
 
 #[tokio::test]
 async fn smoke_down_leaves_no_process_behind() {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let mut private = TestCluster::start(1).unwrap();
     let state = private.state_dir().unwrap().to_path_buf();
     let pids = recorded_pids(&state);

@@ -4,12 +4,12 @@
 
 use drop::api::{CachedImage, CachedImageSpec, PolicyReference, PullPolicy, PullPolicySpec};
 use e2e::{DropUnderTest, PodRecorder, changes, cluster};
-use framework::testing::{TestCluster, TestNamespace, TestNodes, eventually, simulated_node};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, Taint};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
+use kube_plan::testing::{TestCluster, TestNamespace, TestNodes, eventually, simulated_node};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -2,10 +2,10 @@
 
 use super::common::*;
 use super::node_names::NodeNames;
-use framework::{PrinterColumns, Status};
 use k8s_openapi::api::core::v1::{LocalObjectReference, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
+use kube_plan::{PrinterColumns, Status};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

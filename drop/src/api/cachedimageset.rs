@@ -2,10 +2,10 @@
 //! CachedImage.
 
 use super::common::*;
-use framework::{PrinterColumns, Status};
 use k8s_openapi::api::core::v1::{LocalObjectReference, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
+use kube_plan::{PrinterColumns, Status};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

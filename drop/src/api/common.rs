@@ -1,7 +1,7 @@
 //! Types and rules shared by several kinds.
 
-use framework::PrinterColumns;
 use kube::KubeSchema;
+use kube_plan::PrinterColumns;
 use serde::{Deserialize, Serialize};
 
 /// When the kubelet contacts the registry for an image (the Pod field of the same name).

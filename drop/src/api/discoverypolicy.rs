@@ -1,11 +1,11 @@
 //! DiscoveryPolicy: finds the images worth caching, in Prometheus or in a registry's tags.
 
 use super::common::*;
-use framework::{PrinterColumns, Status};
 use k8s_openapi::api::core::v1::LocalObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
+use kube_plan::{PrinterColumns, Status};
 use serde::{Deserialize, Serialize};
 
 /// Default `syncInterval`.

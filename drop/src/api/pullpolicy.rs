@@ -1,10 +1,10 @@
 //! PullPolicy: how fast pulls may go. Configuration only; it has no status.
 
 use super::common::*;
-use framework::PrinterColumns;
 use k8s_openapi::api::core::v1::Toleration;
 use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
+use kube_plan::PrinterColumns;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -15,10 +15,10 @@ use crate::metrics::Metrics;
 use crate::pacing::Pace;
 use crate::podbuilder::{self, PullPod, PullPodView};
 use crate::warmup::Warden;
-use framework::{Child, Context, Plan, Reconciler};
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
+use kube_plan::{Child, Context, Plan, Reconciler};
 use pacer::{Ended, Pacer, Step};
 use status::Blocked;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ pub enum Error {
     Build(#[from] podbuilder::BuildError),
     /// A pull Pod could not become a child.
     #[error("planning the pull Pod: {0}")]
-    Child(#[from] framework::children::ChildError),
+    Child(#[from] kube_plan::children::ChildError),
 }
 
 /// Reconciles CachedImages.
@@ -221,7 +221,7 @@ impl Reconciler for CachedImageReconciler {
         Ok(plan.status(new_status))
     }
 
-    fn refused(&self, image: &CachedImage, refusals: &[framework::children::Refusal]) -> bool {
+    fn refused(&self, image: &CachedImage, refusals: &[kube_plan::children::Refusal]) -> bool {
         let name = image.name_any();
         let now = jiff::Timestamp::now();
         for r in refusals {

@@ -2,10 +2,10 @@
 //! Pure.
 
 use crate::api::{CachedImagePhase, CachedImageStatus, NodeFailure};
-use framework::conditions::{self, Cond};
-use framework::plan::EventKind;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube_plan::conditions::{self, Cond};
+use kube_plan::plan::EventKind;
 
 /// How many failing nodes the status lists by name.
 pub const MAX_FAILED_NODES: usize = 10;

@@ -5,9 +5,9 @@
 pub mod plan;
 
 use crate::api::{CachedImage, CachedImageSet, DiscoveryPolicy};
-use framework::{Child, Context, Plan, Reconciler};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
+use kube_plan::{Child, Context, Plan, Reconciler};
 use plan::DiscoveryTrouble;
 use std::sync::Arc;
 
@@ -33,7 +33,7 @@ pub fn sets_using(
 
 impl Reconciler for CachedImageSetReconciler {
     type Resource = CachedImageSet;
-    type Error = framework::children::ChildError;
+    type Error = kube_plan::children::ChildError;
 
     async fn reconcile(
         &self,
@@ -49,7 +49,7 @@ impl Reconciler for CachedImageSetReconciler {
                     let failing = p
                         .status
                         .as_ref()
-                        .and_then(|s| framework::conditions::get(&s.conditions, "Ready"))
+                        .and_then(|s| kube_plan::conditions::get(&s.conditions, "Ready"))
                         .filter(|c| c.status == "False")
                         .map(|c| DiscoveryTrouble::Failing {
                             name: r.name.clone(),

@@ -4,9 +4,9 @@ use crate::api::{
     CachedImage, CachedImagePhase, CachedImageSet, CachedImageSetPhase, CachedImageSetStatus,
     CachedImageSpec, DiscoveryPolicy, IMAGESET_LABEL,
 };
-use framework::conditions::{self, Cond};
 use jiff::Timestamp;
 use kube::ResourceExt;
+use kube_plan::conditions::{self, Cond};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 

@@ -2,8 +2,6 @@
 //! `Memcached` object asks for `size` memcached replicas; the operator keeps a Deployment of that size
 //! and reports whether it is available.
 
-use framework::conditions::{self, Cond};
-use framework::{Child, Context, Plan, PrinterColumns, Reconciler, Status};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec,
@@ -11,6 +9,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
 use kube::{CustomResource, KubeSchema, ResourceExt};
+use kube_plan::conditions::{self, Cond};
+use kube_plan::{Child, Context, Plan, PrinterColumns, Reconciler, Status};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -52,7 +52,7 @@ pub struct MemcachedReconciler;
 
 impl Reconciler for MemcachedReconciler {
     type Resource = Memcached;
-    type Error = framework::children::ChildError;
+    type Error = kube_plan::children::ChildError;
 
     async fn reconcile(
         &self,

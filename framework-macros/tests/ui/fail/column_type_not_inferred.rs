@@ -1,4 +1,4 @@
-use framework_macros::PrinterColumns;
+use kube_plan_macros::PrinterColumns;
 
 #[derive(PrinterColumns)]
 struct WidgetSpec {

@@ -1,4 +1,4 @@
-use framework_macros::Status;
+use kube_plan_macros::Status;
 
 #[derive(Status)]
 struct WidgetStatus {

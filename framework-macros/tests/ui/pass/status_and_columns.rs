@@ -1,4 +1,4 @@
-use framework::{ObjectStatus, PrinterColumns, Status};
+use kube_plan::{ObjectStatus, PrinterColumns, Status};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 #[derive(Status, PrinterColumns, Default)]
@@ -33,7 +33,7 @@ fn main() {
     let mut s = WidgetStatus::default();
     assert!(s.conditions().is_empty());
     s.conditions_mut().unwrap().push(Condition {
-        last_transition_time: Time(framework::Timestamp::UNIX_EPOCH),
+        last_transition_time: Time(kube_plan::Timestamp::UNIX_EPOCH),
         message: String::new(),
         observed_generation: None,
         reason: "Fine".into(),

@@ -1,4 +1,4 @@
-use framework::{ObjectStatus, Status};
+use kube_plan::{ObjectStatus, Status};
 
 /// A status with neither conditions nor a generation still gets a (trivial) implementation.
 #[derive(Status, Default)]

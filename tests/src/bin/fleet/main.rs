@@ -22,11 +22,11 @@ use drop::api::{
     PullPolicy, PullPolicySpec,
 };
 use e2e::{PodRecorder, audit};
-use framework::testing::{TestCluster, simulated_node};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
+use kube_plan::testing::{TestCluster, simulated_node};
 use report::Report;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -102,7 +102,7 @@ async fn main() -> Result<(), Error> {
 }
 
 async fn bench(args: Args) -> Result<(), Error> {
-    framework::install_crypto_provider();
+    kube_plan::install_crypto_provider();
     let bin = operator::build()?;
 
     let work = tempfile::Builder::new().prefix("drop-fleet-").tempdir()?;
