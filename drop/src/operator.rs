@@ -117,6 +117,7 @@ pub async fn run(
         metrics: metrics.clone(),
         tolerations: tolerations.clone(),
         warden: warden.clone(),
+        targets: cachedimage::targets::TargetMemo::default(),
     };
     let cachedimages = Controller::new("cachedimage", reconciler)
         .primary_watch(primary_watch(settings.watch_selector.as_deref()))

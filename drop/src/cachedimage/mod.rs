@@ -47,6 +47,8 @@ pub struct CachedImageReconciler {
     pub tolerations: Vec<Toleration>,
     /// Removes the warm-up taint from nodes whose images are cached (`None`: warm-up is off).
     pub warden: Option<Arc<Warden>>,
+    /// The target nodes of each targeting, judged again only for nodes that changed.
+    pub targets: targets::TargetMemo,
 }
 
 /// The CachedImages a PullPolicy change concerns.
@@ -132,12 +134,9 @@ impl Reconciler for CachedImageReconciler {
             Some(Err(missing)) => (Err(Blocked::PolicyNotFound(missing.clone())), None),
         };
         let nodes = ctx.cached::<Node>();
-        let target_nodes = targets::targets(
-            nodes.iter().map(AsRef::as_ref),
-            &image.spec,
-            policy_spec,
-            &self.tolerations,
-        );
+        let target_nodes =
+            self.targets
+                .targets(&nodes, &image.spec, policy_spec, &self.tolerations);
         let pods = ctx.owned::<Pod>();
         let views: Vec<PullPodView> = pods.iter().filter_map(|p| PullPodView::of(p)).collect();
         // Images being deleted are not reconciled again and never register their targets: they

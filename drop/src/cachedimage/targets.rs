@@ -5,6 +5,10 @@
 //! image's or the policy's tolerations (the rules the kubelet and scheduler apply). Cordoned, not-ready
 //! and unreachable nodes carry such taints, so they drop out unless tolerated on purpose.
 
+mod memo;
+
+pub use memo::TargetMemo;
+
 use crate::api::{CachedImageSpec, PullPolicySpec};
 use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 use std::collections::BTreeMap;
