@@ -1,11 +1,21 @@
 //! A real local control plane for tests: etcd, kube-apiserver, kube-controller-manager and KWOK
 //! (simulated nodes), the way controller-runtime's envtest gives Go operators one.
 //!
-//! The processes are managed by the harness script (`tests/harness/cluster.sh` in this repository),
-//! which builds the upstream binaries once per machine and caches them. A test asks for the cluster
-//! with [`TestCluster::shared`] (started on first use, then reused by every test and test binary), or
-//! [`TestCluster::start`] for a private one torn down on drop. With `KUBECONFIG` set in the
-//! environment, both attach to that cluster instead.
+//! Where the cluster comes from, in order:
+//!
+//! 1. `KUBECONFIG` set: the tests attach to that cluster.
+//! 2. `KUBEBUILDER_ASSETS` set (the directory `setup-envtest use -p path` prints, holding `etcd` and
+//!    `kube-apiserver`, as Go operators' envtest uses it): etcd and kube-apiserver started from Rust
+//!    on free loopback ports, with certificates made in a temporary directory, and killed on drop or
+//!    when the test process ends. No script, no other tool; there are no nodes, no scheduler and no
+//!    garbage collector, as with envtest. [`TestCluster::from_assets`] does the same for any directory.
+//! 3. Otherwise this repository's harness script (`tests/harness/cluster.sh`, or
+//!    `FRAMEWORK_TEST_HARNESS`), which builds the upstream binaries once per machine and adds
+//!    kube-controller-manager, kube-scheduler and KWOK (simulated nodes).
+//!
+//! A test asks for the cluster with [`TestCluster::shared`] (started on first use, then reused by
+//! every test of the process; the harness's also by later test binaries), or [`TestCluster::start`]
+//! for a private one torn down on drop.
 //!
 //! Each test gets its own namespace ([`TestCluster::namespace`]) and, where it needs them, its own
 //! nodes ([`TestCluster::add_nodes`]), so tests run in parallel without seeing each other.
@@ -28,6 +38,9 @@
 //! # Ok(()) }
 //! ```
 
+mod control_plane;
+
+use control_plane::ControlPlane;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -107,12 +120,18 @@ where
 #[derive(Debug)]
 pub struct TestCluster {
     kubeconfig: PathBuf,
-    /// Set for a private cluster: its state directory, torn down on drop.
+    /// Set for a private cluster of the harness: its state directory, torn down on drop.
     private_state: Option<PathBuf>,
-    script: PathBuf,
+    /// The harness script, for a cluster it runs.
+    script: Option<PathBuf>,
+    /// A control plane this process started from binaries, stopped on drop.
+    own: Option<ControlPlane>,
 }
 
 static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+
+/// The environment variable naming a directory of control-plane binaries (envtest's).
+const ASSETS: &str = "KUBEBUILDER_ASSETS";
 
 impl TestCluster {
     /// The cluster shared by all tests on this machine: `KUBECONFIG` if set, else the harness's default
@@ -126,25 +145,66 @@ impl TestCluster {
     }
 
     fn attach_or_ensure() -> Result<Self, TestError> {
-        let script = harness_script()?;
         if let Some(path) = std::env::var_os("KUBECONFIG") {
-            return Ok(Self {
-                kubeconfig: PathBuf::from(path),
-                private_state: None,
-                script,
-            });
+            return Ok(Self::attached(PathBuf::from(path)));
         }
+        if let Some(assets) = std::env::var_os(ASSETS) {
+            return Self::from_assets(assets);
+        }
+        let script = harness_script()?;
         let out = run_script(&script, &["ensure"], None, &[])?;
         Ok(Self {
             kubeconfig: kubeconfig_from_env_line(&out)?,
             private_state: None,
-            script,
+            script: Some(script),
+            own: None,
         })
     }
 
+    fn attached(kubeconfig: PathBuf) -> Self {
+        Self {
+            kubeconfig,
+            private_state: None,
+            script: None,
+            own: None,
+        }
+    }
+
     /// A private cluster with `nodes` simulated nodes in a fresh state directory, stopped on drop.
+    ///
+    /// With `KUBEBUILDER_ASSETS` set, it is [`TestCluster::from_assets`] (which has no nodes: ask
+    /// for 0).
     pub fn start(nodes: u32) -> Result<Self, TestError> {
+        if let Some(assets) = std::env::var_os(ASSETS) {
+            if nodes > 0 {
+                return Err(TestError::Harness(format!(
+                    "{ASSETS} gives etcd and kube-apiserver only; {nodes} simulated nodes need \
+                     the harness (KWOK): unset {ASSETS}"
+                )));
+            }
+            return Self::from_assets(assets);
+        }
         Self::start_with_env(nodes, &[])
+    }
+
+    /// A private control plane, etcd and kube-apiserver, started from the binaries in `assets`
+    /// (as `setup-envtest` lays them out) and stopped on drop. Nothing else is needed: no script,
+    /// no Go, no container runtime.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), kube_plan::testing::TestError> {
+    /// let cluster = kube_plan::testing::TestCluster::from_assets("/usr/local/kubebuilder/bin")?;
+    /// println!("kubeconfig: {}", cluster.kubeconfig().display());
+    /// # Ok(()) }
+    /// ```
+    pub fn from_assets(assets: impl AsRef<Path>) -> Result<Self, TestError> {
+        let own = ControlPlane::start(assets.as_ref())?;
+        Ok(Self {
+            kubeconfig: own.kubeconfig(),
+            private_state: None,
+            script: None,
+            own: Some(own),
+        })
     }
 
     /// Like [`TestCluster::start`], with extra environment for the harness (for example
@@ -165,7 +225,8 @@ impl TestCluster {
         Ok(Self {
             kubeconfig: kubeconfig_from_env_line(&out)?,
             private_state: Some(state),
-            script,
+            script: Some(script),
+            own: None,
         })
     }
 
@@ -174,15 +235,16 @@ impl TestCluster {
         &self.kubeconfig
     }
 
-    /// The state directory of a private cluster (PIDs, logs), `None` for the shared one.
+    /// The state directory of a private harness cluster (PIDs, logs), `None` otherwise.
     pub fn state_dir(&self) -> Option<&Path> {
         self.private_state.as_deref()
     }
 
     /// Stops a private cluster now (also done on drop). The shared cluster is left alone.
     pub fn stop(&mut self) -> Result<(), TestError> {
-        if let Some(state) = self.private_state.take() {
-            run_script(&self.script, &["down"], Some(&state), &[])?;
+        self.own = None;
+        if let (Some(state), Some(script)) = (self.private_state.take(), &self.script) {
+            run_script(script, &["down"], Some(&state), &[])?;
         }
         Ok(())
     }
@@ -394,11 +456,7 @@ where
             return;
         };
         rt.block_on(async move {
-            let cluster = TestCluster {
-                kubeconfig,
-                private_state: None,
-                script: PathBuf::new(),
-            };
+            let cluster = TestCluster::attached(kubeconfig);
             if let Ok(client) = cluster.client().await {
                 f(client).await;
             }

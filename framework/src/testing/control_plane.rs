@@ -1,0 +1,327 @@
+//! etcd and kube-apiserver started from Rust, from a directory of binaries: what `setup-envtest`
+//! fills for Go operators (`KUBEBUILDER_ASSETS`), with no script and no other tool.
+//!
+//! Everything lives in a temporary directory: certificates made with rcgen (a CA, the API server's
+//! serving certificate, an admin client certificate in `system:masters`), the service account
+//! signing key, etcd's data and the kubeconfig. Both processes listen on loopback ports chosen
+//! free. They are killed when the [`ControlPlane`] drops, and, because they are started with a
+//! parent-death signal from a thread that lives as long as the test process, also when the process
+//! ends without dropping it (a `static` shared cluster, a test binary that exits).
+
+use super::TestError;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long the API server has to become ready.
+const READY_WITHIN: Duration = Duration::from_secs(90);
+
+/// The binaries a control plane needs, as `setup-envtest` lays them out.
+const BINARIES: [&str; 2] = ["etcd", "kube-apiserver"];
+
+/// A running etcd and kube-apiserver.
+#[derive(Debug)]
+pub(crate) struct ControlPlane {
+    /// Temporary directory: certificates, kubeconfig, etcd data, logs (removed on drop).
+    dir: tempfile::TempDir,
+    apiserver: Child,
+    etcd: Child,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver from `assets` (a directory holding both binaries) and waits
+    /// until the API server answers `/readyz`.
+    pub(crate) fn start(assets: &Path) -> Result<Self, TestError> {
+        for b in BINARIES {
+            if !assets.join(b).is_file() {
+                return Err(TestError::Harness(format!(
+                    "{} has no {b}: point KUBEBUILDER_ASSETS at a directory holding {} \
+                     (setup-envtest use -p path)",
+                    assets.display(),
+                    BINARIES.join(" and ")
+                )));
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("kube-plan-cluster-")
+            .tempdir()
+            .map_err(|e| harness("creating a directory", e))?;
+        let p = dir.path();
+        Pki::write(p)?;
+        let [etcd_port, peer_port, api_port] = [free_port()?, free_port()?, free_port()?];
+        let etcd = spawn(
+            &assets.join("etcd"),
+            &[
+                "--name=test".into(),
+                format!("--data-dir={}", p.join("etcd").display()),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-cluster=test=http://127.0.0.1:{peer_port}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+            &p.join("etcd.log"),
+        )?;
+        let pki = |f: &str| p.join(f).display().to_string();
+        let apiserver = spawn(
+            &assets.join("kube-apiserver"),
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                format!("--tls-cert-file={}", pki("serving.crt")),
+                format!("--tls-private-key-file={}", pki("serving.key")),
+                format!("--client-ca-file={}", pki("ca.crt")),
+                "--authorization-mode=RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", pki("sa.pub")),
+                format!("--service-account-signing-key-file={}", pki("sa.key")),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--allow-privileged=false".into(),
+                "--profiling=false".into(),
+            ],
+            &p.join("kube-apiserver.log"),
+        )?;
+        let mut plane = Self {
+            dir,
+            apiserver,
+            etcd,
+        };
+        write_kubeconfig(plane.dir.path(), api_port)?;
+        plane.wait_ready()?;
+        Ok(plane)
+    }
+
+    /// The admin kubeconfig.
+    pub(crate) fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// Polls `/readyz` with the admin credentials until it answers 200, or a process exits.
+    fn wait_ready(&mut self) -> Result<(), TestError> {
+        let kubeconfig = self.kubeconfig();
+        let deadline = Instant::now() + READY_WITHIN;
+        let mut last = String::from("not asked yet");
+        while Instant::now() < deadline {
+            for (name, child) in [
+                ("etcd", &mut self.etcd),
+                ("kube-apiserver", &mut self.apiserver),
+            ] {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    return Err(TestError::Harness(format!(
+                        "{name} exited ({status}) at start; its log ends:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )));
+                }
+            }
+            match readyz(&kubeconfig) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(TestError::Harness(format!(
+            "kube-apiserver not ready within {READY_WITHIN:?}: {last}"
+        )))
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for child in [&mut self.apiserver, &mut self.etcd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Asks `/readyz` once, on a runtime of its own (this may run inside a test's runtime).
+fn readyz(kubeconfig: &Path) -> Result<(), String> {
+    let kubeconfig = kubeconfig.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).map_err(|e| e.to_string())?;
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+            let request = http::Request::get("/readyz")
+                .body(Vec::new())
+                .map_err(|e| e.to_string())?;
+            client
+                .request_text(request)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the readiness check panicked".to_owned()))
+}
+
+fn harness(what: &str, e: impl std::fmt::Display) -> TestError {
+    TestError::Harness(format!("{what}: {e}"))
+}
+
+fn free_port() -> Result<u16, TestError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| harness("finding a free port", e))
+}
+
+/// Starts `bin` with its output in `log`, through the spawner thread.
+fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child, TestError> {
+    let out = std::fs::File::create(log).map_err(|e| harness("creating a log", e))?;
+    let err = out.try_clone().map_err(|e| harness("creating a log", e))?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    spawner(cmd).map_err(|e| harness(&format!("starting {}", bin.display()), e))
+}
+
+type Spawn = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from one thread that lives as long as the process, with a parent-death signal:
+/// Linux sends it when the thread that spawned the child ends, so a child of a test's own thread
+/// would die with that test, and one of this thread dies only with the process.
+fn spawner(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Spawn>>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Spawn>();
+        std::thread::Builder::new()
+            .name("kube-plan-test-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(spawn_with_parent_death(&mut cmd));
+                }
+                // The sender lives in a static: the loop ends only with the process.
+            })
+            .map(|_| ())
+            .unwrap_or_default();
+        Mutex::new(tx)
+    });
+    let (reply, answer) = mpsc::channel();
+    sender
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+#[cfg(target_os = "linux")]
+fn spawn_with_parent_death(cmd: &mut Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd.spawn()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn spawn_with_parent_death(cmd: &mut Command) -> std::io::Result<Child> {
+    cmd.spawn()
+}
+
+/// The certificates and keys of a control plane.
+struct Pki;
+
+impl Pki {
+    /// Writes `ca.crt`, `serving.crt`/`.key` (127.0.0.1, localhost), `admin.crt`/`.key`
+    /// (`system:masters`) and the service account key pair `sa.key`/`sa.pub` into `dir`.
+    fn write(dir: &Path) -> Result<(), TestError> {
+        let cert = |e: rcgen::Error| harness("making certificates", e);
+        let ca_key = KeyPair::generate().map_err(cert)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(cert)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "kube-plan test CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key).map_err(cert)?;
+        let issuer = Issuer::new(ca, &ca_key);
+
+        let serving_key = KeyPair::generate().map_err(cert)?;
+        let mut serving =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .map_err(cert)?;
+        serving
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let serving_cert = serving.signed_by(&serving_key, &issuer).map_err(cert)?;
+
+        let admin_key = KeyPair::generate().map_err(cert)?;
+        let mut admin = CertificateParams::new(Vec::<String>::new()).map_err(cert)?;
+        admin.distinguished_name.push(DnType::CommonName, "admin");
+        admin
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:masters");
+        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let admin_cert = admin.signed_by(&admin_key, &issuer).map_err(cert)?;
+
+        let sa_key = KeyPair::generate().map_err(cert)?;
+        for (file, pem) in [
+            ("ca.crt", ca_cert.pem()),
+            ("serving.crt", serving_cert.pem()),
+            ("serving.key", serving_key.serialize_pem()),
+            ("admin.crt", admin_cert.pem()),
+            ("admin.key", admin_key.serialize_pem()),
+            ("sa.key", sa_key.serialize_pem()),
+            ("sa.pub", sa_key.public_key_pem()),
+        ] {
+            std::fs::write(dir.join(file), pem).map_err(|e| harness("writing certificates", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `kubeconfig` for the admin user, certificates embedded by path.
+fn write_kubeconfig(dir: &Path, port: u16) -> Result<(), TestError> {
+    let path = |f: &str| dir.join(f).display().to_string();
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {
+            "server": format!("https://127.0.0.1:{port}"),
+            "certificate-authority": path("ca.crt"),
+        }}],
+        "users": [{"name": "admin", "user": {
+            "client-certificate": path("admin.crt"),
+            "client-key": path("admin.key"),
+        }}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
+        "current-context": "test",
+    });
+    // JSON is YAML: kubectl and kube read it as a kubeconfig.
+    std::fs::write(dir.join("kubeconfig"), config.to_string())
+        .map_err(|e| harness("writing the kubeconfig", e))
+}
