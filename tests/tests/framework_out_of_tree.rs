@@ -172,6 +172,15 @@ async fn greeting_is_written_and_ready() {
     running.await.unwrap().unwrap();
     println!("consumer: Greeting reconciled on a control plane from KUBEBUILDER_ASSETS");
 }
+
+#[tokio::test]
+async fn shared_cluster_serves_and_is_never_dropped() {
+    // A static, never dropped: its processes must still end with this test process.
+    let cluster = TestCluster::shared().expect("control plane");
+    let client = cluster.client().await.unwrap();
+    let ns = cluster.namespace(&client, "shared").await.unwrap();
+    assert!(!ns.name().is_empty());
+}
 "#;
 
 #[test]
@@ -245,7 +254,37 @@ tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
         stdout.contains("test greeting_is_written_and_ready ... ok"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("test shared_cluster_serves_and_is_never_dropped ... ok"),
+        "{stdout}"
+    );
     for line in stdout.lines().filter(|l| l.starts_with("test result")) {
         println!("consumer crate: {line}");
     }
+    // The consumer's test process has exited: nothing it started may still run, the shared
+    // cluster's etcd and kube-apiserver included.
+    // The kernel delivers the parent-death signal as the process ends: wait for it, with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = running_from(assets.path());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running from the assets: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The processes whose executable lies in `dir`.
+fn running_from(dir: &Path) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path().join("exe")).ok())
+        .filter(|exe| exe.starts_with(dir))
+        .map(|exe| exe.display().to_string())
+        .collect()
 }
