@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{Node, Toleration};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use pairs::{ImagePairs, Names, Pair, TargetNodes};
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -146,16 +147,43 @@ impl ImageMemory {
 }
 
 /// Where the engine reads each pair's history: in its image's pairs.
+///
+/// The engine asks for an image's targets mostly in the order of its pairs, with the very names
+/// (shared `Arc<str>`s) the pairs hold. So the pair after the last one found is tried first, by
+/// pointer, before a search by name: a thousand lookups per decision without comparing a string.
 #[derive(Debug)]
-struct PairHistories<'a>(&'a BTreeMap<String, ImageMemory>);
+struct PairHistories<'a> {
+    images: &'a BTreeMap<String, ImageMemory>,
+    /// The image and the position of the last pair found.
+    last: Cell<Option<(&'a ImageMemory, usize)>>,
+}
+
+impl<'a> PairHistories<'a> {
+    fn new(images: &'a BTreeMap<String, ImageMemory>) -> Self {
+        Self {
+            images,
+            last: Cell::new(None),
+        }
+    }
+}
 
 impl pacing::Histories for PairHistories<'_> {
     fn history(&self, key: &PullKey) -> Option<History> {
-        self.0
-            .get(&*key.image)?
-            .pairs
-            .get(&key.node)
-            .map(Pair::history)
+        if let Some((memory, i)) = self.last.get()
+            && memory
+                .registered
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(&r.image, &key.image))
+            && let Some((node, pair)) = memory.pairs.at(i + 1)
+            && Arc::ptr_eq(node, &key.node)
+        {
+            self.last.set(Some((memory, i + 1)));
+            return Some(pair.history());
+        }
+        let memory = self.images.get(&*key.image)?;
+        let i = memory.pairs.position(&key.node)?;
+        self.last.set(Some((memory, i)));
+        memory.pairs.at(i).map(|(_, pair)| pair.history())
     }
 }
 
@@ -620,7 +648,7 @@ impl Pacer {
             targets: &due_targets,
             earlier_starts: &earlier_starts,
             in_flight: &in_flight,
-            history: &PairHistories(&st.images),
+            history: &PairHistories::new(&st.images),
             pull_timeout: self.pull_timeout,
             registry_budgets: &self.registry_budgets,
         });
@@ -719,7 +747,7 @@ impl Pacer {
         let due = match &step.pace {
             Ok((_, pace)) => Some(pacing::leaders(
                 &own,
-                &PairHistories(&st.images),
+                &PairHistories::new(&st.images),
                 |k| st.in_flight.contains_key(k),
                 pace,
                 now,

@@ -158,6 +158,11 @@ impl ImagePairs {
         self.0.binary_search_by(|(n, _)| (**n).cmp(node))
     }
 
+    /// Where `node`'s pair is in node order.
+    pub fn position(&self, node: &str) -> Option<usize> {
+        self.find(node).ok()
+    }
+
     pub fn get(&self, node: &str) -> Option<&Pair> {
         self.find(node).ok().map(|i| &self.0[i].1)
     }
