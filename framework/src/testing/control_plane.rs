@@ -54,7 +54,7 @@ impl ControlPlane {
             .tempdir()
             .map_err(|e| harness("creating a directory", e))?;
         let p = dir.path();
-        Pki::write(p)?;
+        write_pki(p)?;
         let [etcd_port, peer_port, api_port] = [free_port()?, free_port()?, free_port()?];
         let etcd = spawn(
             &assets.join("etcd"),
@@ -107,35 +107,74 @@ impl ControlPlane {
     }
 
     /// Polls `/readyz` with the admin credentials until it answers 200, or a process exits.
+    ///
+    /// One client on one runtime for the whole wait, on a thread of its own: this may be called
+    /// from inside a test's runtime, which cannot be blocked on.
     fn wait_ready(&mut self) -> Result<(), TestError> {
         let kubeconfig = self.kubeconfig();
-        let deadline = Instant::now() + READY_WITHIN;
-        let mut last = String::from("not asked yet");
-        while Instant::now() < deadline {
-            for (name, child) in [
-                ("etcd", &mut self.etcd),
-                ("kube-apiserver", &mut self.apiserver),
-            ] {
-                if let Ok(Some(status)) = child.try_wait() {
-                    let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-                        .unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    return Err(TestError::Harness(format!(
-                        "{name} exited ({status}) at start; its log ends:\n{}",
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    )));
-                }
-            }
-            match readyz(&kubeconfig) {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Err(TestError::Harness(format!(
-            "kube-apiserver not ready within {READY_WITHIN:?}: {last}"
-        )))
+        let dir = self.dir.path().to_owned();
+        let children = [
+            ("etcd", &mut self.etcd),
+            ("kube-apiserver", &mut self.apiserver),
+        ];
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| harness("starting a runtime", e))?
+                        .block_on(poll_ready(&kubeconfig, &dir, children))
+                })
+                .join()
+                .unwrap_or_else(|_| Err(TestError::Harness("the readiness wait panicked".into())))
+        })
     }
+}
+
+/// Asks `/readyz` every 200 ms until it answers, a process exits (its log's tail is the error), or
+/// [`READY_WITHIN`] passes.
+async fn poll_ready(
+    kubeconfig: &Path,
+    dir: &Path,
+    mut children: [(&str, &mut Child); 2],
+) -> Result<(), TestError> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| harness("reading the kubeconfig", e))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| harness("reading the kubeconfig", e))?;
+    let client = kube::Client::try_from(config).map_err(|e| harness("making a client", e))?;
+    let deadline = Instant::now() + READY_WITHIN;
+    let mut last = String::from("not asked yet");
+    while Instant::now() < deadline {
+        for (name, child) in &mut children {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                return Err(TestError::Harness(format!(
+                    "{name} exited ({status}) at start; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )));
+            }
+        }
+        let asked = match http::Request::get("/readyz").body(Vec::new()) {
+            Ok(request) => client
+                .request_text(request)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match asked {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(TestError::Harness(format!(
+        "kube-apiserver not ready within {READY_WITHIN:?}: {last}"
+    )))
 }
 
 impl Drop for ControlPlane {
@@ -145,34 +184,6 @@ impl Drop for ControlPlane {
             let _ = child.wait();
         }
     }
-}
-
-/// Asks `/readyz` once, on a runtime of its own (this may run inside a test's runtime).
-fn readyz(kubeconfig: &Path) -> Result<(), String> {
-    let kubeconfig = kubeconfig.to_owned();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).map_err(|e| e.to_string())?;
-            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
-            let request = http::Request::get("/readyz")
-                .body(Vec::new())
-                .map_err(|e| e.to_string())?;
-            client
-                .request_text(request)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-    })
-    .join()
-    .unwrap_or_else(|_| Err("the readiness check panicked".to_owned()))
 }
 
 fn harness(what: &str, e: impl std::fmt::Display) -> TestError {
@@ -249,59 +260,61 @@ fn spawn_with_parent_death(cmd: &mut Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// The certificates and keys of a control plane.
-struct Pki;
-
-impl Pki {
-    /// Writes `ca.crt`, `serving.crt`/`.key` (127.0.0.1, localhost), `admin.crt`/`.key`
-    /// (`system:masters`) and the service account key pair `sa.key`/`sa.pub` into `dir`.
-    fn write(dir: &Path) -> Result<(), TestError> {
-        let cert = |e: rcgen::Error| harness("making certificates", e);
-        let ca_key = KeyPair::generate().map_err(cert)?;
-        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(cert)?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "kube-plan test CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key).map_err(cert)?;
-        let issuer = Issuer::new(ca, &ca_key);
-
-        let serving_key = KeyPair::generate().map_err(cert)?;
-        let mut serving =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-                .map_err(cert)?;
-        serving
-            .distinguished_name
-            .push(DnType::CommonName, "kube-apiserver");
-        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let serving_cert = serving.signed_by(&serving_key, &issuer).map_err(cert)?;
-
-        let admin_key = KeyPair::generate().map_err(cert)?;
-        let mut admin = CertificateParams::new(Vec::<String>::new()).map_err(cert)?;
-        admin.distinguished_name.push(DnType::CommonName, "admin");
-        admin
-            .distinguished_name
-            .push(DnType::OrganizationName, "system:masters");
-        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let admin_cert = admin.signed_by(&admin_key, &issuer).map_err(cert)?;
-
-        let sa_key = KeyPair::generate().map_err(cert)?;
-        for (file, pem) in [
-            ("ca.crt", ca_cert.pem()),
-            ("serving.crt", serving_cert.pem()),
-            ("serving.key", serving_key.serialize_pem()),
-            ("admin.crt", admin_cert.pem()),
-            ("admin.key", admin_key.serialize_pem()),
-            ("sa.key", sa_key.serialize_pem()),
-            ("sa.pub", sa_key.public_key_pem()),
-        ] {
-            std::fs::write(dir.join(file), pem).map_err(|e| harness("writing certificates", e))?;
+/// Writes the certificates and keys of a control plane into `dir`: `ca.crt`, `serving.crt`/`.key`
+/// (127.0.0.1, localhost), `admin.crt`/`.key` (`system:masters`) and the service account key pair
+/// `sa.key`/`sa.pub`.
+fn write_pki(dir: &Path) -> Result<(), TestError> {
+    let cert = |e: rcgen::Error| harness("making certificates", e);
+    let ca_key = KeyPair::generate().map_err(cert)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(cert)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "kube-plan test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).map_err(cert)?;
+    let issuer = Issuer::new(ca, &ca_key);
+    // A certificate the CA signs, with its key.
+    let leaf = |names: &[&str], subject: &[(DnType, &str)], usage| {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        for (kind, value) in subject {
+            params.distinguished_name.push(kind.clone(), *value);
         }
-        Ok(())
+        params.extended_key_usages = vec![usage];
+        Ok::<_, rcgen::Error>((params.signed_by(&key, &issuer)?, key))
+    };
+    let (serving_cert, serving_key) = leaf(
+        &["127.0.0.1", "localhost"],
+        &[(DnType::CommonName, "kube-apiserver")],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )
+    .map_err(cert)?;
+    let (admin_cert, admin_key) = leaf(
+        &[],
+        &[
+            (DnType::CommonName, "admin"),
+            (DnType::OrganizationName, "system:masters"),
+        ],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )
+    .map_err(cert)?;
+    let sa_key = KeyPair::generate().map_err(cert)?;
+    for (file, pem) in [
+        ("ca.crt", ca_cert.pem()),
+        ("serving.crt", serving_cert.pem()),
+        ("serving.key", serving_key.serialize_pem()),
+        ("admin.crt", admin_cert.pem()),
+        ("admin.key", admin_key.serialize_pem()),
+        ("sa.key", sa_key.serialize_pem()),
+        ("sa.pub", sa_key.public_key_pem()),
+    ] {
+        std::fs::write(dir.join(file), pem).map_err(|e| harness("writing certificates", e))?;
     }
+    Ok(())
 }
 
 /// Writes `kubeconfig` for the admin user, certificates embedded by path.
