@@ -120,12 +120,19 @@ where
 #[derive(Debug)]
 pub struct TestCluster {
     kubeconfig: PathBuf,
-    /// Set for a private cluster of the harness: its state directory, torn down on drop.
-    private_state: Option<PathBuf>,
-    /// The harness script, for a cluster it runs.
-    script: Option<PathBuf>,
-    /// A control plane this process started from binaries, stopped on drop.
-    own: Option<ControlPlane>,
+    /// What stops it when this drops.
+    owner: Owner,
+}
+
+/// Who stops a cluster.
+#[derive(Debug)]
+enum Owner {
+    /// Nobody here: a cluster attached to, or the harness's shared one (it outlives test runs).
+    Elsewhere,
+    /// A private cluster of the harness: `script down` with its state directory.
+    Harness { script: PathBuf, state: PathBuf },
+    /// A control plane this process started from binaries: held for its `Drop`, which stops it.
+    Process(#[expect(dead_code, reason = "held for its Drop")] ControlPlane),
 }
 
 static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
@@ -153,20 +160,13 @@ impl TestCluster {
         }
         let script = harness_script()?;
         let out = run_script(&script, &["ensure"], None, &[])?;
-        Ok(Self {
-            kubeconfig: kubeconfig_from_env_line(&out)?,
-            private_state: None,
-            script: Some(script),
-            own: None,
-        })
+        Ok(Self::attached(kubeconfig_from_env_line(&out)?))
     }
 
     fn attached(kubeconfig: PathBuf) -> Self {
         Self {
             kubeconfig,
-            private_state: None,
-            script: None,
-            own: None,
+            owner: Owner::Elsewhere,
         }
     }
 
@@ -198,12 +198,10 @@ impl TestCluster {
     /// # Ok(()) }
     /// ```
     pub fn from_assets(assets: impl AsRef<Path>) -> Result<Self, TestError> {
-        let own = ControlPlane::start(assets.as_ref())?;
+        let plane = ControlPlane::start(assets.as_ref())?;
         Ok(Self {
-            kubeconfig: own.kubeconfig(),
-            private_state: None,
-            script: None,
-            own: Some(own),
+            kubeconfig: plane.kubeconfig(),
+            owner: Owner::Process(plane),
         })
     }
 
@@ -224,9 +222,7 @@ impl TestCluster {
         )?;
         Ok(Self {
             kubeconfig: kubeconfig_from_env_line(&out)?,
-            private_state: Some(state),
-            script: Some(script),
-            own: None,
+            owner: Owner::Harness { script, state },
         })
     }
 
@@ -237,14 +233,19 @@ impl TestCluster {
 
     /// The state directory of a private harness cluster (PIDs, logs), `None` otherwise.
     pub fn state_dir(&self) -> Option<&Path> {
-        self.private_state.as_deref()
+        match &self.owner {
+            Owner::Harness { state, .. } => Some(state),
+            _ => None,
+        }
     }
 
     /// Stops a private cluster now (also done on drop). The shared cluster is left alone.
     pub fn stop(&mut self) -> Result<(), TestError> {
-        self.own = None;
-        if let (Some(state), Some(script)) = (self.private_state.take(), &self.script) {
-            run_script(script, &["down"], Some(&state), &[])?;
+        // A control plane of this process stops as it drops here.
+        if let Owner::Harness { script, state } =
+            std::mem::replace(&mut self.owner, Owner::Elsewhere)
+        {
+            run_script(&script, &["down"], Some(&state), &[])?;
         }
         Ok(())
     }
