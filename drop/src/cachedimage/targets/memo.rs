@@ -116,17 +116,13 @@ impl TargetMemo {
     }
 
     /// How many targetings are remembered.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .groups
             .len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -268,14 +264,14 @@ mod tests {
             *memo.targets(&nodes, &spec("a"), None, &[]),
             ["x".to_owned()]
         );
-        assert_eq!(memo.len(), 2);
+        assert_eq!(memo.remembered(), 2);
         let warmup = Toleration {
             key: Some("warming".into()),
             operator: Some("Exists".into()),
             ..Toleration::default()
         };
         memo.targets(&nodes, &spec("a"), None, std::slice::from_ref(&warmup));
-        assert_eq!(memo.len(), 3);
+        assert_eq!(memo.remembered(), 3);
     }
 
     #[test]
