@@ -172,9 +172,11 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     kube_plan::install_crypto_provider();
     let metrics_addr = parse_addr("metrics-bind-address", &args.metrics_bind_address)?;
     let health_addr = parse_addr("health-probe-bind-address", &args.health_probe_bind_address)?;
-    let client = kube::Client::try_default().await.map_err(|e| {
+    let config = kube::Config::infer().await.map_err(|e| {
         format!("no usable Kubernetes configuration (kubeconfig or in-cluster): {e}")
     })?;
+    let client = kube::Client::try_from(config.clone())
+        .map_err(|e| format!("cannot build a Kubernetes client from the configuration: {e}"))?;
     let version = client
         .apiserver_version()
         .await
@@ -222,7 +224,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             }),
         registry_budgets: args.registry_budgets.into_iter().collect(),
     };
-    crate::operator::run(client, settings, kube_plan::operator::shutdown_signal()).await?;
+    crate::operator::run_from_config(config, settings, kube_plan::operator::shutdown_signal())
+        .await?;
     Ok(())
 }
 

@@ -83,13 +83,31 @@ pub const NAME: &str = "drop";
 /// The default of [`Settings::status_interval`].
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Runs Drop until `shutdown` resolves.
+/// Runs Drop with `client` until `shutdown` resolves.
 pub async fn run(
     client: kube::Client,
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
-    let mut operator = Operator::new(NAME, client.clone());
+    run_operator(Operator::new(NAME, client), settings, shutdown).await
+}
+
+/// Runs Drop on the cluster `config` describes until `shutdown` resolves. Under leader election
+/// this fences writes more tightly than [`run`] can (see [`Operator::from_config`]).
+pub async fn run_from_config(
+    config: kube::Config,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), OperatorError> {
+    run_operator(Operator::from_config(NAME, config)?, settings, shutdown).await
+}
+
+async fn run_operator(
+    mut operator: Operator,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), OperatorError> {
+    let client = operator.client().clone();
     let metrics = Metrics::register(operator.registry())?;
     let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let wake =

@@ -7,10 +7,18 @@
 //! extends the fence to *when that attempt started* plus the renew deadline, a moment the standby's
 //! lease-duration wait cannot have passed yet; every request that is not a read is refused after
 //! it, by the client itself, whatever part of the operator makes it.
+//!
+//! Where the check happens decides how small the window is. [`Fence::client`] wraps a finished
+//! client, so it can only check when a request enters it; a replica frozen while that request
+//! waits for a pooled connection (or a TLS handshake) still sends it on waking.
+//! [`Fence::client_from_config`] builds the client itself and checks in the request body, which the
+//! connection polls right before it writes the request to the socket.
 
+use bytes::Bytes;
 use http::{Method, Request, Response};
-use kube::Client;
-use kube::client::Body;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use kube::client::{Body, ConfigExt};
+use kube::{Client, Config};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -58,10 +66,81 @@ impl Fence {
             namespace,
         )
     }
+
+    /// A client for `config` that checks the fence when a write's body is about to be written to
+    /// its connection, after any wait for a connection. Otherwise it is built as kube builds its
+    /// own: the same TLS, authentication (refreshing tokens included), headers and timeouts.
+    pub(crate) fn client_from_config(&self, config: &Config) -> Result<Client, kube::Error> {
+        let mut connector = hyper_timeout::TimeoutConnector::new(config.rustls_https_connector()?);
+        connector.set_connect_timeout(config.connect_timeout);
+        connector.set_read_timeout(config.read_timeout);
+        connector.set_write_timeout(config.write_timeout);
+        connector.set_reset_reader_on_write(config.reset_reader_on_write);
+        let http: hyper_util::client::legacy::Client<_, FencedBody> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
+        let fence = self.clone();
+        let service = tower::ServiceBuilder::new()
+            .layer(config.base_uri_layer())
+            .option_layer(config.auth_layer()?)
+            .layer(config.extra_headers_layer()?)
+            .map_request(move |req: Request<Body>| {
+                let write = !is_read(req.method());
+                let (parts, body) = req.into_parts();
+                let refusal = LeadershipLapsed {
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_owned(),
+                };
+                let body = FencedBody {
+                    inner: body,
+                    write: write.then(|| (fence.clone(), refusal)),
+                };
+                Request::from_parts(parts, body)
+            })
+            .map_err(tower::BoxError::from)
+            .service(http);
+        Ok(Client::new(service, config.default_namespace.clone()))
+    }
+}
+
+/// A request body that, for a write, refuses to yield anything once the fence has closed: the
+/// connection then drops the request instead of sending it.
+struct FencedBody {
+    inner: Body,
+    /// For a write: the fence, and the error to give when it is closed.
+    write: Option<(Fence, LeadershipLapsed)>,
+}
+
+impl HttpBody for FencedBody {
+    type Data = Bytes;
+    type Error = kube::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, kube::Error>>> {
+        if let Some((fence, refusal)) = &self.write
+            && !fence.is_open()
+        {
+            let refused = Box::new(refusal.clone());
+            return Poll::Ready(Some(Err(kube::Error::Service(refused))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    /// A write's body is never reported empty up front, so the connection always polls it (and
+    /// with that, checks the fence), even when it carries no bytes.
+    fn is_end_stream(&self) -> bool {
+        self.write.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Why a fenced write was refused.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error(
     "refusing {method} {path}: this replica's leadership has lapsed (not renewed within the renew deadline)"
 )]
@@ -122,6 +201,81 @@ mod tests {
         f.extend(Instant::now() + Duration::from_secs(60));
         f.close();
         assert!(!f.is_open());
+    }
+
+    /// A plain-HTTP server on loopback that answers `{}` and records each request's method as it
+    /// arrives.
+    async fn recording_server() -> (Config, Arc<Mutex<Vec<Method>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((io, _)) = listener.accept().await else {
+                    return;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<_>| {
+                        record.lock().unwrap().push(req.method().clone());
+                        async {
+                            Ok::<_, std::convert::Infallible>(Response::new(
+                                http_body_util::Full::new(Bytes::from_static(b"{}")),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                        .await;
+                });
+            }
+        });
+        let url = format!("http://{addr}").parse().unwrap();
+        (Config::new(url), seen)
+    }
+
+    async fn send(client: &Client, method: Method) -> Result<(), kube::Error> {
+        let req = Request::builder()
+            .method(method)
+            .uri("/api/v1/namespaces/default/configmaps/x")
+            .body(b"{}".to_vec())
+            .unwrap();
+        client.request::<serde_json::Value>(req).await.map(drop)
+    }
+
+    #[tokio::test]
+    async fn fence_refuses_a_write_at_its_body_once_closed_and_nothing_reaches_the_server() {
+        crate::install_crypto_provider();
+        let (config, seen) = recording_server().await;
+        let fence = Fence::default();
+        let client = fence.client_from_config(&config).unwrap();
+
+        let refused = send(&client, Method::PATCH).await.unwrap_err();
+        assert!(
+            format!("{refused:?}").contains("LeadershipLapsed"),
+            "refused as lapsed leadership: {refused:?}"
+        );
+        send(&client, Method::GET)
+            .await
+            .expect("reads pass a closed fence");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Method::GET],
+            "the write never arrived"
+        );
+
+        fence.extend(Instant::now() + Duration::from_secs(60));
+        send(&client, Method::PATCH)
+            .await
+            .expect("an open fence lets writes out");
+        send(&client, Method::DELETE).await.unwrap();
+        fence.close();
+        assert!(send(&client, Method::POST).await.is_err());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Method::GET, Method::PATCH, Method::DELETE]
+        );
     }
 
     #[test]

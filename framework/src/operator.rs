@@ -43,6 +43,9 @@ pub enum OperatorError {
     /// Leadership was lost; the process should exit so a fresh one can campaign.
     #[error(transparent)]
     Leader(#[from] LeaderError),
+    /// No client could be built from the given configuration.
+    #[error("building a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
     /// Metrics could not be registered.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -92,6 +95,9 @@ enum CrdMode {
 pub struct Operator {
     name: String,
     client: Client,
+    /// Where `client` came from, when known: with it, a leader's writes are fenced at the last
+    /// moment (see [`Operator::from_config`]).
+    config: Option<kube::Config>,
     registry: Registry,
     starts: Vec<StartFn>,
     metrics_addr: Option<SocketAddr>,
@@ -101,14 +107,22 @@ pub struct Operator {
     crds: CrdMode,
     identity: Option<String>,
     reconcile_counters: Vec<prometheus::IntCounterVec>,
+    graceful_shutdown_timeout: Duration,
 }
+
+/// The default of [`Operator::graceful_shutdown_timeout`] (controller-runtime's too).
+pub const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Operator {
     /// An operator named `name` (the Event reporter and default field-manager prefix).
+    ///
+    /// With [leader election](Operator::leader_election), prefer [`Operator::from_config`]: a
+    /// finished `client` can only be fenced when a write enters it, not when it goes out.
     pub fn new(name: &str, client: Client) -> Self {
         Self {
             name: name.to_owned(),
             client,
+            config: None,
             registry: Registry::new(),
             starts: Vec::new(),
             metrics_addr: None,
@@ -118,7 +132,39 @@ impl Operator {
             crds: CrdMode::None,
             identity: None,
             reconcile_counters: Vec::new(),
+            graceful_shutdown_timeout: GRACEFUL_SHUTDOWN_TIMEOUT,
         }
+    }
+
+    /// An operator named `name` that talks to the cluster `config` describes.
+    ///
+    /// Under [leader election](Operator::leader_election) the controllers' client is then built
+    /// here too, so that a write is refused at the moment it would be written to its connection
+    /// once the leadership has lapsed. A replica frozen (a long pause, SIGSTOP, a stalled VM) while
+    /// a write waited for a connection cannot send it after a standby took over.
+    ///
+    /// ```no_run
+    /// # use kube_plan::{LeaderElection, Operator};
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = kube::Config::infer().await?;
+    /// Operator::from_config("my-operator", config)?
+    ///     .leader_election(LeaderElection::new("my-operator", "my-namespace", "pod-0"))
+    ///     // .controller(Controller::new("widget", WidgetReconciler))
+    ///     .run()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_config(name: &str, config: kube::Config) -> Result<Self, OperatorError> {
+        let client = Client::try_from(config.clone()).map_err(OperatorError::Client)?;
+        let mut operator = Self::new(name, client);
+        operator.config = Some(config);
+        Ok(operator)
+    }
+
+    /// The client the operator was made with (unfenced: for work outside its controllers).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The registry served at `/metrics`; register the operator's own metrics here.
@@ -194,6 +240,14 @@ impl Operator {
     pub fn leader_election(mut self, election: LeaderElection) -> Self {
         self.identity = Some(election.identity.clone());
         self.leader = Some(election);
+        self
+    }
+
+    /// How long a graceful stop waits for running reconciles before it cuts them (default
+    /// [`GRACEFUL_SHUTDOWN_TIMEOUT`]). A reconcile stuck on a request that never answers then cannot
+    /// keep the process, and the Lease it holds, from going.
+    pub fn graceful_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.graceful_shutdown_timeout = timeout;
         self
     }
 
@@ -281,9 +335,13 @@ impl Operator {
 
         // With an election, controllers write through the leader's fence; the election itself (and
         // the CRD install above) uses the plain client.
-        let client = match candidate.as_ref() {
-            Some(c) => c.fence().client(self.client.clone()),
-            None => self.client.clone(),
+        let client = match (candidate.as_ref(), &self.config) {
+            (Some(c), Some(config)) => c
+                .fence()
+                .client_from_config(config)
+                .map_err(OperatorError::Client)?,
+            (Some(c), None) => c.fence().client(self.client.clone()),
+            (None, _) => self.client.clone(),
         };
         let recorder = Recorder::new(
             client.clone(),
@@ -346,8 +404,25 @@ impl Operator {
                 // Graceful: no new work, running reconciles finish, then leadership is released.
                 tracing::info!("stopping controllers");
                 let _ = stop_tx.send(true);
-                for r in runs {
-                    let _ = r.await;
+                let drained = futures::future::join_all(runs.iter_mut());
+                if tokio::time::timeout(self.graceful_shutdown_timeout, drained)
+                    .await
+                    .is_err()
+                {
+                    let running: Vec<&str> = runs
+                        .iter()
+                        .zip(&names)
+                        .filter(|(r, _)| !r.is_finished())
+                        .map(|(_, n)| n.as_str())
+                        .collect();
+                    tracing::warn!(
+                        controllers = ?running,
+                        timeout = ?self.graceful_shutdown_timeout,
+                        "reconciles still running after the graceful shutdown timeout; cutting them"
+                    );
+                    for r in &runs {
+                        r.abort();
+                    }
                 }
             }
             Err(e) => {
