@@ -699,6 +699,8 @@ where
         let conflicts = unapplied.conflicts;
         let refused = unapplied.refused;
 
+        // The children are in place: a requeue at a given moment is measured from here.
+        let mut requeue = plan.requeue_as_of(Timestamp::now());
         let mut status = plan.status.or_else(|| obj.status().cloned());
         if let Some(status) = status.as_mut()
             && let Some(list) = status.conditions_mut()
@@ -720,7 +722,6 @@ where
                 );
             }
         }
-        let mut requeue = plan.requeue;
         if let Some(status) = status
             && let Some(wait) = self
                 .write_status(obj, status, true)
