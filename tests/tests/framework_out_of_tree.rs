@@ -77,111 +77,55 @@ async fn framework_test_cluster_starts_from_kubebuilder_assets_and_leaves_nothin
     assert!(!kubeconfig.exists(), "the cluster's directory is left");
 }
 
-/// The consumer crate: a CRD, a reconciler that writes a ConfigMap and a Ready condition, and a
-/// test on a `TestCluster`.
-const CONSUMER_LIB: &str = r#"
-use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, ResourceExt};
-use kube_plan::conditions::{self, Cond};
-use kube_plan::{Child, Context, Plan, PrinterColumns, Reconciler, Status};
-use serde::{Deserialize, Serialize};
-
-/// A greeting to keep in a ConfigMap.
-#[derive(CustomResource, PrinterColumns, Serialize, Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
-#[kube(group = "greetings.example.org", version = "v1", kind = "Greeting", namespaced, status = "GreetingStatus")]
-pub struct GreetingSpec {
-    #[column]
-    pub text: String,
-}
-
-#[derive(Status, PrinterColumns, Serialize, Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
-pub struct GreetingStatus {
-    #[status(conditions)]
-    #[column(name = "Ready", condition = "Ready", field = "status")]
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
-}
-
-pub struct Greeter;
-
-impl Reconciler for Greeter {
-    type Resource = Greeting;
-    type Error = kube_plan::children::ChildError;
-
-    async fn reconcile(&self, g: &Greeting, ctx: &Context) -> Result<Plan<Greeting>, Self::Error> {
-        let mut cm = ConfigMap::default();
-        cm.metadata.name = Some(g.name_any());
-        cm.metadata.namespace = g.namespace();
-        cm.data = Some([("text".to_owned(), g.spec.text.clone())].into());
-        let written = ctx.owned::<ConfigMap>().iter().any(|c| {
-            c.data.as_ref().and_then(|d| d.get("text")) == Some(&g.spec.text)
-        });
-        let mut status = g.status.clone().unwrap_or_default();
-        conditions::set(
-            &mut status.conditions,
-            Cond::ready(written, if written { "Written" } else { "Writing" }, "the ConfigMap holds the text"),
-            g.metadata.generation,
-            ctx.now(),
-        );
-        Ok(Plan::new().child(Child::new(&cm)?).status(status))
-    }
-}
-"#;
-
-const CONSUMER_TEST: &str = r#"
-use consumer::{Greeter, Greeting, GreetingSpec};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, PostParams};
-use kube_plan::testing::{TestCluster, eventually};
-use kube_plan::{Controller, Operator};
-use std::time::Duration;
-
-#[tokio::test]
-async fn greeting_is_written_and_ready() {
-    kube_plan::install_crypto_provider();
-    // KUBEBUILDER_ASSETS names the binaries, as for Go's envtest.
-    let cluster = TestCluster::start(0).expect("control plane");
-    let client = cluster.client().await.unwrap();
-    let ns = cluster.namespace(&client, "greet").await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = Operator::new("greeter", client.clone())
-        .install_crds(vec![kube_plan::crd::build::<Greeting>()])
-        .controller(Controller::new("greeting", Greeter).owns::<ConfigMap>());
-    let running = tokio::spawn(operator.run_until(async { let _ = stopped.await; }));
-
-    let greetings: Api<Greeting> = Api::namespaced(client.clone(), ns.name());
-    let hello = Greeting::new("hello", GreetingSpec { text: "hello, world".into() });
-    eventually(Duration::from_secs(30), "Greeting created", || async {
-        greetings.create(&PostParams::default(), &hello).await.map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(30), "Greeting Ready", || async {
-        let g = greetings.get("hello").await.map_err(|e| e.to_string())?;
-        let ready = g.status.iter().flat_map(|s| &s.conditions)
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        if ready { Ok(()) } else { Err(format!("{:?}", g.status)) }
-    })
-    .await
-    .unwrap();
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
-    let cm = cms.get("hello").await.unwrap();
-    assert_eq!(cm.data.unwrap()["text"], "hello, world");
-    let _ = stop.send(());
-    running.await.unwrap().unwrap();
-    println!("consumer: Greeting reconciled on a control plane from KUBEBUILDER_ASSETS");
-}
+/// A second test file for the consumer crate, beside the tutorial's: a shared cluster is a static
+/// that is never dropped, and its processes must still end with the test process.
+const SHARED_TEST: &str = r#"
+use kube_plan::testing::TestCluster;
 
 #[tokio::test]
 async fn shared_cluster_serves_and_is_never_dropped() {
-    // A static, never dropped: its processes must still end with this test process.
+    kube_plan::install_crypto_provider();
     let cluster = TestCluster::shared().expect("control plane");
     let client = cluster.client().await.unwrap();
     let ns = cluster.namespace(&client, "shared").await.unwrap();
     assert!(!ns.name().is_empty());
 }
 "#;
+
+/// The files of the tutorial in docs/framework.md: each fenced block whose info string names a
+/// file (```rust file=src/lib.rs), blocks for the same file joined in order.
+fn tutorial_files(markdown: &str) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = Vec::new();
+    let mut current: Option<usize> = None;
+    for line in markdown.lines() {
+        match current {
+            Some(i) if line.trim_end() == "```" => {
+                files[i].1.push('\n');
+                current = None;
+            }
+            Some(i) => {
+                files[i].1.push_str(line);
+                files[i].1.push('\n');
+            }
+            None => {
+                let Some(name) = line.strip_prefix("```").and_then(|info| {
+                    info.split_whitespace()
+                        .find_map(|w| w.strip_prefix("file="))
+                }) else {
+                    continue;
+                };
+                current = Some(match files.iter().position(|(f, _)| f == name) {
+                    Some(i) => i,
+                    None => {
+                        files.push((name.to_owned(), String::new()));
+                        files.len() - 1
+                    }
+                });
+            }
+        }
+    }
+    files
+}
 
 #[test]
 fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
@@ -193,36 +137,45 @@ fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
         .unwrap();
     let dir = krate.path();
     let framework = repo.join("framework");
-    std::fs::write(
-        dir.join("Cargo.toml"),
-        format!(
-            r#"[package]
-name = "consumer"
-version = "0.1.0"
-edition = "2024"
-publish = false
-
-[dependencies]
-kube-plan = {{ path = "{}" }}
-kube = {{ version = "5", default-features = false, features = ["client", "rustls-tls", "ring", "runtime", "derive"] }}
-k8s-openapi = {{ version = "0.29", default-features = false, features = ["std", "schemars", "v1_37"] }}
-serde = {{ version = "1", features = ["derive"] }}
-serde_json = "1"
-schemars = "1"
-
-[dev-dependencies]
-kube-plan = {{ path = "{}", features = ["testing"] }}
-tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
-"#,
-            framework.display(),
-            framework.display()
-        ),
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.join("src")).unwrap();
-    std::fs::create_dir_all(dir.join("tests")).unwrap();
-    std::fs::write(dir.join("src/lib.rs"), CONSUMER_LIB).unwrap();
-    std::fs::write(dir.join("tests/greeting.rs"), CONSUMER_TEST).unwrap();
+    // The tutorial's files, as a newcomer would write them; only the kube-plan dependency is
+    // pointed at this checkout instead of the registry.
+    let markdown = std::fs::read_to_string(repo.join("docs/framework.md")).unwrap();
+    let files = tutorial_files(&markdown);
+    let names: Vec<&str> = files.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Cargo.toml",
+            "src/lib.rs",
+            "src/main.rs",
+            "tests/greeting.rs"
+        ],
+        "the tutorial's files"
+    );
+    let path = format!("path = \"{}\"", framework.display());
+    for (name, text) in &files {
+        let text = match name.as_str() {
+            "Cargo.toml" => {
+                let local = text
+                    .replace("kube-plan = \"0.1\"", &format!("kube-plan = {{ {path} }}"))
+                    .replace(
+                        "kube-plan = { version = \"0.1\",",
+                        &format!("kube-plan = {{ {path},"),
+                    );
+                assert_eq!(
+                    local.matches(&path).count(),
+                    2,
+                    "both kube-plan lines rewritten: {local}"
+                );
+                local
+            }
+            _ => text.clone(),
+        };
+        let file = dir.join(name);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    std::fs::write(dir.join("tests/shared.rs"), SHARED_TEST).unwrap();
     // The workspace's lock file pins the versions this repository builds with, so the consumer
     // resolves offline from the local registry cache.
     std::fs::copy(repo.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
