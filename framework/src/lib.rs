@@ -43,6 +43,7 @@ mod owned;
 mod per_kind;
 pub mod plan;
 pub mod reconciler;
+pub mod security;
 pub mod status;
 mod status_writes;
 #[cfg(feature = "testing")]

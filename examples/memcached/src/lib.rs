@@ -3,14 +3,11 @@
 //! and reports whether it is available.
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecurityContext,
-};
+use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
 use kube::{CustomResource, KubeSchema, ResourceExt};
 use kube_plan::conditions::{self, Cond};
-use kube_plan::{Child, Context, Plan, PrinterColumns, Reconciler, Status};
+use kube_plan::{Child, Context, Plan, PrinterColumns, Reconciler, Status, security};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -103,16 +100,7 @@ pub fn deployment(m: &Memcached) -> Deployment {
             name: Some("memcached".into()),
             ..Default::default()
         }]),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(1001),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(security::restricted_container(Some(1001))),
         ..Default::default()
     };
     Deployment {
@@ -134,14 +122,7 @@ pub fn deployment(m: &Memcached) -> Deployment {
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(security::restricted_pod()),
                     ..Default::default()
                 }),
             },
