@@ -62,6 +62,8 @@ pub struct Child {
     pub(crate) key: ChildKey,
     pub(crate) resource: ApiResource,
     pub(crate) object: serde_json::Value,
+    /// Created when absent, never applied again (see [`Child::create_only`]).
+    pub(crate) create_only: bool,
 }
 
 impl Child {
@@ -119,7 +121,22 @@ impl Child {
             },
             resource: ApiResource::erase::<C>(&()),
             object,
+            create_only: false,
         })
+    }
+
+    /// Makes this a child that is created when it does not exist and otherwise left as it is,
+    /// whatever later plans say of it: for objects whose spec cannot change once made (a Pod, a
+    /// Job). Creating takes one request (a POST, whose 409 answers whether the name is taken),
+    /// where an apply of a child the caches do not show first reads it, to make sure it is not
+    /// someone else's. Ownership is checked as for any child: a name someone else holds is a
+    /// conflict, never adopted.
+    ///
+    /// The fields of a created child belong to the field manager as an update, not an apply: a
+    /// child that later plans change must stay a plain [`Child::new`].
+    pub fn create_only(mut self) -> Self {
+        self.create_only = true;
+        self
     }
 
     /// The child's identity.

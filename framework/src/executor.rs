@@ -7,7 +7,7 @@ use crate::controller::ExecError;
 use crate::owned::ChildStore;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::core::{ApiResource, DynamicObject, Resource};
 use serde::de::IgnoredAny;
 use std::collections::HashSet;
@@ -60,8 +60,10 @@ impl Executor {
             }
             // Not in the view: the cache may have caught up since; else, as the caches only hold
             // objects carrying our owner label, ask the API server whether someone else has it.
+            // A child to create only is not read first: its create's answer tells.
             let found = match self.lookup(child.key()) {
                 Some(e) => Some(e),
+                None if child.create_only => None,
                 None => self.get(child).await?,
             };
             existing.extend(found);
@@ -79,12 +81,20 @@ impl Executor {
                 continue;
             };
             let body = child.owned_by(owner, &self.label_key);
-            let hash = body_hash(&body);
             let current = existing.iter().find(|e| &e.key == key);
-            if current.is_some_and(|e| self.applied.unchanged(&owner.uid, e, hash)) {
-                continue;
-            }
-            match self.apply(owner, child, &body, hash).await? {
+            let applying = if child.create_only {
+                if current.is_some() {
+                    continue; // ours (the diff left out anyone else's), and left as it is
+                }
+                self.create(owner, child, &body).await?
+            } else {
+                let hash = body_hash(&body);
+                if current.is_some_and(|e| self.applied.unchanged(&owner.uid, e, hash)) {
+                    continue;
+                }
+                self.apply(owner, child, &body, hash).await?
+            };
+            match applying {
                 Applying::Done => {}
                 Applying::Conflict(c) => out.conflicts.push(c),
                 Applying::Refused(r) => out.refused.push(r),
@@ -156,24 +166,73 @@ impl Executor {
                     controller_uid: None,
                 }))
             }
-            // Admission said no (a policy, a webhook, a quota, validation): the child does not
-            // exist, and the reconciler decides what that means.
-            Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
-                tracing::info!(controller = %self.manager, child = %key, code = s.code, message = %s.message, "child refused");
-                Ok(Applying::Refused(Refusal {
-                    key: key.clone(),
-                    object: body.clone(),
-                    code: s.code,
-                    reason: s.reason.clone(),
-                    message: s.message.clone(),
-                }))
-            }
+            Err(kube::Error::Api(s)) if is_refusal(&s) => Ok(self.refused(key, body, &s)),
             Err(source) => Err(ExecError::Api {
                 action: "applying",
                 target: key.to_string(),
                 source,
             }),
         }
+    }
+
+    /// Creates a child that does not exist yet. A 409 means the name is taken: by this owner's own
+    /// child the view has not caught up with (nothing to do), or by someone else's object (a
+    /// conflict, left alone).
+    async fn create(
+        &self,
+        owner: &OwnerReference,
+        child: &Child,
+        body: &serde_json::Value,
+    ) -> Result<Applying, ExecError> {
+        let key = child.key();
+        let path = DynamicObject::url_path(&child.resource, key.namespace.as_deref());
+        let params = PostParams {
+            field_manager: Some(self.manager.clone()),
+            ..PostParams::default()
+        };
+        let answer = match serde_json::to_vec(body) {
+            Ok(bytes) => match kube::core::Request::new(path).create(&params, bytes) {
+                Ok(request) => self.client.request::<IgnoredAny>(request).await,
+                Err(e) => Err(kube::Error::BuildRequest(e)),
+            },
+            Err(e) => Err(kube::Error::SerdeError(e)),
+        };
+        match answer {
+            Ok(_) => Ok(Applying::Done),
+            Err(kube::Error::Api(s)) if s.code == 409 => match self.get(child).await? {
+                Some(e) if e.controller_uid.as_deref() != Some(owner.uid.as_str()) => {
+                    Ok(Applying::Conflict(Conflict {
+                        key: key.clone(),
+                        controller_uid: e.controller_uid,
+                    }))
+                }
+                _ => Ok(Applying::Done),
+            },
+            Err(kube::Error::Api(s)) if is_refusal(&s) => Ok(self.refused(key, body, &s)),
+            Err(source) => Err(ExecError::Api {
+                action: "creating",
+                target: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Admission said no (a policy, a webhook, a quota, validation): the child does not exist, and
+    /// the reconciler decides what that means.
+    fn refused(
+        &self,
+        key: &ChildKey,
+        body: &serde_json::Value,
+        s: &kube::core::Status,
+    ) -> Applying {
+        tracing::info!(controller = %self.manager, child = %key, code = s.code, message = %s.message, "child refused");
+        Applying::Refused(Refusal {
+            key: key.clone(),
+            object: body.clone(),
+            code: s.code,
+            reason: s.reason.clone(),
+            message: s.message.clone(),
+        })
     }
 
     /// Server-side applies `body` to the child, reading of the answer only the version it left
@@ -246,6 +305,11 @@ pub(crate) fn dynamic_api(
         Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
         None => Api::all_with(client.clone(), ar),
     }
+}
+
+/// An answer that refuses the object itself (as opposed to failing the request).
+fn is_refusal(s: &kube::core::Status) -> bool {
+    matches!(s.code, 400 | 403 | 422)
 }
 
 /// A refusal caused by someone else's control of the object: a field conflict, or a second controller

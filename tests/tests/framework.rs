@@ -421,3 +421,179 @@ async fn framework_watches_stream_their_initial_state_or_fall_back_to_lists() {
     assert!(seen.iter().any(|n| n == "listed-not-streamed"), "{seen:?}");
     off.stop().expect("stopping the private cluster");
 }
+
+/// An object whose ConfigMap of the same name holds its text as first created: a child to create
+/// only.
+#[derive(
+    CustomResource,
+    PrinterColumns,
+    Serialize,
+    Deserialize,
+    Clone,
+    Debug,
+    Default,
+    schemars::JsonSchema,
+)]
+#[kube(
+    group = "framework.e2e.example",
+    version = "v1",
+    kind = "Stamp",
+    namespaced,
+    status = "StampStatus"
+)]
+pub struct StampSpec {
+    text: String,
+}
+
+#[derive(
+    Status, PrinterColumns, Serialize, Deserialize, Clone, Debug, Default, schemars::JsonSchema,
+)]
+pub struct StampStatus {
+    /// The text the last reconcile planned with.
+    #[serde(default)]
+    planned: String,
+    #[status(conditions)]
+    #[serde(default)]
+    conditions: Vec<Condition>,
+}
+
+struct StampReconciler;
+
+impl Reconciler for StampReconciler {
+    type Resource = Stamp;
+    type Error = kube_plan::children::ChildError;
+
+    async fn reconcile(&self, s: &Stamp, _: &Context) -> Result<Plan<Stamp>, Self::Error> {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = s.metadata.name.clone();
+        cm.metadata.namespace = s.metadata.namespace.clone();
+        cm.data = Some([("text".to_owned(), s.spec.text.clone())].into());
+        let mut status = s.status.clone().unwrap_or_default();
+        status.planned = s.spec.text.clone();
+        Ok(Plan::new()
+            .child(Child::new(&cm)?.create_only())
+            .status(status))
+    }
+}
+
+#[tokio::test]
+async fn framework_create_only_child_is_created_once_and_a_foreign_name_is_a_conflict() {
+    use kube::api::{DeleteParams, Patch, PatchParams};
+    use kube_plan::controller::CHILD_CONFLICT;
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "fw-once").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = Operator::new("framework-e2e-once", client.clone())
+        .install_crds(vec![kube_plan::crd::build::<Stamp>()])
+        .controller(
+            Controller::new("stamp", StampReconciler)
+                .owns::<ConfigMap>()
+                .primary_watch(
+                    watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
+                ),
+        );
+    let running = tokio::spawn(operator.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let stamps: Api<Stamp> = Api::namespaced(client.clone(), ns.name());
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    let text_of = |name: &'static str| {
+        let cms = cms.clone();
+        async move {
+            let cm = cms.get_opt(name).await.map_err(|e| e.to_string())?;
+            let text = cm.and_then(|c| c.data?.get("text").cloned());
+            text.ok_or_else(|| format!("no ConfigMap {name} with text"))
+        }
+    };
+    let planned = |name: &'static str, text: &'static str| {
+        let stamps = stamps.clone();
+        async move {
+            let s = stamps.get(name).await.map_err(|e| e.to_string())?;
+            match s.status.map(|st| st.planned) {
+                Some(p) if p == text => Ok(()),
+                other => Err(format!("planned {other:?}")),
+            }
+        }
+    };
+    let stamp = |name: &str, text: &str| {
+        Stamp::new(
+            name,
+            StampSpec {
+                text: text.to_owned(),
+            },
+        )
+    };
+    eventually(Duration::from_secs(30), "Stamp a created", || async {
+        stamps
+            .create(&PostParams::default(), &stamp("a", "one"))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    let first = eventually(Duration::from_secs(30), "ConfigMap a", || text_of("a"))
+        .await
+        .unwrap();
+    assert_eq!(first, "one");
+
+    // A changed plan does not touch the child once it exists.
+    stamps
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"text": "two"}})),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "a reconciled with two", || {
+        planned("a", "two")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        text_of("a").await.unwrap(),
+        "one",
+        "created once, left as it is"
+    );
+
+    // Gone, it is created again, from the plan of the day.
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(30), "ConfigMap a again", || async {
+        match text_of("a").await?.as_str() {
+            "two" => Ok(()),
+            other => Err(format!("text {other}")),
+        }
+    })
+    .await
+    .unwrap();
+
+    // A name someone else holds is a conflict, and their object is left alone.
+    let mut foreign = ConfigMap::default();
+    foreign.metadata.name = Some("b".into());
+    foreign.data = Some([("text".to_owned(), "theirs".to_owned())].into());
+    cms.create(&PostParams::default(), &foreign).await.unwrap();
+    stamps
+        .create(&PostParams::default(), &stamp("b", "ours"))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "b reports the conflict",
+        || async {
+            let s = stamps.get("b").await.map_err(|e| e.to_string())?;
+            let conds = s.status.map(|st| st.conditions).unwrap_or_default();
+            if kube_plan::conditions::is_true(&conds, CHILD_CONFLICT) {
+                Ok(())
+            } else {
+                Err(format!("{conds:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let b = cms.get("b").await.unwrap();
+    assert_eq!(b.data.unwrap()["text"], "theirs");
+    assert!(b.metadata.owner_references.unwrap_or_default().is_empty());
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

@@ -190,7 +190,7 @@ impl Reconciler for CachedImageReconciler {
                 attempt: *attempt,
                 tolerations: &self.tolerations,
             })?;
-            plan = plan.child(Child::new(&pod)?);
+            plan = plan.child(Child::new(&pod)?.create_only());
         }
 
         self.check_warming(&target_nodes, &nodes, ctx);

@@ -162,7 +162,7 @@ impl Reconciler for CronJobReconciler {
                             active.clear(); // not kept: pruned
                         }
                         status.last_schedule_time = Some(Time(due));
-                        plan = plan.child(Child::new(&job_for(cj, due))?);
+                        plan = plan.child(Child::new(&job_for(cj, due))?.create_only());
                         Cond::ready(true, "Scheduled", format!("started the run due at {due}"))
                     }
                     None => Cond::ready(true, "Scheduled", format!("next run at {next:?}")),
