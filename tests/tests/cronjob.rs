@@ -111,15 +111,15 @@ fn ready_reason(cj: &CronJob) -> Option<String> {
     conditions::get(&status.conditions, conditions::READY).map(|c| c.reason.clone())
 }
 
-/// Waits until CronJob `witness` has had at least `n` distinct Jobs (its schedule came round `n`
+/// Waits until CronJob `cronjob` has had at least `n` distinct Jobs (its schedule came round `n`
 /// times while the operator ran).
-async fn witness_ran(jobs: &Api<Job>, witness: &str, n: usize) {
+async fn ran(jobs: &Api<Job>, cronjob: &str, n: usize) {
     let seen = Mutex::new(BTreeSet::new());
     eventually(
         Duration::from_secs(90),
-        &format!("{witness} ran {n} Jobs"),
+        &format!("{cronjob} ran {n} Jobs"),
         || async {
-            let now = jobs_of(jobs, witness).await?;
+            let now = jobs_of(jobs, cronjob).await?;
             let mut seen = seen.lock().unwrap();
             seen.extend(now.iter().map(|j| j.name_any()));
             if seen.len() >= n {
@@ -238,16 +238,9 @@ async fn cronjob_suspend_deadline_and_forbid_hold_runs_back_while_a_witness_runs
     )
     .await;
     // The Forbid CronJob's first run is under way before the witness starts counting.
-    eventually(Duration::from_secs(60), "the first Forbid run", || async {
-        match jobs_of(&jobs, "one-at-a-time").await?.len() {
-            0 => Err("none yet".to_owned()),
-            _ => Ok(()),
-        }
-    })
-    .await
-    .unwrap();
+    ran(&jobs, "one-at-a-time", 1).await;
     create(&api, &cronjob("witness", quick, |_| {})).await;
-    witness_ran(&jobs, "witness", 3).await;
+    ran(&jobs, "witness", 3).await;
 
     assert!(jobs_of(&jobs, "paused").await.unwrap().is_empty());
     assert!(jobs_of(&jobs, "late").await.unwrap().is_empty());
@@ -278,14 +271,7 @@ async fn cronjob_suspend_deadline_and_forbid_hold_runs_back_while_a_witness_runs
     )
     .await
     .unwrap();
-    eventually(Duration::from_secs(30), "a run once resumed", || async {
-        match jobs_of(&jobs, "paused").await?.len() {
-            0 => Err("none yet".to_owned()),
-            _ => Ok(()),
-        }
-    })
-    .await
-    .unwrap();
+    ran(&jobs, "paused", 1).await;
 }
 
 #[tokio::test]
