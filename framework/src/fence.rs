@@ -94,6 +94,7 @@ impl Fence {
                 let body = FencedBody {
                     inner: body,
                     write: write.then(|| (fence.clone(), refusal)),
+                    passed: false,
                 };
                 Request::from_parts(parts, body)
             })
@@ -109,6 +110,8 @@ struct FencedBody {
     inner: Body,
     /// For a write: the fence, and the error to give when it is closed.
     write: Option<(Fence, LeadershipLapsed)>,
+    /// The fence let this body through (checked once, at its first poll).
+    passed: bool,
 }
 
 impl HttpBody for FencedBody {
@@ -120,10 +123,17 @@ impl HttpBody for FencedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, kube::Error>>> {
         if let Some((fence, refusal)) = &self.write
-            && !fence.is_open()
+            && !self.passed
         {
-            let refused = Box::new(refusal.clone());
-            return Poll::Ready(Some(Err(kube::Error::Service(refused))));
+            // The time is read before the check: a pass logged with a time after a freeze ended
+            // would be a write decided by a replica that was no longer sure it led.
+            let checked_at = jiff::Timestamp::now();
+            if !fence.is_open() {
+                let refused = Box::new(refusal.clone());
+                return Poll::Ready(Some(Err(kube::Error::Service(refused))));
+            }
+            tracing::debug!(method = %refusal.method, path = %refusal.path, %checked_at, "write passed the leader fence");
+            self.passed = true;
         }
         Pin::new(&mut self.inner).poll_frame(cx)
     }

@@ -377,6 +377,12 @@ async fn chaos_api_server_restart_mid_rollout_is_survived() {
 async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
     // Its own control plane, with an audit log of the two replicas' requests, each replica under
     // its own ServiceAccount so the log tells them apart.
+    //
+    // What the fence can promise: once the old leader resumes, no write of its passes the fence.
+    // A write that had passed it before the freeze, and was frozen on its way to the socket, still
+    // lands on waking (no client can take back what it already sent). The replicas log each write
+    // as it passes the fence, with the time read before the check, and the test holds every write
+    // the API server received from the old leader after the resume to such a pass from before.
     let dir = log_dir("chaos-audit");
     let (ns_name, a, b) = ("chaos-audit", "drop-a", "drop-b");
     let users = [
@@ -433,7 +439,7 @@ async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
         id: ns_name.to_owned(),
         dir: dir.clone(),
         extra: fast_leader_election(),
-        log_filter: "info".into(),
+        log_filter: "info,kube_plan::fence=debug".into(),
     };
     let mut first = command(&kubeconfigs[0]).spawn(0);
     wait_leader(&client, ns_name, "drop-0").await;
@@ -481,6 +487,7 @@ async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
     .await
     .unwrap();
 
+    let stopped_at = jiff::Timestamp::now();
     first.signal("STOP");
     wait_leader(&client, ns_name, "drop-1").await;
     // The standby writes as the new leader before the old one is resumed.
@@ -521,10 +528,15 @@ async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
 
     let requests = e2e::audit::read(&audit_log);
     let (old, new) = (users[0].as_str(), users[1].as_str());
+    // A Lease write refused for a stale version (a renewal read before the freeze and sent after
+    // it) changes nothing; any other write counts.
+    let counts = |r: &&e2e::audit::Request| {
+        r.is_write() && (r.resource != "leases" || (200..300).contains(&r.code))
+    };
     let old_writes_after: Vec<String> = requests
         .iter()
-        .filter(|r| r.user == old)
-        .filter(|r| r.is_write() && r.at >= resumed_at)
+        .filter(|r| r.user == old && r.at >= resumed_at)
+        .filter(counts)
         .map(|r| format!("{} {} at {}", r.verb, r.resource, r.at))
         .collect();
     let new_writes = requests
@@ -535,17 +547,55 @@ async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
         .iter()
         .filter(|r| r.user == old && r.is_write() && r.at < resumed_at)
         .count();
+    // The controllers' writes (Lease writes go through the election's own, unfenced client).
+    let controller_writes_before = requests
+        .iter()
+        .filter(|r| r.user == old && r.is_write() && r.at < resumed_at)
+        .filter(|r| r.resource != "leases")
+        .count();
+    // The old leader's fence passes (leases are written with the unfenced client, so all of these
+    // are the controllers' writes).
+    let passes: Vec<jiff::Timestamp> = std::fs::read_to_string(&first.log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("write passed the leader fence"))
+        .filter_map(|l| {
+            l.split("checked_at=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let passed_after_resume: Vec<&jiff::Timestamp> =
+        passes.iter().filter(|t| **t >= resumed_at).collect();
+    let in_flight = passes.iter().filter(|t| **t < stopped_at).count();
     println!(
-        "chaos audit: drop-0 wrote {old_writes_before} times before its freeze, {} after its resume; drop-1 wrote {new_writes} times",
-        old_writes_after.len()
+        "chaos audit: drop-0 wrote {old_writes_before} times before its freeze, {} after its resume \
+         {old_writes_after:?}; {} fence passes logged, {} after its resume; drop-1 wrote {new_writes} times",
+        old_writes_after.len(),
+        passes.len(),
+        passed_after_resume.len()
     );
     assert!(
         old_writes_before > 0 && new_writes > 0,
         "both replicas wrote as leaders"
     );
     assert!(
-        old_writes_after.is_empty(),
-        "the resumed old leader wrote: {old_writes_after:?}"
+        passes.len() >= controller_writes_before,
+        "every controller write is logged as it passes the fence"
+    );
+    assert!(
+        passed_after_resume.is_empty(),
+        "writes passed the resumed old leader's fence at {passed_after_resume:?}"
+    );
+    // What arrived late had passed before the freeze: at most the writes that were on their way
+    // (passes beyond the writes the server saw before the freeze).
+    assert!(
+        old_writes_after.len() <= in_flight.saturating_sub(controller_writes_before),
+        "late writes {old_writes_after:?} are more than the {} in flight at the freeze",
+        in_flight.saturating_sub(controller_writes_before)
     );
     drop(second);
 }
