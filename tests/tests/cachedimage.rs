@@ -1026,17 +1026,44 @@ async fn cachedimage_stall_rollout_under_cpu_load_deletes_no_pod_before_it_pulls
     );
     // Each phase change is told once: one Pulling and one Cached Event per image, never repeated
     // (a reconcile reading a status older than the one just written would tell it again).
+    // The Event follows the status write that tells of the change in the same reconcile: a test
+    // that has seen Ready may ask before it is there, so it waits for each to be told at least once.
     let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(s.client.clone());
-    let all = events.list(&Default::default()).await.unwrap().items;
+    let told = |all: &[k8s_openapi::api::core::v1::Event], name: &str, reason: &str| -> i32 {
+        all.iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| e.count.unwrap_or(1).max(1))
+            .sum()
+    };
+    let all = eventually(
+        Duration::from_secs(30),
+        "every phase change told",
+        || async {
+            let all = events
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
+            let untold: Vec<String> = names
+                .iter()
+                .flat_map(|n| ["Pulling", "Cached"].map(|r| (n, r)))
+                .filter(|(n, r)| told(&all, n, r) == 0)
+                .map(|(n, r)| format!("{n}: {r}"))
+                .collect();
+            if untold.is_empty() {
+                Ok(all)
+            } else {
+                Err(format!("not yet told: {untold:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
     for name in &names {
         for reason in ["Pulling", "Cached"] {
-            let told: i32 = all
-                .iter()
-                .filter(|e| e.involved_object.name.as_deref() == Some(name.as_str()))
-                .filter(|e| e.reason.as_deref() == Some(reason))
-                .map(|e| e.count.unwrap_or(1).max(1))
-                .sum();
-            assert_eq!(told, 1, "{name}: {reason} told {told} times");
+            let n = told(&all, name, reason);
+            assert_eq!(n, 1, "{name}: {reason} told {n} times");
         }
     }
     s.finish().await;
