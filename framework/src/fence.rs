@@ -85,18 +85,16 @@ impl Fence {
             .option_layer(config.auth_layer()?)
             .layer(config.extra_headers_layer()?)
             .map_request(move |req: Request<Body>| {
-                let write = !is_read(req.method());
-                let (parts, body) = req.into_parts();
-                let refusal = LeadershipLapsed {
-                    method: parts.method.clone(),
-                    path: parts.uri.path().to_owned(),
-                };
-                let body = FencedBody {
-                    inner: body,
-                    write: write.then(|| (fence.clone(), refusal)),
-                    passed: false,
-                };
-                Request::from_parts(parts, body)
+                let (parts, inner) = req.into_parts();
+                // Reads pass as they are; only a write carries the fence (and its refusal).
+                let write = (!is_read(&parts.method)).then(|| {
+                    let refusal = LeadershipLapsed {
+                        method: parts.method.clone(),
+                        path: parts.uri.path().to_owned(),
+                    };
+                    (fence.clone(), refusal)
+                });
+                Request::from_parts(parts, FencedBody { inner, write })
             })
             .map_err(tower::BoxError::from)
             .service(http);
@@ -108,10 +106,9 @@ impl Fence {
 /// connection then drops the request instead of sending it.
 struct FencedBody {
     inner: Body,
-    /// For a write: the fence, and the error to give when it is closed.
+    /// For a write not yet let through: the fence, and the error to give when it is closed.
+    /// Checked once, at the first poll; `None` afterwards (and for reads).
     write: Option<(Fence, LeadershipLapsed)>,
-    /// The fence let this body through (checked once, at its first poll).
-    passed: bool,
 }
 
 impl HttpBody for FencedBody {
@@ -122,24 +119,21 @@ impl HttpBody for FencedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, kube::Error>>> {
-        if let Some((fence, refusal)) = &self.write
-            && !self.passed
-        {
+        if let Some((fence, refusal)) = self.write.take() {
             // The time is read before the check: a pass logged with a time after a freeze ended
             // would be a write decided by a replica that was no longer sure it led.
             let checked_at = jiff::Timestamp::now();
             if !fence.is_open() {
-                let refused = Box::new(refusal.clone());
-                return Poll::Ready(Some(Err(kube::Error::Service(refused))));
+                self.write = Some((fence, refusal.clone()));
+                return Poll::Ready(Some(Err(kube::Error::Service(Box::new(refusal)))));
             }
             tracing::debug!(method = %refusal.method, path = %refusal.path, %checked_at, "write passed the leader fence");
-            self.passed = true;
         }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
-    /// A write's body is never reported empty up front, so the connection always polls it (and
-    /// with that, checks the fence), even when it carries no bytes.
+    /// A write's body is never reported empty before its check, so the connection always polls it
+    /// (and with that, checks the fence), even when it carries no bytes.
     fn is_end_stream(&self) -> bool {
         self.write.is_none() && self.inner.is_end_stream()
     }
