@@ -395,7 +395,7 @@ impl Pacer {
             .flat_map(|(image, m)| {
                 m.pairs
                     .iter()
-                    .filter(|(_, p)| *p != Pair::default())
+                    .filter(|(_, p)| **p != Pair::default())
                     .map(|(node, _)| PullKey::new(image, node))
             })
             .collect();
@@ -958,8 +958,8 @@ fn observe(st: &State, name: &str, step: &Step<'_>, targets: TargetNodes<'_>) ->
         .map(|(k, _)| &*k.node)
         .peekable();
     for node in targets.iter() {
-        while pairs.next_if(|(n, _)| &**n < node).is_some() {}
-        let mem = pairs.next_if(|(n, _)| &**n == node).map(|(_, p)| p);
+        while pairs.next_if(|(n, _)| &***n < node).is_some() {}
+        let mem = pairs.next_if(|(n, _)| &***n == node).map(|(_, p)| p);
         while flying.next_if(|n| *n < node).is_some() {}
         let flying = flying.next_if(|n| *n == node).is_some();
         let h = mem.map_or_else(History::default, Pair::history);

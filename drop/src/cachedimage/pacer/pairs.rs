@@ -150,12 +150,22 @@ impl Pair {
 }
 
 /// One image's pairs: one per target node, sorted by node.
+///
+/// The node names sit in a list of their own, shared through [`Names`] with every image whose
+/// targets are the same nodes: in most fleets all images target the same pool, so a million pairs
+/// hold one list of names and a 24-byte [`Pair`] each.
 #[derive(Debug, Default)]
-pub(super) struct ImagePairs(Vec<(Arc<str>, Pair)>);
+pub(super) struct ImagePairs {
+    nodes: NodeList,
+    pairs: Vec<Pair>,
+}
+
+/// A sorted list of node names, shared by the images that target exactly those nodes.
+type NodeList = Arc<[Arc<str>]>;
 
 impl ImagePairs {
     fn find(&self, node: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(n, _)| (**n).cmp(node))
+        self.nodes.binary_search_by(|n| (**n).cmp(node))
     }
 
     /// Where `node`'s pair is in node order.
@@ -164,61 +174,67 @@ impl ImagePairs {
     }
 
     pub fn get(&self, node: &str) -> Option<&Pair> {
-        self.find(node).ok().map(|i| &self.0[i].1)
+        self.find(node).ok().map(|i| &self.pairs[i])
     }
 
     pub fn get_mut(&mut self, node: &str) -> Option<&mut Pair> {
         let i = self.find(node).ok()?;
-        Some(&mut self.0[i].1)
+        Some(&mut self.pairs[i])
     }
 
     /// The `i`-th pair in node order, with its node.
-    pub fn at(&self, i: usize) -> Option<&(Arc<str>, Pair)> {
-        self.0.get(i)
+    pub fn at(&self, i: usize) -> Option<(&Arc<str>, &Pair)> {
+        Some((self.nodes.get(i)?, self.pairs.get(i)?))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &(Arc<str>, Pair)> {
-        self.0.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Pair)> {
+        self.nodes.iter().zip(&self.pairs)
     }
 
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut (Arc<str>, Pair)> {
-        self.0.iter_mut()
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&Arc<str>, &mut Pair)> {
+        self.nodes.iter().zip(&mut self.pairs)
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.pairs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.pairs.is_empty()
     }
 
     pub fn clear(&mut self) {
-        self.0 = Vec::new();
+        *self = Self::default();
     }
 
     /// Whether its nodes are exactly `targets`.
     pub fn fits(&self, targets: TargetNodes<'_>) -> bool {
-        self.0.len() == targets.len()
+        self.nodes.len() == targets.len()
             && self
-                .0
+                .nodes
                 .iter()
                 .zip(targets.iter())
-                .all(|((n, _), t)| &**n == t)
+                .all(|(n, t)| &**n == t)
     }
 
     /// Gives the image a pair on each of its `targets` and none elsewhere, keeping what it knew of
-    /// the nodes that stay. The vector is made to size, with no room to spare.
+    /// the nodes that stay. The pairs are made to size, with no room to spare; the list of names
+    /// is the one other images with these targets already share, if any.
     pub fn fit(&mut self, targets: TargetNodes<'_>, names: &mut Names) {
-        let mut old = std::mem::take(&mut self.0).into_iter().peekable();
-        let mut fitted = Vec::with_capacity(targets.len());
+        let old_nodes = std::mem::take(&mut self.nodes);
+        let mut old = old_nodes
+            .iter()
+            .zip(std::mem::take(&mut self.pairs))
+            .peekable();
+        let mut pairs = Vec::with_capacity(targets.len());
         for t in targets.iter() {
-            while old.next_if(|(node, _)| &**node < t).is_some() {}
-            let kept = old.next_if(|(node, _)| &**node == t);
-            fitted.push(kept.unwrap_or_else(|| (names.get(t), Pair::default())));
+            while old.next_if(|(node, _)| &***node < t).is_some() {}
+            let kept = old.next_if(|(node, _)| &***node == t).map(|(_, p)| p);
+            pairs.push(kept.unwrap_or_default());
         }
-        self.0 = fitted;
+        self.pairs = pairs;
+        self.nodes = names.list(targets);
     }
 }
 
@@ -255,18 +271,22 @@ impl<'a> TargetNodes<'a> {
 }
 
 /// One shared copy of each image and node name the pacer's keys use, so a million (image, node)
-/// pairs hold references to a few thousand names rather than a string each.
+/// pairs hold references to a few thousand names rather than a string each; and one shared copy of
+/// each list of target nodes the images' pairs use.
 #[derive(Default)]
-pub(super) struct Names(pub(super) HashSet<Arc<str>>);
+pub(super) struct Names {
+    pub(super) names: HashSet<Arc<str>>,
+    lists: HashSet<NodeList>,
+}
 
 impl Names {
     /// The shared copy of `name`, made if there is none.
     pub fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.0.get(name) {
+        if let Some(shared) = self.names.get(name) {
             return Arc::clone(shared);
         }
         let shared: Arc<str> = name.into();
-        self.0.insert(Arc::clone(&shared));
+        self.names.insert(Arc::clone(&shared));
         shared
     }
 
@@ -278,9 +298,20 @@ impl Names {
         }
     }
 
-    /// Lets go of the names nothing else uses any more.
+    /// The shared list of `targets`' names, made if there is none.
+    fn list(&mut self, targets: TargetNodes<'_>) -> NodeList {
+        let list: NodeList = targets.iter().map(|t| self.get(t)).collect();
+        if let Some(shared) = self.lists.get(&list) {
+            return Arc::clone(shared);
+        }
+        self.lists.insert(Arc::clone(&list));
+        list
+    }
+
+    /// Lets go of the lists and names nothing else uses any more.
     pub fn sweep(&mut self) {
-        self.0.retain(|name| Arc::strong_count(name) > 1);
+        self.lists.retain(|list| Arc::strong_count(list) > 1);
+        self.names.retain(|name| Arc::strong_count(name) > 1);
     }
 }
 
@@ -365,6 +396,39 @@ mod tests {
         );
         assert!(pairs.get("a").is_none());
         names.sweep();
-        assert_eq!(names.0.len(), 3, "a and d went with their pairs");
+        assert_eq!(names.names.len(), 3, "a and d went with their pairs");
+    }
+
+    #[test]
+    fn pacing_images_with_the_same_targets_share_one_list_of_names() {
+        let mut names = Names::default();
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        let pool = owned(&["n1", "n2", "n3"]);
+        let (mut a, mut b, mut c) = (
+            ImagePairs::default(),
+            ImagePairs::default(),
+            ImagePairs::default(),
+        );
+        a.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names);
+        b.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names);
+        c.fit(
+            TargetNodes::of(&owned(&["n1", "n2"]), &mut Vec::new()),
+            &mut names,
+        );
+        assert!(Arc::ptr_eq(&a.nodes, &b.nodes), "one list for the pool");
+        assert!(!Arc::ptr_eq(&a.nodes, &c.nodes));
+        assert_eq!(names.lists.len(), 2);
+        // c widens to the pool: it joins the pool's list, and its own goes once swept.
+        c.get_mut("n2")
+            .expect("n2")
+            .restore_cached(at("2026-12-01T00:00:00Z"));
+        c.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names);
+        assert!(Arc::ptr_eq(&a.nodes, &c.nodes));
+        assert!(c.get("n2").is_some_and(|p| p.cached), "what c knew stays");
+        names.sweep();
+        assert_eq!(names.lists.len(), 1);
+        drop((a, b, c));
+        names.sweep();
+        assert!(names.lists.is_empty() && names.names.is_empty());
     }
 }

@@ -306,7 +306,7 @@ fn pacing_nodes_that_leave_the_targets_leave_the_pacer() {
     w.step(0, now + 1, &[]);
     assert_eq!(w.pacer.remembered_pairs(), 0);
     assert_eq!(
-        w.pacer.lock().names.0.len(),
+        w.pacer.lock().names.names.len(),
         1,
         "the shared node names went with the nodes; the image's stays"
     );
