@@ -2,6 +2,7 @@
 //!
 //! - [`api`]: the four kinds and their CRDs;
 //! - [`podbuilder`]: the pull Pod for one image on one node (pure);
+//! - [`reference`]: image references, parsed and normalised (pure);
 //! - [`pacing`]: which pulls may start now (pure);
 //! - [`cachedimage`]: the CachedImage controller;
 //! - [`cachedimageset`]: the CachedImageSet controller;
@@ -22,4 +23,5 @@ pub mod metrics;
 pub mod operator;
 pub mod pacing;
 pub mod podbuilder;
+pub mod reference;
 pub mod warmup;

@@ -129,7 +129,7 @@ pub fn image_reference(image: &str, tag: Option<&str>, digest: Option<&str>) -> 
 /// `library/nginx` come from `docker.io`, `registry.example.com:5000/team/app` from
 /// `registry.example.com:5000`. A reference that does not parse yields its first path segment.
 pub fn registry_of(reference: &str) -> String {
-    match reference.parse::<oci_spec::distribution::Reference>() {
+    match reference.parse::<crate::reference::ImageRef>() {
         Ok(r) => r.registry().to_owned(),
         Err(_) => reference.split('/').next().unwrap_or_default().to_owned(),
     }

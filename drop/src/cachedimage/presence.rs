@@ -4,8 +4,8 @@
 //! An image in the list is on the node. An image missing from a list shorter than the limit is not;
 //! missing from a full list, it may still be there, so nothing can be concluded.
 
+use crate::reference::ImageRef;
 use k8s_openapi::api::core::v1::Node;
-use oci_spec::distribution::Reference;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 /// The kubelet's default `nodeStatusMaxImages`.
@@ -25,7 +25,7 @@ pub enum Listed {
 /// The names under which the kubelet lists `reference` (with its resolved `digest`, if known):
 /// the normalised `registry/repository:tag` and `registry/repository@digest`.
 pub fn names(reference: &str, digest: Option<&str>) -> Vec<String> {
-    let Ok(r) = reference.parse::<Reference>() else {
+    let Ok(r) = reference.parse::<ImageRef>() else {
         return vec![reference.to_owned()];
     };
     let repository = format!("{}/{}", r.registry(), r.repository());

@@ -29,7 +29,7 @@ impl Wanted {
 
     /// Splits a full reference (as discovery reports it) into repository and tag or digest.
     pub fn parse(reference: &str) -> Result<Self, String> {
-        let r: oci_spec::distribution::Reference = reference
+        let r: crate::reference::ImageRef = reference
             .parse()
             .map_err(|e| format!("{reference:?} is not an image reference: {e}"))?;
         Ok(Self {
