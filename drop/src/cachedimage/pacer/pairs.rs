@@ -9,7 +9,7 @@
 use crate::pacing::History;
 use jiff::Timestamp;
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// No time, in the packed form.
 const NONE: i64 = i64::MIN;
@@ -210,12 +210,7 @@ impl ImagePairs {
 
     /// Whether its nodes are exactly `targets`.
     pub fn fits(&self, targets: TargetNodes<'_>) -> bool {
-        self.nodes.len() == targets.len()
-            && self
-                .nodes
-                .iter()
-                .zip(targets.iter())
-                .all(|(n, t)| &**n == t)
+        same_nodes(&self.nodes, targets)
     }
 
     /// Gives the image a pair on each of its `targets` and none elsewhere, keeping what it knew of
@@ -236,6 +231,11 @@ impl ImagePairs {
         self.pairs = pairs;
         self.nodes = names.list(targets);
     }
+}
+
+/// Whether `list` names exactly `targets`.
+fn same_nodes(list: &[Arc<str>], targets: TargetNodes<'_>) -> bool {
+    list.len() == targets.len() && list.iter().zip(targets.iter()).all(|(n, t)| &**n == t)
 }
 
 /// An image's target nodes, sorted and without duplicates: a set read by binary search, made
@@ -277,6 +277,9 @@ impl<'a> TargetNodes<'a> {
 pub(super) struct Names {
     pub(super) names: HashSet<Arc<str>>,
     lists: HashSet<NodeList>,
+    /// The list handed out last: when a change of nodes refits every image, most images get the
+    /// same list, found by comparing names rather than by hashing them all.
+    last_list: Option<Weak<[Arc<str>]>>,
 }
 
 impl Names {
@@ -300,12 +303,21 @@ impl Names {
 
     /// The shared list of `targets`' names, made if there is none.
     fn list(&mut self, targets: TargetNodes<'_>) -> NodeList {
-        let list: NodeList = targets.iter().map(|t| self.get(t)).collect();
-        if let Some(shared) = self.lists.get(&list) {
-            return Arc::clone(shared);
+        if let Some(last) = self.last_list.as_ref().and_then(Weak::upgrade)
+            && same_nodes(&last, targets)
+        {
+            return last;
         }
-        self.lists.insert(Arc::clone(&list));
-        list
+        let list: NodeList = targets.iter().map(|t| self.get(t)).collect();
+        let shared = match self.lists.get(&list) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                self.lists.insert(Arc::clone(&list));
+                list
+            }
+        };
+        self.last_list = Some(Arc::downgrade(&shared));
+        shared
     }
 
     /// Lets go of the lists and names nothing else uses any more.
