@@ -107,7 +107,9 @@ async fn run_operator(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
-    let client = operator.client().clone();
+    // The warm-up warden removes Node taints from inside the Node watch: through the leader's
+    // fence, as the controllers write.
+    let fenced = operator.leader_client()?;
     let metrics = Metrics::register(operator.registry())?;
     let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let wake =
@@ -126,7 +128,7 @@ async fn run_operator(
     let warden = settings
         .warmup
         .clone()
-        .map(|w| Warden::new(client.clone(), w, metrics.clone(), NAME));
+        .map(|w| Warden::new(fenced.clone(), w, metrics.clone(), NAME));
     // What every pull Pod tolerates besides its image's and policy's tolerations.
     let tolerations: Vec<Toleration> = warden.iter().map(|w| w.warmup().toleration()).collect();
     let reconciler = CachedImageReconciler {

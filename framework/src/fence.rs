@@ -25,34 +25,52 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-/// Until when this replica may write (`None`: not at all).
+/// Until when this replica may write.
 #[derive(Clone, Default)]
 pub(crate) struct Fence {
-    valid_until: Arc<Mutex<Option<Instant>>>,
+    valid_until: Arc<Mutex<Until>>,
+}
+
+#[derive(Clone, Copy, Default)]
+enum Until {
+    /// Not at all (before the operator runs, and once a leader can no longer be sure it leads).
+    #[default]
+    Closed,
+    /// Until this moment.
+    At(Instant),
+    /// For good: an operator without leader election.
+    Always,
 }
 
 impl Fence {
+    fn set(&self, until: Until) {
+        if let Ok(mut v) = self.valid_until.lock() {
+            *v = until;
+        }
+    }
+
     /// Writes are allowed until `until`.
     pub(crate) fn extend(&self, until: Instant) {
-        if let Ok(mut v) = self.valid_until.lock() {
-            *v = Some(until);
-        }
+        self.set(Until::At(until));
+    }
+
+    /// Writes are allowed from now on, with no deadline.
+    pub(crate) fn open_always(&self) {
+        self.set(Until::Always);
     }
 
     /// No more writes.
     pub(crate) fn close(&self) {
-        if let Ok(mut v) = self.valid_until.lock() {
-            *v = None;
-        }
+        self.set(Until::Closed);
     }
 
     /// Whether a write may go out now.
     pub(crate) fn is_open(&self) -> bool {
-        self.valid_until
-            .lock()
-            .ok()
-            .and_then(|v| *v)
-            .is_some_and(|until| Instant::now() < until)
+        match self.valid_until.lock().map_or(Until::Closed, |v| *v) {
+            Until::Closed => false,
+            Until::At(until) => Instant::now() < until,
+            Until::Always => true,
+        }
     }
 
     /// `client`, fenced: reads pass, writes pass only while the fence is open.
@@ -205,6 +223,10 @@ mod tests {
         f.extend(Instant::now() + Duration::from_secs(60));
         f.close();
         assert!(!f.is_open());
+        f.open_always();
+        assert!(f.is_open(), "without an election it stays open");
+        f.close();
+        assert!(!f.is_open());
     }
 
     /// A plain-HTTP server on loopback that answers `{}` and records each request's method as it
@@ -280,6 +302,25 @@ mod tests {
             *seen.lock().unwrap(),
             [Method::GET, Method::PATCH, Method::DELETE]
         );
+    }
+
+    #[tokio::test]
+    async fn fence_holds_an_operators_leader_client_until_it_runs() {
+        crate::install_crypto_provider();
+        let (config, seen) = recording_server().await;
+        let operator = crate::Operator::from_config("fenced", config).unwrap();
+        let writer = operator.leader_client().unwrap();
+        assert!(
+            send(&writer, Method::POST).await.is_err(),
+            "nothing is written before the operator runs"
+        );
+        send(&writer, Method::GET).await.expect("reads pass");
+        // What `run` does without an election (with one, the candidate opens it while it leads).
+        operator.fence.open_always();
+        send(&writer, Method::POST)
+            .await
+            .expect("it runs: writes pass");
+        assert_eq!(*seen.lock().unwrap(), [Method::GET, Method::POST]);
     }
 
     #[test]

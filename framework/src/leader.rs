@@ -79,19 +79,15 @@ pub(crate) struct Candidate {
 }
 
 impl Candidate {
-    pub(crate) fn new(client: Client, cfg: LeaderElection) -> Self {
+    /// A candidate that keeps `fence` open while it leads.
+    pub(crate) fn new(client: Client, cfg: LeaderElection, fence: Fence) -> Self {
         let api = Api::namespaced(client, &cfg.namespace);
         Self {
             cfg,
             api,
             observed: None,
-            fence: Fence::default(),
+            fence,
         }
-    }
-
-    /// The write fence this candidate keeps open while it leads.
-    pub(crate) fn fence(&self) -> Fence {
-        self.fence.clone()
     }
 
     /// One attempt, extending the fence when it succeeds: to the attempt's *start* plus the renew

@@ -3,6 +3,7 @@
 use crate::ObjectStatus;
 use crate::controller::Controller;
 use crate::crd::{self, CrdError};
+use crate::fence::Fence;
 use crate::http::{self, Probes, SecureBindError};
 use crate::leader::{Candidate, LeaderElection, LeaderError};
 use crate::metrics::Metrics;
@@ -98,6 +99,8 @@ pub struct Operator {
     /// Where `client` came from, when known: with it, a leader's writes are fenced at the last
     /// moment (see [`Operator::from_config`]).
     config: Option<kube::Config>,
+    /// Open while this replica may write: while it leads, with an election; once it runs, without.
+    pub(crate) fence: Fence,
     registry: Registry,
     starts: Vec<StartFn>,
     metrics_addr: Option<SocketAddr>,
@@ -108,6 +111,21 @@ pub struct Operator {
     identity: Option<String>,
     reconcile_counters: Vec<prometheus::IntCounterVec>,
     graceful_shutdown_timeout: Duration,
+}
+
+/// A client whose writes pass only while `fence` is open: checked as a write goes out when the
+/// `config` is known, as it enters `client` otherwise.
+fn fenced_client(
+    fence: &Fence,
+    config: Option<&kube::Config>,
+    client: &Client,
+) -> Result<Client, OperatorError> {
+    match config {
+        Some(config) => fence
+            .client_from_config(config)
+            .map_err(OperatorError::Client),
+        None => Ok(fence.client(client.clone())),
+    }
 }
 
 /// The default of [`Operator::graceful_shutdown_timeout`] (controller-runtime's too).
@@ -123,6 +141,7 @@ impl Operator {
             name: name.to_owned(),
             client,
             config: None,
+            fence: Fence::default(),
             registry: Registry::new(),
             starts: Vec::new(),
             metrics_addr: None,
@@ -165,6 +184,29 @@ impl Operator {
     /// The client the operator was made with (unfenced: for work outside its controllers).
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// A client for the operator's own writes beside its controllers' (a task it starts, a
+    /// callback of a watch), held to the same rule as theirs. With [leader
+    /// election](Operator::leader_election), its writes go out only while this replica can be sure
+    /// it holds the Lease, so a replica resumed after a pause cannot write over the new leader's
+    /// work; without, once the operator runs. Before [`Operator::run`] it refuses every write.
+    /// Reads always pass.
+    ///
+    /// ```no_run
+    /// # async fn example(config: kube::Config) -> Result<(), kube_plan::OperatorError> {
+    /// use kube_plan::{LeaderElection, Operator};
+    ///
+    /// let operator = Operator::from_config("my-operator", config)?
+    ///     .leader_election(LeaderElection::new("my-operator", "my-namespace", "pod-0"));
+    /// let writer = operator.leader_client()?;
+    /// // Give `writer` to whatever part of the operator writes outside a reconcile.
+    /// # drop(writer);
+    /// operator.run().await
+    /// # }
+    /// ```
+    pub fn leader_client(&self) -> Result<Client, OperatorError> {
+        fenced_client(&self.fence, self.config.as_ref(), &self.client)
     }
 
     /// The registry served at `/metrics`; register the operator's own metrics here.
@@ -319,7 +361,7 @@ impl Operator {
         let mut candidate = self
             .leader
             .clone()
-            .map(|cfg| Candidate::new(self.client.clone(), cfg));
+            .map(|cfg| Candidate::new(self.client.clone(), cfg, self.fence.clone()));
         if let Some(c) = candidate.as_mut() {
             tracing::info!(lease = %c_name(&self.leader), "waiting for leadership");
             // A standby that knows who leads is ready (it is healthy and waiting); the leader becomes
@@ -335,13 +377,12 @@ impl Operator {
 
         // With an election, controllers write through the leader's fence; the election itself (and
         // the CRD install above) uses the plain client.
-        let client = match (candidate.as_ref(), &self.config) {
-            (Some(c), Some(config)) => c
-                .fence()
-                .client_from_config(config)
-                .map_err(OperatorError::Client)?,
-            (Some(c), None) => c.fence().client(self.client.clone()),
-            (None, _) => self.client.clone(),
+        let client = match candidate.as_ref() {
+            Some(_) => fenced_client(&self.fence, self.config.as_ref(), &self.client)?,
+            None => {
+                self.fence.open_always();
+                self.client.clone()
+            }
         };
         let recorder = Recorder::new(
             client.clone(),
