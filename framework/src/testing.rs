@@ -316,12 +316,19 @@ impl TestCluster {
     }
 
     /// Creates the given Node objects (e.g. [`simulated_node`]s given taints), and waits until KWOK
-    /// reports them Ready. They are deleted when the returned guard drops.
+    /// reports them Ready. They are deleted when the returned guard drops. A control plane started
+    /// from binaries ([`TestCluster::from_assets`]) runs no KWOK: it answers with an error at once.
     pub async fn create_nodes(
         &self,
         client: &Client,
         nodes: Vec<Node>,
     ) -> Result<TestNodes, TestError> {
+        if matches!(self.owner, Owner::Process(_)) {
+            return Err(TestError::Harness(format!(
+                "simulated nodes need KWOK, and a control plane started from {ASSETS} runs etcd \
+                 and kube-apiserver only: use the harness's cluster (unset {ASSETS})"
+            )));
+        }
         let api: Api<Node> = Api::all(client.clone());
         let mut guard = TestNodes {
             names: Vec::new(),

@@ -69,6 +69,15 @@ async fn framework_test_cluster_starts_from_kubebuilder_assets_and_leaves_nothin
     api.create(&PostParams::default(), &cm).await.unwrap();
     assert!(api.get_opt("written").await.unwrap().is_some());
     assert!(answers(port));
+    // No KWOK here: asking for simulated nodes is an error at once, not a wait for a Ready that
+    // never comes.
+    let nodes = cluster
+        .add_nodes(&client, "envtest-node", 1, &Default::default())
+        .await;
+    let error = nodes
+        .map(|_| ())
+        .expect_err("no simulated nodes without KWOK");
+    assert!(error.to_string().contains("KWOK"), "{error}");
     drop(ns);
     drop(client);
     drop(cluster);

@@ -26,6 +26,12 @@ const READY_WITHIN: Duration = Duration::from_secs(90);
 /// The binaries a control plane needs, as `setup-envtest` lays them out.
 const BINARIES: [&str; 2] = ["etcd", "kube-apiserver"];
 
+/// The start of each control plane's directory name, in the system's temporary directory.
+const DIR_PREFIX: &str = "kube-plan-cluster-";
+
+/// The file in a control plane's directory naming the process that started it.
+const OWNER_FILE: &str = "owner.pid";
+
 /// A running etcd and kube-apiserver.
 #[derive(Debug)]
 pub(crate) struct ControlPlane {
@@ -49,11 +55,14 @@ impl ControlPlane {
                 )));
             }
         }
+        remove_stale_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("kube-plan-cluster-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(|e| harness("creating a directory", e))?;
         let p = dir.path();
+        std::fs::write(p.join(OWNER_FILE), std::process::id().to_string())
+            .map_err(|e| harness("writing the owner's PID", e))?;
         write_pki(p)?;
         let [etcd_port, peer_port, api_port] = [free_port()?, free_port()?, free_port()?];
         let etcd = spawn(
@@ -182,6 +191,34 @@ impl Drop for ControlPlane {
         for child in [&mut self.apiserver, &mut self.etcd] {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// Removes the directories of control planes whose process has ended. A shared cluster lives in a
+/// `static`, which is never dropped: its processes die with the test process (parent-death
+/// signal), but its directory (certificates, etcd's data, logs) would stay behind. A directory
+/// without an owner file, or whose owner runs, is left alone.
+fn remove_stale_dirs() {
+    let proc = Path::new("/proc");
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    if !proc.is_dir() {
+        return;
+    }
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let owner = std::fs::read_to_string(entry.path().join(OWNER_FILE))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        if let Some(pid) = owner
+            && !proc.join(pid.to_string()).exists()
+            && let Err(e) = std::fs::remove_dir_all(entry.path())
+        {
+            tracing::debug!(dir = %entry.path().display(), error = %e, "could not remove a stale control plane's directory");
         }
     }
 }
@@ -337,4 +374,36 @@ fn write_kubeconfig(dir: &Path, port: u16) -> Result<(), TestError> {
     // JSON is YAML: kubectl and kube read it as a kubeconfig.
     std::fs::write(dir.join("kubeconfig"), config.to_string())
         .map_err(|e| harness("writing the kubeconfig", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoke_stale_control_plane_directories_are_removed_and_live_ones_kept() {
+        let make = |owner: Option<u32>| {
+            let dir = tempfile::Builder::new()
+                .prefix(DIR_PREFIX)
+                .tempdir()
+                .unwrap()
+                .keep();
+            if let Some(pid) = owner {
+                std::fs::write(dir.join(OWNER_FILE), pid.to_string()).unwrap();
+            }
+            dir
+        };
+        // A process that has ended: its PID names no process any more.
+        let mut ended = Command::new("true").spawn().unwrap();
+        ended.wait().unwrap();
+        let stale = make(Some(ended.id()));
+        let live = make(Some(std::process::id()));
+        let unowned = make(None);
+        remove_stale_dirs();
+        assert!(!stale.exists(), "the ended process's directory went");
+        assert!(live.exists() && unowned.exists(), "the others stay");
+        for dir in [live, unowned] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
 }
