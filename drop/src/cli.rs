@@ -224,6 +224,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             }),
         registry_budgets: args.registry_budgets.into_iter().collect(),
     };
+    tokio::spawn(crate::memory::trim_every(crate::memory::TRIM_PERIOD));
     crate::operator::run_from_config(config, settings, kube_plan::operator::shutdown_signal())
         .await?;
     Ok(())

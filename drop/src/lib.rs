@@ -8,6 +8,7 @@
 //! - [`cachedimageset`]: the CachedImageSet controller;
 //! - [`discovery`]: the Prometheus and registry sources;
 //! - [`discoverypolicy`]: the DiscoveryPolicy controller;
+//! - [`memory`]: handing freed memory back to the system;
 //! - [`metrics`]: the `drop_*` metrics;
 //! - [`warmup`]: keeping new nodes tainted until their images are cached;
 //! - [`operator`]: wiring the controllers into one process;
@@ -19,6 +20,7 @@ pub mod cachedimageset;
 pub mod cli;
 pub mod discovery;
 pub mod discoverypolicy;
+pub mod memory;
 pub mod metrics;
 pub mod operator;
 pub mod pacing;
