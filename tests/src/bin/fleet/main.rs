@@ -15,6 +15,7 @@
 
 mod operator;
 mod report;
+mod settled;
 
 use clap::Parser;
 use drop::api::{
@@ -75,6 +76,11 @@ struct Args {
     /// pulls, most in flight, status regressions) instead of the cost figures. 0: no faults.
     #[arg(long, default_value_t = 0)]
     kill_every: u64,
+    /// Instead of a rollout: write every image's status as cached on every node, then start the
+    /// operator (as after a restart into a settled fleet) and report its memory once its reconciles
+    /// stop, and after every node is deleted with `--remove-nodes`. For fleets too large to pull.
+    #[arg(long)]
+    settled: bool,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -120,6 +126,22 @@ async fn bench(args: Args) -> Result<(), Error> {
     );
     let client = cluster.client().await?;
     let kubeconfig = operator_identity(&client, &cluster, work.path()).await?;
+    if args.settled {
+        // The operator would install its CRDs; here the objects come first.
+        e2e::install_drop_crds(&client).await?;
+        create_scenario(&client, &args).await?;
+        settled::mark_cached(&client, args.nodes).await?;
+        let recorder = PodRecorder::start(&client, NS);
+        let mut op = operator::Operator::start(&bin, &kubeconfig, NS, work.path(), &args.log)?;
+        op.wait_ready().await?;
+        let report = settled::run(&client, &args, &op, &recorder).await?;
+        op.stop();
+        println!("{}", report.table());
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
     let mut op = operator::Operator::start(&bin, &kubeconfig, NS, work.path(), &args.log)?;
     op.wait_ready().await?;
     let rss_start = op.memory()?.1;
