@@ -218,14 +218,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn parts(s: &str) -> (String, String, Option<String>, Option<String>) {
-        let r: ImageRef = s.parse().expect("a reference");
+    /// Registry, repository, tag and digest, owned: what both parsers are compared on.
+    type Parts = (String, String, Option<String>, Option<String>);
+
+    fn owned(registry: &str, repository: &str, tag: Option<&str>, digest: Option<&str>) -> Parts {
         (
-            r.registry().to_owned(),
-            r.repository().to_owned(),
-            r.tag().map(str::to_owned),
-            r.digest().map(str::to_owned),
+            registry.to_owned(),
+            repository.to_owned(),
+            tag.map(str::to_owned),
+            digest.map(str::to_owned),
         )
+    }
+
+    fn parts(s: &str) -> Parts {
+        let r: ImageRef = s.parse().expect("a reference");
+        owned(r.registry(), r.repository(), r.tag(), r.digest())
     }
 
     #[test]
@@ -353,14 +360,10 @@ mod tests {
         /// The same verdict and the same parts as `oci-spec`'s parser (with its regular expression).
         #[test]
         fn reference_parses_as_oci_spec_does(s in references()) {
-            let ours = s.parse::<ImageRef>().ok().map(|r| {
-                (r.registry().to_owned(), r.repository().to_owned(),
-                 r.tag().map(str::to_owned), r.digest().map(str::to_owned))
-            });
-            let theirs = s.parse::<oci_spec::distribution::Reference>().ok().map(|r| {
-                (r.registry().to_owned(), r.repository().to_owned(),
-                 r.tag().map(str::to_owned), r.digest().map(str::to_owned))
-            });
+            let ours = s.parse::<ImageRef>().ok()
+                .map(|r| owned(r.registry(), r.repository(), r.tag(), r.digest()));
+            let theirs = s.parse::<oci_spec::distribution::Reference>().ok()
+                .map(|r| owned(r.registry(), r.repository(), r.tag(), r.digest()));
             prop_assert_eq!(ours, theirs, "{}", s);
         }
     }
