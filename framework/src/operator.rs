@@ -101,6 +101,9 @@ pub struct Operator {
     config: Option<kube::Config>,
     /// Open while this replica may write: while it leads, with an election; once it runs, without.
     pub(crate) fence: Fence,
+    /// The client fenced by it, made once: the controllers and [`Operator::leader_client`] share
+    /// its connections.
+    fenced: std::sync::OnceLock<Client>,
     registry: Registry,
     starts: Vec<StartFn>,
     metrics_addr: Option<SocketAddr>,
@@ -111,6 +114,20 @@ pub struct Operator {
     identity: Option<String>,
     reconcile_counters: Vec<prometheus::IntCounterVec>,
     graceful_shutdown_timeout: Duration,
+}
+
+/// The client in `made`, or one made by [`fenced_client`] and kept there.
+fn shared_fenced_client(
+    made: &std::sync::OnceLock<Client>,
+    fence: &Fence,
+    config: Option<&kube::Config>,
+    client: &Client,
+) -> Result<Client, OperatorError> {
+    if let Some(fenced) = made.get() {
+        return Ok(fenced.clone());
+    }
+    let fenced = fenced_client(fence, config, client)?;
+    Ok(made.get_or_init(|| fenced).clone())
 }
 
 /// A client whose writes pass only while `fence` is open: checked as a write goes out when the
@@ -142,6 +159,7 @@ impl Operator {
             client,
             config: None,
             fence: Fence::default(),
+            fenced: std::sync::OnceLock::new(),
             registry: Registry::new(),
             starts: Vec::new(),
             metrics_addr: None,
@@ -206,7 +224,12 @@ impl Operator {
     /// # }
     /// ```
     pub fn leader_client(&self) -> Result<Client, OperatorError> {
-        fenced_client(&self.fence, self.config.as_ref(), &self.client)
+        shared_fenced_client(
+            &self.fenced,
+            &self.fence,
+            self.config.as_ref(),
+            &self.client,
+        )
     }
 
     /// The registry served at `/metrics`; register the operator's own metrics here.
@@ -378,7 +401,12 @@ impl Operator {
         // With an election, controllers write through the leader's fence; the election itself (and
         // the CRD install above) uses the plain client.
         let client = match candidate.as_ref() {
-            Some(_) => fenced_client(&self.fence, self.config.as_ref(), &self.client)?,
+            Some(_) => shared_fenced_client(
+                &self.fenced,
+                &self.fence,
+                self.config.as_ref(),
+                &self.client,
+            )?,
             None => {
                 self.fence.open_always();
                 self.client.clone()
