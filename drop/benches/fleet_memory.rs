@@ -60,7 +60,7 @@ fn main() {
             .iter()
             .map(|ci| {
                 let name = ci.metadata.name.clone().unwrap_or_default();
-                (name, Some("ci-pool".to_owned()))
+                (name, Some("ci-pool".into()))
             })
             .collect();
 
@@ -73,7 +73,7 @@ fn main() {
                 now,
                 image: ci,
                 targets: &names,
-                pace: Ok((Some("ci-pool".to_owned()), Pace::builtin())),
+                pace: Ok((Some("ci-pool".into()), Pace::builtin())),
                 policy: None,
                 pods: &[],
                 known_images: &known,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The PullPolicy pacing a pull: its name, or `None` for the built-in pace.
-pub type PolicyKey = Option<String>;
+pub type PolicyKey = Option<Arc<str>>;
 
 /// A registry host as written in image references after normalisation (`docker.io`,
 /// `registry.example.com:5000`): what a pull budget per registry is keyed by.
@@ -169,7 +169,7 @@ impl InFlight {
         let view = podbuilder::PullPodView::of(pod)?;
         Some(Self {
             key: PullKey::new(&view.image, &view.node),
-            policy: view.policy,
+            policy: view.policy.map(Arc::from),
             registry: crate::api::registry_of(&view.reference).into(),
             started: view.created,
         })
@@ -317,24 +317,29 @@ fn note_start<'a>(
         .or_insert(at);
 }
 
-/// The policies with every pull slot taken by `in_flight`: nothing starts under them until a pull
-/// ends, and a pull ending re-runs the decision. A caller may leave their targets out of
-/// [`Input::targets`], at the price of their wake-ups: a caller deciding for one image should keep
-/// that image's own targets, so that it still wakes when a backoff or re-pull falls due.
-pub fn saturated<'a>(
+/// Per policy with pulls in flight, how many more it may start now (a policy without any may start
+/// its whole `max_concurrent`). No decision starts more than that under the policy. So a caller may
+/// leave out of [`Input::targets`] the targets of a policy with none free, at the price of their
+/// wake-ups (a caller deciding for one image should keep that image's own targets, so that it still
+/// wakes when a backoff or re-pull falls due); and of an image's [`Leaders::first`] it may hand the
+/// engine only as many as its policy has free.
+pub fn free_slots<'a>(
     paces: &BTreeMap<PolicyKey, Pace>,
     in_flight: &'a [InFlight],
-) -> BTreeSet<&'a PolicyKey> {
+) -> BTreeMap<&'a PolicyKey, u32> {
     let mut count: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
     for f in in_flight {
         *count.entry(&f.policy).or_default() += 1;
     }
     let builtin = Pace::builtin();
+    for (p, n) in &mut count {
+        *n = paces
+            .get(*p)
+            .unwrap_or(&builtin)
+            .max_concurrent
+            .saturating_sub(*n);
+    }
     count
-        .into_iter()
-        .filter(|(p, n)| *n >= paces.get(*p).unwrap_or(&builtin).max_concurrent)
-        .map(|(p, _)| p)
-        .collect()
 }
 
 /// Decides which pulls start now.

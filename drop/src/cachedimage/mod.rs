@@ -12,7 +12,7 @@ pub mod targets;
 
 use crate::api::{CachedImage, PullPolicy};
 use crate::metrics::Metrics;
-use crate::pacing::Pace;
+use crate::pacing::{Pace, PolicyKey};
 use crate::podbuilder::{self, PullPod, PullPodView};
 use crate::warmup::Warden;
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
@@ -128,7 +128,7 @@ impl Reconciler for CachedImageReconciler {
         let (pace, policy_spec) = match policy {
             None => (Ok((None, Pace::builtin())), None),
             Some(Ok(p)) => (
-                Ok((Some(p.name_any()), Pace::from_spec(&p.spec))),
+                Ok((Some(Arc::from(p.name_any())), Pace::from_spec(&p.spec))),
                 Some(&p.spec),
             ),
             Some(Err(missing)) => (Err(Blocked::PolicyNotFound(missing.clone())), None),
@@ -142,14 +142,17 @@ impl Reconciler for CachedImageReconciler {
         // Images being deleted are not reconciled again and never register their targets: they
         // must not hold back their policy (an image stuck under someone else's finalizer would,
         // for ever).
-        let known: Vec<(String, Option<String>)> = ctx
+        let known: Vec<(String, PolicyKey)> = ctx
             .cached::<CachedImage>()
             .iter()
             .filter(|i| i.metadata.deletion_timestamp.is_none())
             .map(|i| {
                 (
                     i.name_any(),
-                    i.spec.policy_ref.as_ref().map(|r| r.name.clone()),
+                    i.spec
+                        .policy_ref
+                        .as_ref()
+                        .map(|r| Arc::from(r.name.as_str())),
                 )
             })
             .collect();

@@ -498,9 +498,9 @@ impl Pacer {
             restore_pairs(memory, status, now);
         }
         if let (Ok((Some(policy), _)), Some(spec)) = (&step.pace, step.policy)
-            && st.policies.get(policy) != Some(spec)
+            && st.policies.get(&**policy) != Some(spec)
         {
-            st.policies.insert(policy.clone(), spec.clone());
+            st.policies.insert(policy.to_string(), spec.clone());
         }
         match &step.pace {
             Ok((policy, pace)) => {
@@ -606,11 +606,33 @@ impl Pacer {
         // its next due time. This keeps a reconcile's cost near its own targets' instead of the
         // whole fleet's.
         let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
-        let full = pacing::saturated(&st.paces, &in_flight);
+        // No decision starts more pulls under a policy than it has free slots: of each image's
+        // leaders, only that many can matter (none, under a policy with every slot taken).
+        let slots = pacing::free_slots(&st.paces, &in_flight);
+        let builtin = Pace::builtin();
+        let free = |policy: &PolicyKey| {
+            let n = slots
+                .get(policy)
+                .copied()
+                .unwrap_or_else(|| st.paces.get(policy).unwrap_or(&builtin).max_concurrent);
+            usize::try_from(n).unwrap_or(usize::MAX)
+        };
         let own: Vec<Target> = st
             .images
             .get(&name)
             .map_or_else(Vec::new, ImageMemory::targets);
+        // This image enters the decision as the others do, with the targets it could start first
+        // (its whole due set would give the same starts at ten times the cost).
+        let own_leaders = match &step.pace {
+            Ok((_, pace)) => pacing::leaders(
+                &own,
+                &PairHistories::new(&st.images),
+                |k| st.in_flight.contains_key(k),
+                pace,
+                now,
+            ),
+            Err(_) => pacing::Leaders::default(),
+        };
         let mut others: Vec<Target> = Vec::new();
         let mut earlier_starts: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
         let mut spaced_by = |policy: &PolicyKey, at: Option<Timestamp>| {
@@ -623,25 +645,33 @@ impl Pacer {
             let Some(r) = &memory.registered else {
                 continue;
             };
-            if *image != name && full.contains(&r.policy) {
+            if *image != name && free(&r.policy) == 0 {
                 continue;
             }
             // Pairs that settled keep only their image's latest start, which spaces its policy.
             spaced_by(&r.policy, memory.settled_start);
             match &memory.due {
-                _ if *image == name => {}
+                _ if *image == name => spaced_by(&r.policy, own_leaders.last_start),
                 // Its due set is as its last reconcile left it: only the few it could start first
                 // can start now (none if nothing is due; in a rollout, a handful instead of every
                 // node), and its latest start still spaces its policy's next one.
                 Some(due) if due.until.is_none_or(|t| t > now) => {
                     spaced_by(&r.policy, due.last_start);
-                    let first = due.first.iter().filter_map(|&i| memory.pairs.at(i));
+                    let first = due.first.iter().take(free(&r.policy));
+                    let first = first.filter_map(|&i| memory.pairs.at(i));
                     others.extend(first.map(|(node, _)| r.target(node)));
                 }
                 _ => others.extend(memory.targets()),
             }
         }
-        let due_targets: Vec<&Target> = own.iter().chain(&others).collect();
+        let own_free = own.first().map_or(0, |t| free(&t.policy));
+        let due_targets: Vec<&Target> = own_leaders
+            .first
+            .iter()
+            .take(own_free)
+            .filter_map(|&i| own.get(i))
+            .chain(&others)
+            .collect();
         let decision = pacing::decide(&pacing::Input {
             now,
             paces: &st.paces,

@@ -25,7 +25,7 @@ fn target(image: &str, node: &str, priority: i32, policy: Option<&str>) -> Targe
     Target {
         key: PullKey::new(image, node),
         priority,
-        policy: policy.map(str::to_owned),
+        policy: policy.map(Arc::from),
         registry: REGISTRY.into(),
     }
 }
@@ -192,7 +192,7 @@ fn pacing_timeline_slow_pulls_are_bound_by_concurrency() {
     sim.run(1000, |_, _| 12, |_, _| false);
     let at: Vec<i64> = sim.starts().iter().map(|(_, s)| *s).collect();
     assert_eq!(at, vec![0, 5, 12, 17, 24, 29]);
-    assert_eq!(sim.max_in_flight[&Some("p".to_owned())], 2);
+    assert_eq!(sim.max_in_flight[&Some("p".into())], 2);
 }
 
 #[test]
@@ -258,7 +258,7 @@ fn pacing_new_nodes_go_before_refreshes_whatever_the_priority() {
         repull_interval: Some(Duration::from_secs(60)),
         ..pace(1, 0)
     };
-    let paces = BTreeMap::from([(Some("p".to_owned()), p)]);
+    let paces = BTreeMap::from([(Some("p".into()), p)]);
     let targets = vec![
         target("a-urgent", "n0", -100, Some("p")),
         target("z-later", "n1", 100, Some("p")),
@@ -290,7 +290,7 @@ fn pacing_new_nodes_go_before_refreshes_whatever_the_priority() {
 
 #[test]
 fn pacing_several_pulls_start_in_one_decision_when_limits_allow() {
-    let paces = BTreeMap::from([(Some("fast".to_owned()), pace(3, 0))]);
+    let paces = BTreeMap::from([(Some("fast".into()), pace(3, 0))]);
     let targets = nodes("img", 5, Some("fast"));
     let d = decide(&Input {
         now: at(0),
@@ -312,8 +312,8 @@ fn pacing_several_pulls_start_in_one_decision_when_limits_allow() {
 #[test]
 fn pacing_policies_are_separate_budgets() {
     let paces = BTreeMap::from([
-        (Some("a".to_owned()), pace(1, 60)),
-        (Some("b".to_owned()), pace(1, 60)),
+        (Some("a".into()), pace(1, 60)),
+        (Some("b".into()), pace(1, 60)),
     ]);
     let mut targets = nodes("x", 2, Some("a"));
     targets.extend(nodes("y", 2, Some("b")));
@@ -444,7 +444,7 @@ fn arb_world() -> impl Strategy<Value = (BTreeMap<PolicyKey, Pace>, Vec<Target>,
             let mut paces = BTreeMap::new();
             for (i, (c, d, init, max)) in pol.iter().enumerate() {
                 paces.insert(
-                    Some(format!("p{i}")),
+                    Some(format!("p{i}").into()),
                     Pace {
                         max_concurrent: *c,
                         min_delay: Duration::from_secs(*d),
@@ -460,7 +460,11 @@ fn arb_world() -> impl Strategy<Value = (BTreeMap<PolicyKey, Pace>, Vec<Target>,
                 .map(|(img, node, prio, p)| Target {
                     key: PullKey::new(&format!("img{img}"), &format!("n{node}")),
                     priority: prio,
-                    policy: if p >= n { None } else { Some(format!("p{p}")) },
+                    policy: if p >= n {
+                        None
+                    } else {
+                        Some(format!("p{p}").into())
+                    },
                     registry: format!("reg{}", img % 2).into(),
                 })
                 .collect();
@@ -591,9 +595,9 @@ proptest! {
 
         let mut kept = Vec::new();
         let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
-        let full = saturated(&paces, &in_flight);
+        let free = free_slots(&paces, &in_flight);
         for t in &targets {
-            if full.contains(&t.policy) && hashy(&t.key, 6, seed).is_multiple_of(2) {
+            if free.get(&t.policy) == Some(&0) && hashy(&t.key, 6, seed).is_multiple_of(2) {
                 continue;
             }
             let h = history.get(&t.key).cloned().unwrap_or_default();
@@ -623,8 +627,8 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
     /// The contract of [`leaders`]: handing the engine only the leaders of some images (their
-    /// targets sharing one pace) and their latest starts, instead of all their targets, changes no
-    /// start and no timeout.
+    /// targets sharing one pace), as many as their policy has free slots, and their latest starts,
+    /// instead of all their targets, changes no start, no timeout and no next in line.
     #[test]
     fn pacing_only_the_leaders_of_an_image_change_no_start(
         (paces, targets, _, seed) in arb_world(),
@@ -643,12 +647,15 @@ proptest! {
         }
         let mut kept: Vec<Target> = Vec::new();
         let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
+        let free = free_slots(&paces, &in_flight);
         for ((image, policy), group) in &groups {
             let pace = paces.get(*policy).unwrap_or(&builtin);
             let lead = leaders(group, &history, |k| in_flight.iter().any(|f| &f.key == k), pace, at(now));
             let use_leaders = hashy(&PullKey::new(image, ""), 4, seed).is_multiple_of(2);
             if use_leaders {
-                kept.extend(lead.first.iter().map(|&i| group[i].clone()));
+                let slots = free.get(*policy).copied().unwrap_or(pace.max_concurrent);
+                let slots = usize::try_from(slots).unwrap();
+                kept.extend(lead.first.iter().take(slots).map(|&i| group[i].clone()));
                 if let Some(s) = lead.last_start {
                     let e = earlier.entry((*policy).clone()).or_insert(s);
                     *e = (*e).max(s);
@@ -661,6 +668,7 @@ proptest! {
         let b = decide(&Input { targets: &refs(&kept), earlier_starts: &earlier, ..whole.clone() });
         prop_assert_eq!(a.start, b.start);
         prop_assert_eq!(a.timed_out, b.timed_out);
+        prop_assert_eq!(a.next_in_line, b.next_in_line);
     }
 }
 
@@ -762,8 +770,8 @@ fn refs(targets: &[Target]) -> Vec<&Target> {
 fn registry_budget_holds_across_policies_and_reports_what_waits() {
     // Two policies with room for 3 each, both pulling from one registry with a budget of 2.
     let paces = BTreeMap::from([
-        (Some("a".to_owned()), pace(3, 0)),
-        (Some("b".to_owned()), pace(3, 0)),
+        (Some("a".into()), pace(3, 0)),
+        (Some("b".into()), pace(3, 0)),
     ]);
     let mut targets = nodes("x", 3, Some("a"));
     targets.extend(nodes("y", 3, Some("b")));
