@@ -68,7 +68,8 @@ struct Args {
     /// them one by one: what a set costs on top.
     #[arg(long)]
     set: bool,
-    /// At the end, delete every node and report the operator's memory once it has let go of them.
+    /// At the end, delete every node and report the operator's memory a minute after it let go of
+    /// them (it hands freed memory back once a minute).
     #[arg(long)]
     remove_nodes: bool,
     /// Kill the operator (SIGKILL) this many seconds apart during the rollout, restarting it at
@@ -459,6 +460,9 @@ async fn remove_nodes(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The operator hands freed memory back to the system once a minute (drop/src/memory.rs): read
+    // its size after the next time it does.
+    tokio::time::sleep(Duration::from_secs(65)).await;
     op.memory()
 }
 

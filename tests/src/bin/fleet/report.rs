@@ -265,7 +265,7 @@ impl Report {
                     self.rss_after_rollout_mib,
                     self.rss_end_mib,
                     self.rss_after_node_removal_mib
-                        .map(|m| format!(", after deleting every node {m:.1} MiB"))
+                        .map(|m| format!(", a minute after every node went {m:.1} MiB"))
                         .unwrap_or_default()
                 ),
             ),
