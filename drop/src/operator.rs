@@ -143,8 +143,12 @@ async fn run_operator(
         .primary_watch(primary_watch(settings.watch_selector.as_deref()))
         .coalesce_status(settings.status_interval)
         .owns_in::<Pod>(&settings.pod_namespace)
-        // A pull Pod matters when its pull ends (or it goes), not at each of its status updates.
-        .reconcile_on_change::<Pod, _>(|pod| PullPodView::of(pod).map(|v| v.outcome))
+        // A pull Pod matters when its pull ends (or it goes before that), not at each of its
+        // status updates, nor when it appears or a finished one goes.
+        .reconcile_on_transition::<Pod, _>(
+            |pod| PullPodView::of(pod).map(|v| v.outcome),
+            cachedimage::pull_pod_news,
+        )
         .watches_on::<Node, _, _, _>(cachedimage::targets::relevance, move |node, images| {
             if let Some(warden) = &warden {
                 warden.node_changed(node, || {

@@ -8,7 +8,7 @@ use runtime::Runtime;
 use crate::ObjectStatus;
 use crate::applied::Applied;
 use crate::backoff::{Backoff, BackoffTracker};
-use crate::changes::{KeyFn, key_fn, mark_deleted, waking};
+use crate::changes::{WakeFn, changed, mark_deleted, wake_fn, waking};
 use crate::executor::Executor;
 use crate::initial_list::{self, InitialList};
 use crate::metrics::Metrics;
@@ -203,7 +203,7 @@ where
                     ),
                 )
                 .default_backoff()
-                .try_filter(waking(kinds.get::<KeyFn<C>>()))
+                .try_filter(waking(kinds.get::<WakeFn<C>>()))
                 .touched_objects();
                 let store: Arc<dyn ChildStore> = Arc::new(TypedStore {
                     store: reader,
@@ -239,7 +239,7 @@ where
                 );
                 let stream = reflector::reflector(writer, events)
                     .default_backoff()
-                    .try_filter(waking(kinds.get::<KeyFn<O>>()))
+                    .try_filter(waking(kinds.get::<WakeFn<O>>()))
                     .map_ok(mark_deleted)
                     .touched_objects();
                 let ready_store = reader.clone();
@@ -305,7 +305,61 @@ where
         O: Resource + 'static,
         H: std::hash::Hash,
     {
-        self.kinds.set(key_fn::<O, H>(key));
+        // Only a hash of each object's key is kept: 8 bytes per object, whatever the key.
+        let hashed = move |o: &O| {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(key(o))
+        };
+        self.kinds.set(wake_fn(hashed, changed::<u64>));
+        self
+    }
+
+    /// Like [`Controller::reconcile_on_change`], with the rule of which changes of the key wake a
+    /// reconcile in the controller's hands: `wakes(before, after)` gets the key of the last event
+    /// about the object (`None` at first sight) and its key now (`None` once it is deleted). The key
+    /// of every object of kind `O` is kept, so keep it small.
+    ///
+    /// A controller that creates a child and learns nothing from seeing it appear, nor from seeing a
+    /// finished one go, spares itself two reconciles per child:
+    ///
+    /// ```
+    /// # use kube_plan::{Context, Controller, Plan, Reconciler};
+    /// # use k8s_openapi::api::batch::v1::Job;
+    /// # #[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, schemars::JsonSchema)]
+    /// # #[kube(group = "example.com", version = "v1", kind = "Task", namespaced, status = "TaskStatus")]
+    /// # struct TaskSpec {}
+    /// # #[derive(kube_plan::Status, serde::Serialize, serde::Deserialize, Clone, Debug, Default, schemars::JsonSchema)]
+    /// # struct TaskStatus {}
+    /// # struct Tasks;
+    /// # impl Reconciler for Tasks {
+    /// #     type Resource = Task;
+    /// #     type Error = std::convert::Infallible;
+    /// #     async fn reconcile(&self, _: &Task, _: &Context) -> Result<Plan<Task>, Self::Error> { Ok(Plan::new()) }
+    /// # }
+    /// // Whether the Job has finished.
+    /// let finished = |job: &Job| {
+    ///     job.status.as_ref().is_some_and(|s| s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0) > 0)
+    /// };
+    /// let controller = Controller::new("task", Tasks)
+    ///     .owns::<Job>()
+    ///     .reconcile_on_transition::<Job, _>(finished, |before, after| match (before, after) {
+    ///         (None, Some(false)) => false,  // created, still running: its creator knows
+    ///         (Some(true), None) => false,   // a finished Job going: its end was seen
+    ///         (before, after) => before != after,
+    ///     });
+    /// # let _ = controller;
+    /// ```
+    pub fn reconcile_on_transition<O, H>(
+        mut self,
+        key: impl Fn(&O) -> H + Send + Sync + 'static,
+        wakes: impl Fn(Option<&H>, Option<&H>) -> bool + Send + Sync + 'static,
+    ) -> Self
+    where
+        O: Resource + 'static,
+        H: Send + 'static,
+    {
+        self.kinds.set(wake_fn(key, wakes));
         self
     }
 

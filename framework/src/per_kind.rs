@@ -1,6 +1,6 @@
 //! What a controller declares per watched kind (how its objects are trimmed, which of their changes
 //! wake reconciles), stored by the declaration's type, which names the kind (`TrimFn<Node>`,
-//! `KeyFn<Pod>`, …).
+//! `WakeFn<Pod>`, …).
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;

@@ -13,7 +13,7 @@ pub mod targets;
 use crate::api::{CachedImage, PullPolicy};
 use crate::metrics::Metrics;
 use crate::pacing::{Pace, PolicyKey};
-use crate::podbuilder::{self, PullPod, PullPodView};
+use crate::podbuilder::{self, PullOutcome, PullPod, PullPodView};
 use crate::warmup::Warden;
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use kube::ResourceExt;
@@ -49,6 +49,24 @@ pub struct CachedImageReconciler {
     pub warden: Option<Arc<Warden>>,
     /// The target nodes of each targeting, judged again only for nodes that changed.
     pub targets: targets::TargetMemo,
+}
+
+/// Whether a pull Pod's change, from the outcome it showed last (`None`: first sight; `Some(None)`:
+/// not a pull Pod) to its outcome now (`None`: deleted), is news to its image's reconcile: the end
+/// of the pull, or the Pod's loss before that end. A Pod appearing mid-pull is not (the reconcile
+/// that created it counts it in flight, and one that never appears fails after a grace period),
+/// nor the deletion of a Pod whose end was seen.
+pub fn pull_pod_news(
+    before: Option<&Option<PullOutcome>>,
+    after: Option<&Option<PullOutcome>>,
+) -> bool {
+    let pulling = |o: Option<&Option<PullOutcome>>| matches!(o, Some(Some(PullOutcome::Pulling)));
+    let ended = |o: Option<&Option<PullOutcome>>| matches!(o, Some(Some(outcome)) if *outcome != PullOutcome::Pulling);
+    match (before, after) {
+        (None, after) => !pulling(after),
+        (before, None) => !ended(before),
+        (before, after) => before != after,
+    }
 }
 
 /// The CachedImages a PullPolicy change concerns.
@@ -243,5 +261,37 @@ impl Reconciler for CachedImageReconciler {
         self.pacer.forget(&name);
         self.metrics.forget_image(&name);
         self.publish_active_pulls();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cachedimage_pull_pods_wake_their_image_only_when_a_pull_ends_or_is_lost() {
+        let pulling = Some(PullOutcome::Pulling);
+        let pulled = Some(PullOutcome::Pulled { digest: None });
+        let failed = Some(PullOutcome::Failed {
+            reason: "ErrImagePull".into(),
+            message: "not found".into(),
+        });
+        // Created by the reconcile that counts it in flight: nothing new.
+        assert!(!pull_pod_news(None, Some(&pulling)));
+        // Its pull ends.
+        assert!(pull_pod_news(Some(&pulling), Some(&pulled)));
+        assert!(pull_pod_news(Some(&pulling), Some(&failed)));
+        // Status updates mid-pull, and the deletion of a finished Pod (marked, then gone).
+        assert!(!pull_pod_news(Some(&pulling), Some(&pulling)));
+        assert!(!pull_pod_news(Some(&pulled), Some(&pulled)));
+        assert!(!pull_pod_news(Some(&pulled), None));
+        assert!(!pull_pod_news(Some(&failed), None));
+        // Deleted before its pull ended: the pull is lost.
+        assert!(pull_pod_news(Some(&pulling), None));
+        // First seen already ended (a watch that re-listed): its end is news.
+        assert!(pull_pod_news(None, Some(&pulled)));
+        // Not a pull Pod, or never seen: wakes as any creation or deletion would.
+        assert!(pull_pod_news(None, Some(&None)));
+        assert!(pull_pod_news(None, None));
     }
 }
