@@ -39,9 +39,9 @@ where
             match event {
                 watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
                     let now = key(o);
-                    let before = last.get(&uid(o));
-                    let wake = wakes(before, Some(&now));
-                    last.insert(uid(o), now);
+                    let uid = uid(o);
+                    let wake = wakes(last.get(&uid), Some(&now));
+                    last.insert(uid, now);
                     wake
                 }
                 watcher::Event::Delete(o) => {

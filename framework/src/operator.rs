@@ -116,20 +116,6 @@ pub struct Operator {
     graceful_shutdown_timeout: Duration,
 }
 
-/// The client in `made`, or one made by [`fenced_client`] and kept there.
-fn shared_fenced_client(
-    made: &std::sync::OnceLock<Client>,
-    fence: &Fence,
-    config: Option<&kube::Config>,
-    client: &Client,
-) -> Result<Client, OperatorError> {
-    if let Some(fenced) = made.get() {
-        return Ok(fenced.clone());
-    }
-    let fenced = fenced_client(fence, config, client)?;
-    Ok(made.get_or_init(|| fenced).clone())
-}
-
 /// A client whose writes pass only while `fence` is open: checked as a write goes out when the
 /// `config` is known, as it enters `client` otherwise.
 fn fenced_client(
@@ -224,12 +210,11 @@ impl Operator {
     /// # }
     /// ```
     pub fn leader_client(&self) -> Result<Client, OperatorError> {
-        shared_fenced_client(
-            &self.fenced,
-            &self.fence,
-            self.config.as_ref(),
-            &self.client,
-        )
+        if let Some(fenced) = self.fenced.get() {
+            return Ok(fenced.clone());
+        }
+        let fenced = fenced_client(&self.fence, self.config.as_ref(), &self.client)?;
+        Ok(self.fenced.get_or_init(|| fenced).clone())
     }
 
     /// The registry served at `/metrics`; register the operator's own metrics here.
@@ -336,11 +321,11 @@ impl Operator {
     /// Runs until `shutdown` resolves: then stops taking new work, lets running reconciles finish, and
     /// releases leadership.
     pub async fn run_until(
-        self,
+        mut self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), OperatorError> {
         let mut metrics = Metrics::register(&self.registry)?;
-        metrics.also_reconciles = self.reconcile_counters;
+        metrics.also_reconciles = std::mem::take(&mut self.reconcile_counters);
         let probes = Probes::new(self.registry.clone());
         if let (Some(addr), Some(certificate)) = (self.metrics_addr, &self.metrics_tls) {
             let (bound, serve) =
@@ -401,12 +386,7 @@ impl Operator {
         // With an election, controllers write through the leader's fence; the election itself (and
         // the CRD install above) uses the plain client.
         let client = match candidate.as_ref() {
-            Some(_) => shared_fenced_client(
-                &self.fenced,
-                &self.fence,
-                self.config.as_ref(),
-                &self.client,
-            )?,
+            Some(_) => self.leader_client()?,
             None => {
                 self.fence.open_always();
                 self.client.clone()

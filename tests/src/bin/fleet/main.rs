@@ -460,9 +460,9 @@ async fn remove_nodes(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // The operator hands freed memory back to the system once a minute (drop/src/memory.rs): read
-    // its size after the next time it does.
-    tokio::time::sleep(Duration::from_secs(65)).await;
+    // The operator hands freed memory back to the system periodically: read its size after the
+    // next time it does.
+    tokio::time::sleep(drop::memory::TRIM_PERIOD + Duration::from_secs(5)).await;
     op.memory()
 }
 
