@@ -317,29 +317,34 @@ fn note_start<'a>(
         .or_insert(at);
 }
 
-/// Per policy with pulls in flight, how many more it may start now (a policy without any may start
-/// its whole `max_concurrent`). No decision starts more than that under the policy. So a caller may
-/// leave out of [`Input::targets`] the targets of a policy with none free, at the price of their
-/// wake-ups (a caller deciding for one image should keep that image's own targets, so that it still
-/// wakes when a backoff or re-pull falls due); and of an image's [`Leaders::first`] it may hand the
-/// engine only as many as its policy has free.
-pub fn free_slots<'a>(
-    paces: &BTreeMap<PolicyKey, Pace>,
-    in_flight: &'a [InFlight],
-) -> BTreeMap<&'a PolicyKey, u32> {
-    let mut count: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
-    for f in in_flight {
-        *count.entry(&f.policy).or_default() += 1;
+/// How many more pulls each policy may start now, given its pulls in flight. No decision starts
+/// more than that under a policy. So a caller may leave out of [`Input::targets`] the targets of a
+/// policy with none free, at the price of their wake-ups (a caller deciding for one image should
+/// keep that image's own targets, so that it still wakes when a backoff or re-pull falls due); and
+/// of an image's [`Leaders::first`] it may hand the engine only as many as its policy has free.
+#[derive(Debug)]
+pub struct FreeSlots<'a> {
+    paces: &'a BTreeMap<PolicyKey, Pace>,
+    flying: BTreeMap<&'a PolicyKey, u32>,
+}
+
+impl<'a> FreeSlots<'a> {
+    /// Counts `in_flight` by policy.
+    pub fn new(paces: &'a BTreeMap<PolicyKey, Pace>, in_flight: &'a [InFlight]) -> Self {
+        let mut flying: BTreeMap<&PolicyKey, u32> = BTreeMap::new();
+        for f in in_flight {
+            *flying.entry(&f.policy).or_default() += 1;
+        }
+        Self { paces, flying }
     }
-    let builtin = Pace::builtin();
-    for (p, n) in &mut count {
-        *n = paces
-            .get(*p)
-            .unwrap_or(&builtin)
-            .max_concurrent
-            .saturating_sub(*n);
+
+    /// The pulls `policy` may still start (the built-in pace for a policy `paces` does not know).
+    pub fn of(&self, policy: &PolicyKey) -> usize {
+        let builtin = Pace::builtin();
+        let limit = self.paces.get(policy).unwrap_or(&builtin).max_concurrent;
+        let taken = self.flying.get(policy).copied().unwrap_or(0);
+        usize::try_from(limit.saturating_sub(taken)).unwrap_or(usize::MAX)
     }
-    count
 }
 
 /// Decides which pulls start now.

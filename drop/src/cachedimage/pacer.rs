@@ -608,15 +608,8 @@ impl Pacer {
         let in_flight: Vec<InFlight> = st.in_flight.values().cloned().collect();
         // No decision starts more pulls under a policy than it has free slots: of each image's
         // leaders, only that many can matter (none, under a policy with every slot taken).
-        let slots = pacing::free_slots(&st.paces, &in_flight);
-        let builtin = Pace::builtin();
-        let free = |policy: &PolicyKey| {
-            let n = slots
-                .get(policy)
-                .copied()
-                .unwrap_or_else(|| st.paces.get(policy).unwrap_or(&builtin).max_concurrent);
-            usize::try_from(n).unwrap_or(usize::MAX)
-        };
+        let slots = pacing::FreeSlots::new(&st.paces, &in_flight);
+        let free = |policy: &PolicyKey| slots.of(policy);
         let own: Vec<Target> = st
             .images
             .get(&name)
@@ -633,7 +626,7 @@ impl Pacer {
             ),
             Err(_) => pacing::Leaders::default(),
         };
-        let mut others: Vec<Target> = Vec::new();
+        let mut candidates: Vec<Target> = Vec::new();
         let mut earlier_starts: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
         let mut spaced_by = |policy: &PolicyKey, at: Option<Timestamp>| {
             if let Some(at) = at {
@@ -651,7 +644,11 @@ impl Pacer {
             // Pairs that settled keep only their image's latest start, which spaces its policy.
             spaced_by(&r.policy, memory.settled_start);
             match &memory.due {
-                _ if *image == name => spaced_by(&r.policy, own_leaders.last_start),
+                _ if *image == name => {
+                    spaced_by(&r.policy, own_leaders.last_start);
+                    let first = own_leaders.first.iter().take(free(&r.policy));
+                    candidates.extend(first.filter_map(|&i| own.get(i)).cloned());
+                }
                 // Its due set is as its last reconcile left it: only the few it could start first
                 // can start now (none if nothing is due; in a rollout, a handful instead of every
                 // node), and its latest start still spaces its policy's next one.
@@ -659,19 +656,12 @@ impl Pacer {
                     spaced_by(&r.policy, due.last_start);
                     let first = due.first.iter().take(free(&r.policy));
                     let first = first.filter_map(|&i| memory.pairs.at(i));
-                    others.extend(first.map(|(node, _)| r.target(node)));
+                    candidates.extend(first.map(|(node, _)| r.target(node)));
                 }
-                _ => others.extend(memory.targets()),
+                _ => candidates.extend(memory.targets()),
             }
         }
-        let own_free = own.first().map_or(0, |t| free(&t.policy));
-        let due_targets: Vec<&Target> = own_leaders
-            .first
-            .iter()
-            .take(own_free)
-            .filter_map(|&i| own.get(i))
-            .chain(&others)
-            .collect();
+        let due_targets: Vec<&Target> = candidates.iter().collect();
         let decision = pacing::decide(&pacing::Input {
             now,
             paces: &st.paces,

@@ -595,9 +595,9 @@ proptest! {
 
         let mut kept = Vec::new();
         let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
-        let free = free_slots(&paces, &in_flight);
+        let free = FreeSlots::new(&paces, &in_flight);
         for t in &targets {
-            if free.get(&t.policy) == Some(&0) && hashy(&t.key, 6, seed).is_multiple_of(2) {
+            if free.of(&t.policy) == 0 && hashy(&t.key, 6, seed).is_multiple_of(2) {
                 continue;
             }
             let h = history.get(&t.key).cloned().unwrap_or_default();
@@ -647,15 +647,13 @@ proptest! {
         }
         let mut kept: Vec<Target> = Vec::new();
         let mut earlier: BTreeMap<PolicyKey, Timestamp> = BTreeMap::new();
-        let free = free_slots(&paces, &in_flight);
+        let free = FreeSlots::new(&paces, &in_flight);
         for ((image, policy), group) in &groups {
             let pace = paces.get(*policy).unwrap_or(&builtin);
             let lead = leaders(group, &history, |k| in_flight.iter().any(|f| &f.key == k), pace, at(now));
             let use_leaders = hashy(&PullKey::new(image, ""), 4, seed).is_multiple_of(2);
             if use_leaders {
-                let slots = free.get(*policy).copied().unwrap_or(pace.max_concurrent);
-                let slots = usize::try_from(slots).unwrap();
-                kept.extend(lead.first.iter().take(slots).map(|&i| group[i].clone()));
+                kept.extend(lead.first.iter().take(free.of(policy)).map(|&i| group[i].clone()));
                 if let Some(s) = lead.last_start {
                     let e = earlier.entry((*policy).clone()).or_insert(s);
                     *e = (*e).max(s);
