@@ -499,17 +499,27 @@ where
         let shown = Arc::clone(&written);
         let primary_stream = reflector::reflector(primary_writer, primary_events)
             .default_backoff()
-            .inspect_ok(move |event| match event {
-                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
-                    shown.seen(&obj.uid().unwrap_or_else(|| obj.name_any()), obj);
-                }
-                watcher::Event::Delete(obj) => {
-                    let _ = deleted_tx.send(obj.clone());
-                }
-                watcher::Event::InitDone => {
-                    let _ = primary_ready_tx.send(true);
-                }
-                _ => {}
+            // The event of the controller's own status write wakes nothing: it holds what the
+            // reconcile that wrote it already knew. Waking on it doubled the reconciles of every
+            // object whose status changed, and kept a saturated controller busy with the same
+            // objects while others waited (kube-runtime picks among waiting objects in hash
+            // order, not in order of arrival).
+            .try_filter(move |event| {
+                let wake = match event {
+                    watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                        !shown.seen(&obj.uid().unwrap_or_else(|| obj.name_any()), obj)
+                    }
+                    watcher::Event::Delete(obj) => {
+                        let _ = deleted_tx.send(obj.clone());
+                        true
+                    }
+                    watcher::Event::InitDone => {
+                        let _ = primary_ready_tx.send(true);
+                        true
+                    }
+                    watcher::Event::Init => true,
+                };
+                futures::future::ready(wake)
             })
             .touched_objects();
         let mut ctrl = KubeController::for_stream(primary_stream, primary_reader)

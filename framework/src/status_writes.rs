@@ -114,12 +114,20 @@ impl<K: Resource> Written<K> {
 
     /// The watch delivered `cached`: a write it shows is let go at once, not at the object's next
     /// reconcile, which may be long in coming (a settled object is reconciled only on resyncs), so
-    /// that no copy of a settled object is held beside the cache's.
-    pub(crate) fn seen(&self, key: &str, cached: &K) {
+    /// that no copy of a settled object is held beside the cache's. Returns whether `cached` is
+    /// exactly that write (the same `resourceVersion`): an event that tells the controller only
+    /// what it wrote itself.
+    pub(crate) fn seen(&self, key: &str, cached: &K) -> bool {
         let mut written = self.lock();
-        if written.get(key).is_some_and(|ours| !behind(cached, ours)) {
+        let Some(ours) = written.get(key) else {
+            return false;
+        };
+        let own = cached.meta().resource_version.is_some()
+            && cached.meta().resource_version == ours.meta().resource_version;
+        if !behind(cached, ours) {
             written.remove(key);
         }
+        own
     }
 
     /// How many writes are held (for tests).
@@ -188,12 +196,25 @@ mod tests {
     fn status_writes_a_write_the_watch_shows_is_let_go() {
         let w = Written::default();
         w.wrote("a", config_map("12").as_ref().clone());
-        w.seen("a", &config_map("11"));
+        assert!(
+            !w.seen("a", &config_map("11")),
+            "an older event is not our write"
+        );
         assert_eq!(w.held(), 1, "the watch is still behind the write");
-        w.seen("a", &config_map("12"));
+        assert!(w.seen("a", &config_map("12")), "the event of our own write");
         assert_eq!(w.held(), 0, "the watch delivered the write");
+        assert!(!w.seen("a", &config_map("12")), "told once");
         let got = w.freshest("a", config_map("12"));
         assert_eq!(got.metadata.resource_version.as_deref(), Some("12"));
+    }
+
+    #[test]
+    fn status_writes_a_later_change_is_not_taken_for_our_write() {
+        let w = Written::default();
+        w.wrote("a", config_map("12").as_ref().clone());
+        // Someone changed the object after our write before the watch caught up: news.
+        assert!(!w.seen("a", &config_map("13")));
+        assert_eq!(w.held(), 0);
     }
 
     #[test]
