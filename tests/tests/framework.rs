@@ -68,7 +68,12 @@ impl Reconciler for HolderReconciler {
             cm.metadata.name = Some(CHILD.into());
             cm.metadata.namespace = h.metadata.namespace.clone();
             status.applied = true;
-            return Ok(plan.child(Child::new(&cm)?).status(status));
+            // The write of this status wakes nothing (it is the controller's own); the child's
+            // event is held back with its watch, so ask to run again.
+            return Ok(plan
+                .child(Child::new(&cm)?)
+                .status(status)
+                .requeue_after(Duration::from_millis(200)));
         }
         let shown = ctx.owned::<ConfigMap>();
         for c in &shown {
