@@ -33,6 +33,7 @@ use std::any::{Any, TypeId};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// Condition type the framework records while reconciles fail (removed on the next success).
 pub const RECONCILED: &str = "Reconciled";
@@ -375,7 +376,9 @@ where
         self
     }
 
-    /// How many objects may reconcile at once (default 4). One object never reconciles twice at once.
+    /// How many objects may reconcile at once (default 4). One object never reconciles twice at
+    /// once, and objects due a reconcile take a free worker in the order they became due: one
+    /// that keeps asking again (a requeue, its children's events) waits behind the others.
     pub fn concurrency(mut self, n: u16) -> Self {
         self.concurrency = n.max(1);
         self
@@ -523,7 +526,7 @@ where
             })
             .touched_objects();
         let mut ctrl = KubeController::for_stream(primary_stream, primary_reader)
-            .with_config(ControllerConfig::default().concurrency(self.concurrency));
+            .with_config(ControllerConfig::default().concurrency(0));
         for t in self.triggers {
             ctrl = ctrl.reconcile_on(t);
         }
@@ -597,6 +600,8 @@ where
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
             status_writes: StatusWrites::new(self.status_interval),
             written,
+            workers: Arc::new(Semaphore::new(usize::from(self.concurrency))),
+            primaries: primaries.clone(),
         });
         let name = self.name;
         let forget = runtime.clone();

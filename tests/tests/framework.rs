@@ -602,3 +602,128 @@ async fn framework_create_only_child_is_created_once_and_a_foreign_name_is_a_con
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+/// An object that is either hot (its reconcile takes a while and asks to run again at once) or
+/// cold (reconciled once and done).
+#[derive(
+    CustomResource,
+    PrinterColumns,
+    Serialize,
+    Deserialize,
+    Clone,
+    Debug,
+    Default,
+    schemars::JsonSchema,
+)]
+#[kube(
+    group = "framework.e2e.example",
+    version = "v1",
+    kind = "Turn",
+    namespaced,
+    status = "TurnStatus"
+)]
+pub struct TurnSpec {
+    hot: bool,
+}
+
+#[derive(
+    Status, PrinterColumns, Serialize, Deserialize, Clone, Debug, Default, schemars::JsonSchema,
+)]
+pub struct TurnStatus {
+    #[status(conditions)]
+    #[serde(default)]
+    conditions: Vec<Condition>,
+}
+
+struct TurnReconciler {
+    /// The names of the objects reconciled at least once.
+    served: Arc<Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl Reconciler for TurnReconciler {
+    type Resource = Turn;
+    type Error = std::convert::Infallible;
+
+    async fn reconcile(&self, t: &Turn, _: &Context) -> Result<Plan<Turn>, Self::Error> {
+        let name = t.metadata.name.clone().unwrap_or_default();
+        self.served.lock().unwrap().insert(name);
+        if t.spec.hot {
+            // Work that keeps the controller's only worker busy (a slow reconcile, not a wait
+            // for anything), after which the object wants to run again.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Ok(Plan::new().requeue_after(Duration::ZERO));
+        }
+        Ok(Plan::new())
+    }
+}
+
+#[tokio::test]
+async fn framework_a_saturated_controller_still_reconciles_every_object() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "fw-turns").await.unwrap();
+    let served = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = Operator::new("framework-e2e-turns", client.clone())
+        .install_crds(vec![kube_plan::crd::build::<Turn>()])
+        .controller(
+            Controller::new(
+                "turn",
+                TurnReconciler {
+                    served: Arc::clone(&served),
+                },
+            )
+            .concurrency(1)
+            .primary_watch(
+                watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
+            ),
+        );
+    let running = tokio::spawn(operator.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let turns: Api<Turn> = Api::namespaced(client.clone(), ns.name());
+    let create = |name: String, hot: bool| {
+        let turns = turns.clone();
+        async move {
+            eventually(Duration::from_secs(30), "Turn created", || async {
+                match turns
+                    .create(&PostParams::default(), &Turn::new(&name, TurnSpec { hot }))
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await
+            .unwrap();
+        }
+    };
+    // Objects that always want the worker again, then many that need it once.
+    for i in 0..6 {
+        create(format!("hot-{i}"), true).await;
+    }
+    let cold: Vec<String> = (0..30).map(|i| format!("cold-{i}")).collect();
+    for name in &cold {
+        create(name.clone(), false).await;
+    }
+    // Waiting objects take the free worker in turn: none is passed over for as long as the hot
+    // ones keep coming back.
+    let all_served = eventually(
+        Duration::from_secs(60),
+        "every cold Turn reconciled",
+        || {
+            let served = served.lock().unwrap().clone();
+            let missing: Vec<&String> = cold.iter().filter(|n| !served.contains(*n)).collect();
+            let result = if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("never reconciled: {missing:?}"))
+            };
+            async move { result }
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    all_served.unwrap();
+}

@@ -18,10 +18,12 @@ use kube::core::object::HasStatus;
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 /// What each reconcile of one controller shares: its reconciler, client, caches and bookkeeping.
 pub(super) struct Runtime<R: Reconciler>
@@ -40,6 +42,11 @@ where
     pub(super) status_writes: StatusWrites,
     pub(super) written: Arc<Written<R::Resource>>,
     pub(super) synced: futures::future::Shared<BoxFuture<'static, ()>>,
+    /// The workers: objects due a reconcile take one in the order they became due.
+    pub(super) workers: Arc<Semaphore>,
+    /// The primaries' cache, read again once a worker is free (the object may have changed, or
+    /// gone, while it waited).
+    pub(super) primaries: Store<R::Resource>,
 }
 
 /// Never fails: every error is reported on the object and retried with backoff.
@@ -53,6 +60,22 @@ where
 {
     pub(super) async fn reconcile(self: Arc<Self>, obj: Arc<R::Resource>) -> Result<Action, Never> {
         self.synced.clone().await;
+        // kube-runtime runs every due object at once (the controller's concurrency is ours to
+        // keep): at its own limit it would pick among the waiting objects in hash order, so that
+        // objects which keep coming back could pass over others for good. The semaphore hands
+        // out its permits first come, first served.
+        let Ok(_worker) = self.workers.acquire().await else {
+            return Ok(Action::await_change());
+        };
+        let Some(obj) = self.primaries.get(&ObjectRef::from_obj(obj.as_ref())) else {
+            // Deleted while it waited: the deletion is handed to the reconciler on its own.
+            return Ok(Action::await_change());
+        };
+        // The run itself lives on the heap: an object waiting for a worker holds only the above.
+        Box::pin(self.run(obj)).await
+    }
+
+    async fn run(&self, obj: Arc<R::Resource>) -> Result<Action, Never> {
         let started = Instant::now();
         let workers = self.metrics.active_workers.with_label_values(&[&self.name]);
         workers.inc();
