@@ -28,6 +28,10 @@ mod pairs;
 
 /// How long a pull just started may stay unseen in the Pod cache before it counts as gone.
 const CREATION_GRACE: Duration = Duration::from_secs(30);
+/// How long a policy's starts wait for its images that have not registered their targets (see
+/// [`Pacer::step`]): enough for a starting operator to reconcile every image once, short enough
+/// that one image that cannot does not stop the others for long.
+const REGISTRATION_HOLD: Duration = Duration::from_secs(30);
 /// Failure reason of a pull whose Pod was deleted by someone else while it pulled.
 pub const POD_DELETED: &str = "PullPodDeleted";
 /// Failure reason of a pull whose Pod never appeared (its creation failed or was refused).
@@ -209,6 +213,9 @@ struct State {
     appointed: BTreeMap<String, Timestamp>,
     /// Images whose due pulls their registry's budget held back at their last reconcile.
     registry_waiting: BTreeMap<String, Registry>,
+    /// Policies whose starts are held for images that have not registered their targets: since
+    /// when, without a break.
+    held_since: BTreeMap<PolicyKey, Timestamp>,
 }
 
 impl State {
@@ -674,7 +681,9 @@ impl Pacer {
         });
         let mut wake = BTreeSet::new();
         // Policies some of whose images have not registered their targets yet: hold their starts
-        // and wake those images.
+        // (one of those may come first in the order) and wake those images. Not for ever: an
+        // image that does not get to reconcile (a busy operator, a reconcile that keeps failing
+        // before it registers) must not stop its policy's others.
         let mut held: BTreeSet<PolicyKey> = BTreeSet::new();
         for (image, policy) in step.known_images {
             let registered = st.images.get(image).is_some_and(|m| m.registered.is_some());
@@ -683,6 +692,19 @@ impl Pacer {
                 wake.insert(image.clone());
             }
         }
+        st.held_since.retain(|p, _| held.contains(p));
+        held.retain(|p| {
+            let since = *st.held_since.entry(p.clone()).or_insert(now);
+            now.duration_since(since).unsigned_abs() < REGISTRATION_HOLD
+        });
+        // This image's policy held: it tries again when the hold runs out at the latest.
+        let hold_ends = st
+            .images
+            .get(&name)
+            .and_then(ImageMemory::policy)
+            .filter(|p| held.contains(*p))
+            .and_then(|p| st.held_since.get(p))
+            .map(|since| pacing::after(*since, REGISTRATION_HOLD));
         let mut decision = decision;
         decision.start.retain(|k| {
             let policy = st.images.get(&*k.image).and_then(ImageMemory::policy);
@@ -750,6 +772,9 @@ impl Pacer {
         }
         // Who wakes when the policy's delay ends: the image next in line, no other.
         let mut wake_at = grace_ends;
+        if let Some(t) = hold_ends {
+            wake_at = earliest(wake_at, t);
+        }
         let mut wake_others = Vec::new();
         for (k, t) in &decision.next_in_line {
             if *k.image == *name {

@@ -118,6 +118,22 @@ fn pacing_an_image_waiting_out_a_backoff_wakes_even_while_others_fill_the_policy
 }
 
 #[test]
+fn pacing_an_image_that_never_registers_holds_its_policy_for_a_while_only() {
+    // b is known (it exists, under the same policy) but never gets to reconcile.
+    let mut w = World::new(&["a", "b"]);
+    let out = w.step(0, 0, &[]);
+    assert!(out.start.is_empty(), "b might come first: a waits");
+    assert_eq!(w.woken(), ["b"], "b is woken to register");
+    assert_eq!(
+        out.wake_at,
+        Some(at(30)),
+        "a retries when the hold runs out"
+    );
+    assert!(w.step(0, 29, &[]).start.is_empty());
+    assert_eq!(starts(&w.step(0, 30, &[])), [("n1", 1)]);
+}
+
+#[test]
 fn pacing_a_settled_image_still_spaces_the_next_start() {
     let w = World::new(&["a", "b"]);
     let a = &w.images[0];
