@@ -158,6 +158,7 @@ async fn bench(args: Args) -> Result<(), Error> {
     let recorder = PodRecorder::start(&client, NS);
     let images: Api<CachedImage> = Api::all(client.clone());
     let reconciles_before = op.reconciles().await?;
+    let cpu_before = op.cpu_seconds()?;
     let t0 = Timestamp::now();
     create_scenario(&client, &args).await?;
     let all_nodes: BTreeSet<String> = (0..args.nodes).map(|i| format!("kwok-node-{i}")).collect();
@@ -167,6 +168,7 @@ async fn bench(args: Args) -> Result<(), Error> {
     wait_no_pods(&pods).await?;
     let rollout_end = Timestamp::now();
     let reconciles_after = op.reconciles().await?;
+    let cpu_rollout = op.cpu_seconds()? - cpu_before;
     let rss_rollout = op.memory()?;
 
     let warm = if args.add_nodes > 0 {
@@ -182,9 +184,11 @@ async fn bench(args: Args) -> Result<(), Error> {
     );
     let idle_from = Timestamp::now();
     let idle_reconciles_before = op.reconciles().await?;
+    let idle_cpu_before = op.cpu_seconds()?;
     tokio::time::sleep(Duration::from_secs(args.idle)).await;
     let idle_to = Timestamp::now();
     let idle_reconciles = op.reconciles().await? - idle_reconciles_before;
+    let idle_cpu = op.cpu_seconds()? - idle_cpu_before;
 
     let largest_status = images
         .list(&ListParams::default())
@@ -209,6 +213,10 @@ async fn bench(args: Args) -> Result<(), Error> {
         requests: &requests,
         reconciles: reconciles_after - reconciles_before,
         idle: (idle_from, idle_to, idle_reconciles),
+        cpu: report::Cpu {
+            rollout: cpu_rollout,
+            idle: idle_cpu,
+        },
         memory: (rss_rollout, op.memory()?),
         rss_start,
         cpu_seconds: op.cpu_seconds()?,

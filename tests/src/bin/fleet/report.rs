@@ -25,10 +25,20 @@ pub struct Inputs<'a> {
     /// RSS in MiB once the operator was ready, before the scenario's objects existed.
     pub rss_start: f64,
     pub cpu_seconds: f64,
+    /// CPU seconds of the rollout and of the idle window.
+    pub cpu: Cpu,
     pub largest_status: usize,
     pub warm: &'a [f64],
     /// (peak, current) RSS once every node was deleted and let go of.
     pub after_removal: Option<(f64, f64)>,
+}
+
+/// The operator's CPU seconds over two spans.
+pub struct Cpu {
+    /// From the scenario's creation until the last pull Pod of the rollout was gone.
+    pub rollout: f64,
+    /// Over the idle window.
+    pub idle: f64,
 }
 
 /// The figures.
@@ -57,6 +67,10 @@ pub struct Report {
     pub reconciles_per_pull: f64,
     pub cpu_seconds: f64,
     pub cpu_ms_per_pull: f64,
+    /// CPU of the rollout, less what the settled fleet costs over as long (Node heartbeats,
+    /// leases, timers), per pull: what the pulls themselves cost.
+    pub cpu_ms_per_pull_net: f64,
+    pub idle_cpu_per_s: f64,
     pub rss_start_mib: f64,
     pub rss_peak_mib: f64,
     pub rss_after_rollout_mib: f64,
@@ -156,6 +170,7 @@ impl Report {
         let idle_requests: u64 = audit::by_verb(i.requests, idle_from, idle_to)
             .values()
             .sum();
+        let idle_cpu_per_s = i.cpu.idle / idle_s.max(1.0);
         let mut warm = i.warm.to_vec();
         warm.sort_by(f64::total_cmp);
         Self {
@@ -185,6 +200,10 @@ impl Report {
             reconciles_per_pull: i.reconciles as f64 / pulls,
             cpu_seconds: i.cpu_seconds,
             cpu_ms_per_pull: i.cpu_seconds * 1000.0 / pulls,
+            cpu_ms_per_pull_net: (i.cpu.rollout - idle_cpu_per_s * secs(i.t0, i.rollout_end))
+                * 1000.0
+                / pulls,
+            idle_cpu_per_s,
             rss_start_mib: i.rss_start,
             rss_peak_mib: i.memory.1.0,
             rss_after_rollout_mib: i.memory.0.1,
@@ -252,8 +271,11 @@ impl Report {
             (
                 "CPU",
                 format!(
-                    "{:.1} s ({:.2} ms per pull)",
-                    self.cpu_seconds, self.cpu_ms_per_pull
+                    "{:.1} s ({:.2} ms per pull; {:.2} ms net of the idle {:.3} s/s)",
+                    self.cpu_seconds,
+                    self.cpu_ms_per_pull,
+                    self.cpu_ms_per_pull_net,
+                    self.idle_cpu_per_s
                 ),
             ),
             (
