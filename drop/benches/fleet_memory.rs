@@ -77,6 +77,7 @@ fn main() {
                 policy: None,
                 pods: &[],
                 known_images: &known,
+                nodes: &[],
             }));
         }
         let pacer_held = Held::now().since(before);

@@ -78,6 +78,7 @@ fn measure(images: usize, nodes: usize, cached: bool) -> Figures {
                 policy: None,
                 pods: &[],
                 known_images: &known,
+                nodes: &[],
             }));
         }
     };

@@ -182,6 +182,7 @@ impl Reconciler for CachedImageReconciler {
             policy: policy_spec,
             pods: &views,
             known_images: &known,
+            nodes: &nodes,
         });
 
         tracing::debug!(image = %name, keep = ?out.keep, start = ?out.start, wake_at = ?out.wake_at, "paced");

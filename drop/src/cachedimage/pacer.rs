@@ -18,8 +18,8 @@ use k8s_openapi::api::core::v1::{Node, Toleration};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use pairs::{ImagePairs, Names, Pair, TargetNodes};
-use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::{Cell, OnceCell};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
@@ -61,6 +61,35 @@ pub struct Step<'a> {
     /// the first image to reconcile (after a start, or after its policy appears) cannot jump the
     /// queue. An image missing here is forgotten.
     pub known_images: &'a [(String, PolicyKey)],
+    /// Every Node in the cache: a node that leaves the image's targets is remembered as cached
+    /// while its Node exists (read only when the targets change or such a node is remembered).
+    pub nodes: &'a [Arc<Node>],
+}
+
+/// Whether a Node of a given name exists, from a list read into a set at the first question.
+struct ExistingNodes<'a> {
+    nodes: &'a [Arc<Node>],
+    names: OnceCell<HashSet<&'a str>>,
+}
+
+impl<'a> ExistingNodes<'a> {
+    fn new(nodes: &'a [Arc<Node>]) -> Self {
+        Self {
+            nodes,
+            names: OnceCell::new(),
+        }
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.names
+            .get_or_init(|| {
+                self.nodes
+                    .iter()
+                    .filter_map(|n| n.metadata.name.as_deref())
+                    .collect()
+            })
+            .contains(name)
+    }
 }
 
 /// A pull that ended since the last reconcile.
@@ -403,7 +432,9 @@ impl Pacer {
                 m.pairs
                     .iter()
                     .filter(|(_, p)| **p != Pair::default())
-                    .map(|(node, _)| PullKey::new(image, node))
+                    .map(|(node, _)| node)
+                    .chain(m.pairs.away())
+                    .map(|node| PullKey::new(image, node))
             })
             .collect();
         keys.extend(st.in_flight.keys().cloned());
@@ -497,12 +528,14 @@ impl Pacer {
         // A pair on each target. Most reconciles see the targets of the last one: those stay.
         let mut spare = Vec::new();
         let targets = TargetNodes::of(step.targets, &mut spare);
-        if !memory.pairs.fits(targets) {
-            memory.pairs.fit(targets, &mut st.names);
+        let nodes = ExistingNodes::new(step.nodes);
+        let exists = |node: &str| nodes.exists(node);
+        if !memory.pairs.fits(targets, &exists) {
+            memory.pairs.fit(targets, &mut st.names, &exists);
             st.names.sweep();
         }
         if let Some(status) = restored {
-            restore_pairs(memory, status, now);
+            restore_pairs(memory, status, now, &mut st.names, &exists);
         }
         if let (Ok((Some(policy), _)), Some(spec)) = (&step.pace, step.policy)
             && st.policies.get(&**policy) != Some(spec)
@@ -975,13 +1008,25 @@ fn restore<'a>(
 }
 
 /// After an operator restart: cached nodes and failures come back from the image's status.
-fn restore_pairs(memory: &mut ImageMemory, status: &CachedImageStatus, now: Timestamp) {
+fn restore_pairs(
+    memory: &mut ImageMemory,
+    status: &CachedImageStatus,
+    now: Timestamp,
+    names: &mut Names,
+    exists: &dyn Fn(&str) -> bool,
+) {
     let pulled = status.last_pulled_at.as_ref().map_or(now, |t| t.0);
+    let mut away = Vec::new();
     for node in status.cached_nodes.iter() {
-        if let Some(pair) = memory.pairs.get_mut(node) {
-            pair.restore_cached(pulled);
+        match memory.pairs.get_mut(node) {
+            Some(pair) => pair.restore_cached(pulled),
+            // Cached on a node that is not a target now (a NotReady spell at the restart): it
+            // comes back cached.
+            None if exists(node) => away.push((names.get(node), pulled)),
+            None => {}
         }
     }
+    memory.pairs.restore_away(away);
     let failed_at = status.last_attempted_at.as_ref().map_or(now, |t| t.0);
     let in_a_row = u32::try_from(status.consecutive_failures.max(1)).unwrap_or(1);
     for f in &status.failed_nodes {

@@ -3,7 +3,8 @@
 //! A node is a target when its labels carry every pair of the image's `nodeSelector` and of its
 //! PullPolicy's `nodeSelector`, and every `NoSchedule` or `NoExecute` taint on it is tolerated by the
 //! image's or the policy's tolerations (the rules the kubelet and scheduler apply). Cordoned, not-ready
-//! and unreachable nodes carry such taints, so they drop out unless tolerated on purpose.
+//! and unreachable nodes carry such taints, so they drop out unless tolerated on purpose (the pacer
+//! still remembers where the image was cached while such a node's Node exists).
 
 mod memo;
 

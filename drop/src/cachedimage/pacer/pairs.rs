@@ -158,6 +158,11 @@ impl Pair {
 pub(super) struct ImagePairs {
     nodes: NodeList,
     pairs: Vec<Pair>,
+    /// Nodes that left the targets while the image was cached there, and whose Node still exists:
+    /// their last success (packed), sorted by node. A node back from a spell out of the targets (a
+    /// `not-ready` taint while its heartbeats were late, a cordon) comes back cached rather than
+    /// being pulled again; a deleted Node's entry goes at the next fit.
+    away: Vec<(Arc<str>, i64)>,
 }
 
 /// A sorted list of node names, shared by the images that target exactly those nodes.
@@ -204,30 +209,79 @@ impl ImagePairs {
         self.pairs.is_empty()
     }
 
+    /// The nodes away from the targets with the image cached there (see [`ImagePairs::away`]).
+    pub fn away(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.away.iter().map(|(node, _)| node)
+    }
+
+    /// Remembers `nodes` as away from the targets, cached since the time given (a status written
+    /// before a restart lists them); nodes that are targets are left out.
+    pub fn restore_away(&mut self, nodes: impl IntoIterator<Item = (Arc<str>, Timestamp)>) {
+        for (node, t) in nodes {
+            if self.find(&node).is_err() {
+                self.away.push((node, pack(Some(t))));
+            }
+        }
+        self.away.sort_by(|a, b| a.0.cmp(&b.0));
+        self.away.dedup_by(|a, b| a.0 == b.0);
+    }
+
     pub fn clear(&mut self) {
         *self = Self::default();
     }
 
-    /// Whether its nodes are exactly `targets`.
-    pub fn fits(&self, targets: TargetNodes<'_>) -> bool {
-        same_nodes(&self.nodes, targets)
+    /// Whether its nodes are exactly `targets`, and every node it keeps away still `exists`.
+    pub fn fits(&self, targets: TargetNodes<'_>, exists: &dyn Fn(&str) -> bool) -> bool {
+        same_nodes(&self.nodes, targets) && self.away.iter().all(|(node, _)| exists(node))
     }
 
     /// Gives the image a pair on each of its `targets` and none elsewhere, keeping what it knew of
-    /// the nodes that stay. The pairs are made to size, with no room to spare; the list of names
-    /// is the one other images with these targets already share, if any.
-    pub fn fit(&mut self, targets: TargetNodes<'_>, names: &mut Names) {
+    /// the nodes that stay. A node that leaves with the image cached is kept away while its Node
+    /// `exists`, and comes back cached. The pairs are made to size, with no room to spare; the
+    /// list of names is the one other images with these targets already share, if any.
+    pub fn fit(
+        &mut self,
+        targets: TargetNodes<'_>,
+        names: &mut Names,
+        exists: &dyn Fn(&str) -> bool,
+    ) {
         let old_nodes = std::mem::take(&mut self.nodes);
         let mut old = old_nodes
             .iter()
             .zip(std::mem::take(&mut self.pairs))
             .peekable();
+        let was_away = std::mem::take(&mut self.away);
+        let back = |node: &str| {
+            let i = was_away.binary_search_by(|(n, _)| (**n).cmp(node)).ok()?;
+            let mut pair = Pair::default();
+            pair.restore_cached(unpack(was_away[i].1)?);
+            Some(pair)
+        };
+        let mut leaving = Vec::new();
+        let mut leave = |node: &Arc<str>, pair: Pair| {
+            if pair.cached && exists(node) {
+                leaving.push((Arc::clone(node), pair.success));
+            }
+        };
         let mut pairs = Vec::with_capacity(targets.len());
         for t in targets.iter() {
-            while old.next_if(|(node, _)| &***node < t).is_some() {}
+            while let Some((node, pair)) = old.next_if(|(node, _)| &***node < t) {
+                leave(node, pair);
+            }
             let kept = old.next_if(|(node, _)| &***node == t).map(|(_, p)| p);
-            pairs.push(kept.unwrap_or_default());
+            pairs.push(kept.or_else(|| back(t)).unwrap_or_default());
         }
+        for (node, pair) in old {
+            leave(node, pair);
+        }
+        let mut away: Vec<(Arc<str>, i64)> = was_away
+            .iter()
+            .filter(|(node, _)| exists(node) && !targets.contains(node))
+            .cloned()
+            .chain(leaving)
+            .collect();
+        away.sort_by(|a, b| a.0.cmp(&b.0));
+        self.away = away;
         self.pairs = pairs;
         self.nodes = names.list(targets);
     }
@@ -388,8 +442,10 @@ mod tests {
         let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
         let (unsorted, sorted) = (owned(&["b", "d", "a", "b"]), owned(&["a", "b", "d"]));
         let mut spare = Vec::new();
-        pairs.fit(TargetNodes::of(&unsorted, &mut spare), &mut names);
-        assert!(pairs.fits(TargetNodes::of(&sorted, &mut Vec::new())));
+        pairs.fit(TargetNodes::of(&unsorted, &mut spare), &mut names, &|_| {
+            true
+        });
+        assert!(pairs.fits(TargetNodes::of(&sorted, &mut Vec::new()), &|_| true));
         assert!(TargetNodes::of(&unsorted, &mut Vec::new()).contains("d"));
         assert!(!TargetNodes::of(&sorted, &mut Vec::new()).contains("c"));
         pairs
@@ -399,6 +455,7 @@ mod tests {
         pairs.fit(
             TargetNodes::of(&owned(&["c", "b", "e"]), &mut Vec::new()),
             &mut names,
+            &|_| true,
         );
         let nodes: Vec<&str> = pairs.iter().map(|(n, _)| &**n).collect();
         assert_eq!(nodes, ["b", "c", "e"]);
@@ -412,6 +469,48 @@ mod tests {
     }
 
     #[test]
+    fn pacing_a_cached_node_away_from_the_targets_comes_back_cached_while_its_node_exists() {
+        let mut names = Names::default();
+        let mut pairs = ImagePairs::default();
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        let all = owned(&["a", "b", "c"]);
+        let fit = |pairs: &mut ImagePairs, names: &mut Names, t: &[String], exists: &[&str]| {
+            let exists = |n: &str| exists.contains(&n);
+            pairs.fit(TargetNodes::of(t, &mut Vec::new()), names, &exists);
+        };
+        fit(&mut pairs, &mut names, &all, &["a", "b", "c"]);
+        let t = at("2026-12-01T00:00:00Z");
+        for node in ["a", "b"] {
+            pairs.get_mut(node).expect("a target").pulled(t);
+        }
+        // a and b leave the targets (tainted not-ready), c too; only a and b were cached.
+        fit(&mut pairs, &mut names, &[], &["a", "b", "c"]);
+        let away: Vec<&str> = pairs.away().map(|n| &**n).collect();
+        assert_eq!(away, ["a", "b"]);
+        // b's Node is deleted: its memory goes at the next check, targets unchanged or not.
+        let none: &[String] = &[];
+        assert!(!pairs.fits(TargetNodes::of(none, &mut Vec::new()), &|n| n != "b"));
+        fit(&mut pairs, &mut names, &[], &["a", "c"]);
+        let away: Vec<&str> = pairs.away().map(|n| &**n).collect();
+        assert_eq!(away, ["a"]);
+        // All three are targets again: a comes back cached since its pull, c as new.
+        fit(
+            &mut pairs,
+            &mut names,
+            &owned(&["a", "b", "c"]),
+            &["a", "b", "c"],
+        );
+        let a = pairs.get("a").expect("a target");
+        assert!(a.cached);
+        assert_eq!(a.history().last_success, Some(t));
+        assert!(!pairs.get("b").expect("a target").cached, "b's Node went");
+        assert!(!pairs.get("c").expect("a target").cached);
+        assert_eq!(pairs.away().count(), 0);
+        names.sweep();
+        assert_eq!(names.names.len(), 3);
+    }
+
+    #[test]
     fn pacing_images_with_the_same_targets_share_one_list_of_names() {
         let mut names = Names::default();
         let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
@@ -421,11 +520,16 @@ mod tests {
             ImagePairs::default(),
             ImagePairs::default(),
         );
-        a.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names);
-        b.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names);
+        a.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names, &|_| {
+            true
+        });
+        b.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names, &|_| {
+            true
+        });
         c.fit(
             TargetNodes::of(&owned(&["n1", "n2"]), &mut Vec::new()),
             &mut names,
+            &|_| true,
         );
         assert!(Arc::ptr_eq(&a.nodes, &b.nodes), "one list for the pool");
         assert!(!Arc::ptr_eq(&a.nodes, &c.nodes));
@@ -434,7 +538,9 @@ mod tests {
         c.get_mut("n2")
             .expect("n2")
             .restore_cached(at("2026-12-01T00:00:00Z"));
-        c.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names);
+        c.fit(TargetNodes::of(&pool, &mut Vec::new()), &mut names, &|_| {
+            true
+        });
         assert!(Arc::ptr_eq(&a.nodes, &c.nodes));
         assert!(c.get("n2").is_some_and(|p| p.cached), "what c knew stays");
         names.sweep();

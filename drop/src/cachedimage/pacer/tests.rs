@@ -43,6 +43,8 @@ struct World {
     images: Vec<CachedImage>,
     known: Vec<(String, PolicyKey)>,
     nodes: Vec<String>,
+    /// The Nodes that exist (targets or not).
+    existing: Vec<Arc<Node>>,
     pace: Pace,
     wakes: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<CachedImage>>,
 }
@@ -55,6 +57,7 @@ impl World {
             images: names.iter().map(|n| image(n)).collect(),
             known: names.iter().map(|n| ((*n).to_owned(), None)).collect(),
             nodes: vec!["n1".to_owned()],
+            existing: Vec::new(),
             pace: Pace::builtin(),
             wakes,
         }
@@ -78,6 +81,7 @@ impl World {
             policy: None,
             pods,
             known_images: &self.known,
+            nodes: &self.existing,
         })
     }
 }
@@ -291,6 +295,66 @@ fn pacing_a_pull_whose_pod_never_appears_wakes_its_image_and_ends() {
 }
 
 #[test]
+fn pacing_a_node_back_from_a_spell_out_of_the_targets_is_not_pulled_again() {
+    let mut w = World::new(&["a"]);
+    w.nodes = vec!["n1".to_owned(), "n2".to_owned()];
+    w.existing = w
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut node = Node::default();
+            node.metadata.name = Some(n.clone());
+            Arc::new(node)
+        })
+        .collect();
+    let a = w.images[0].clone();
+    let pulled = || PullOutcome::Pulled { digest: None };
+    assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
+    w.step(0, 1, &[pod(&a, "n1", 1, 0, pulled())]);
+    assert_eq!(starts(&w.step(0, 10, &[])), [("n2", 1)]);
+    w.step(0, 11, &[pod(&a, "n2", 1, 10, pulled())]);
+    // n2 goes not-ready (tainted, out of the targets) and comes back a minute later.
+    w.nodes.truncate(1);
+    assert!(w.step(0, 20, &[]).start.is_empty());
+    assert_eq!(w.pacer.remembered_pairs(), 2, "n2's Node still exists");
+    w.nodes.push("n2".to_owned());
+    let out = w.step(0, 80, &[]);
+    assert!(out.start.is_empty(), "{:?}", out.start);
+    assert_eq!(*out.observed.node("n2").unwrap(), NodeState::Cached);
+    // Out again, and this time its Node is deleted: nothing about it stays.
+    w.nodes.truncate(1);
+    w.existing.truncate(1);
+    w.step(0, 90, &[]);
+    assert_eq!(w.pacer.remembered_pairs(), 1);
+}
+
+#[test]
+fn pacing_a_restart_keeps_a_cached_node_that_is_not_a_target_at_the_time() {
+    let mut w = World::new(&["a"]);
+    w.existing = ["n1", "n2"]
+        .iter()
+        .map(|n| {
+            let mut node = Node::default();
+            node.metadata.name = Some((*n).to_owned());
+            Arc::new(node)
+        })
+        .collect();
+    // The status a previous operator wrote: cached on both; n2 is not-ready at the restart.
+    w.images[0].status = Some(CachedImageStatus {
+        cached_nodes: ["n1", "n2"].iter().collect(),
+        last_pulled_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(
+            -60,
+        ))),
+        ..CachedImageStatus::default()
+    });
+    assert!(w.step(0, 0, &[]).start.is_empty());
+    w.nodes.push("n2".to_owned());
+    let out = w.step(0, 30, &[]);
+    assert!(out.start.is_empty(), "{:?}", out.start);
+    assert_eq!(*out.observed.node("n2").unwrap(), NodeState::Cached);
+}
+
+#[test]
 fn pacing_nodes_that_leave_the_targets_leave_the_pacer() {
     let mut w = World::new(&["a"]);
     w.nodes = (0..50).map(|i| format!("n{i}")).collect();
@@ -430,6 +494,7 @@ fn pacing_a_repull_keeps_the_node_cached_in_the_status() {
             policy: None,
             pods,
             known_images: &w.known,
+            nodes: &[],
         })
     };
     assert_eq!(starts(&step(0, &[])), [("n1", 1)]);
@@ -489,6 +554,7 @@ fn warmup_missing_on_names_the_targeting_images_not_cached_there() {
         policy: None,
         pods: &[],
         known_images: &w.known,
+        nodes: &[],
     });
     w.step(1, 0, &[]);
     assert_eq!(starts(&w.step(0, 0, &[])), [("n1", 1)]);
@@ -537,6 +603,7 @@ fn registry_budget_an_image_held_by_its_registry_says_so_and_starts_when_a_slot_
             policy: None,
             pods,
             known_images: &known,
+            nodes: &[],
         })
     };
     assert_eq!(starts(&step(0, 0, &[])), [("n1", 1)]);
