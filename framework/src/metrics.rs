@@ -23,6 +23,8 @@ pub struct Metrics {
     pub(crate) reconcile_time: HistogramVec,
     pub(crate) active_workers: IntGaugeVec,
     pub(crate) max_concurrent: IntGaugeVec,
+    pub(crate) waiting: IntGaugeVec,
+    pub(crate) wait_time: HistogramVec,
     pub(crate) leader: GaugeVec,
     /// Counters of the operator's own that count reconciles too (labels `controller`, `result`).
     pub(crate) also_reconciles: Vec<IntCounterVec>,
@@ -70,6 +72,23 @@ impl Metrics {
                 ),
                 &["controller"],
             )?,
+            waiting: IntGaugeVec::new(
+                Opts::new(
+                    "workqueue_depth",
+                    "Number of objects due a reconcile and waiting for a free worker",
+                ),
+                &["name"],
+            )?,
+            wait_time: HistogramVec::new(
+                HistogramOpts::new(
+                    "workqueue_queue_duration_seconds",
+                    "How long an object due a reconcile waited for a free worker",
+                )
+                .buckets(vec![
+                    0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ]),
+                &["name"],
+            )?,
             leader: GaugeVec::new(
                 Opts::new(
                     "leader_election_master_status",
@@ -84,6 +103,8 @@ impl Metrics {
         registry.register(Box::new(m.reconcile_time.clone()))?;
         registry.register(Box::new(m.active_workers.clone()))?;
         registry.register(Box::new(m.max_concurrent.clone()))?;
+        registry.register(Box::new(m.waiting.clone()))?;
+        registry.register(Box::new(m.wait_time.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
         Ok(m)
     }

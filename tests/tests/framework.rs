@@ -677,6 +677,7 @@ async fn framework_a_saturated_controller_still_reconciles_every_object() {
                 watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
             ),
         );
+    let registry = operator.registry().clone();
     let running = tokio::spawn(operator.run_until(async move {
         let _ = stopped.await;
     }));
@@ -723,7 +724,17 @@ async fn framework_a_saturated_controller_still_reconciles_every_object() {
         },
     )
     .await;
+    // The waits are there to see: objects queued for the worker, and how long they waited.
+    let waits = registry
+        .gather()
+        .into_iter()
+        .find(|f| f.name() == "workqueue_queue_duration_seconds")
+        .map(|f| f.get_metric()[0].get_histogram().get_sample_count());
     let _ = stop.send(());
     running.await.unwrap().unwrap();
     all_served.unwrap();
+    assert!(
+        waits.is_some_and(|n| n > 36),
+        "every object waited for the worker at least once: {waits:?}"
+    );
 }
