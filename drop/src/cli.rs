@@ -144,6 +144,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Crd { dir } => report(print_crds(dir.as_deref())),
         Command::Run(args) => {
+            crate::memory::one_arena();
             kube_plan::logging::init(args.log_format);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

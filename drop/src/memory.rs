@@ -6,6 +6,13 @@
 //! `malloc_trim` hands the whole free pages inside the heap back to the kernel; run once a minute
 //! it costs a few milliseconds, and nothing when nothing was freed. With another allocator or libc
 //! there is nothing to do.
+//!
+//! glibc also gives each thread that allocates at the same time as another an arena of its own,
+//! and memory freed in one arena serves only that arena's later allocations. The operator's
+//! allocations are small and short (a reconcile at a time per worker) and its worker threads take
+//! turns at them, so the arenas fragment side by side: in the 5000-node benchmark, the allocator
+//! held 118 MiB from the system for 79 MiB in use, most of it in two arenas. [`one_arena`] keeps
+//! every thread on one.
 
 use std::time::Duration;
 
@@ -31,6 +38,21 @@ pub fn trim() {
         libc::malloc_trim(0);
     }
 }
+
+/// Makes every thread allocate from one arena (see the module documentation). Call it before any
+/// thread but the main one exists.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn one_arena() {
+    // SAFETY: `mallopt` only sets a parameter of the allocator, under its own lock; called before
+    // other threads start, it applies to every arena created afterwards (none will be).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Nothing to set with this platform's allocator.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn one_arena() {}
 
 /// Nothing to hand back with this platform's allocator.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
