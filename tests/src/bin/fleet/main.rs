@@ -141,6 +141,15 @@ async fn bench(args: Args) -> Result<(), Error> {
         started.elapsed().as_secs_f64()
     );
     let client = cluster.client().await?;
+    // A node is Ready before kube-controller-manager lifts the taint it put on it at creation;
+    // with thousands of nodes on a small machine that takes minutes, during which every image's
+    // targets keep changing. The figures are the operator's, so it starts on a steady cluster.
+    let untainted = Instant::now();
+    wait_untainted(&client, Duration::from_secs(args.timeout)).await?;
+    eprintln!(
+        "[fleet] creation taints lifted in {:.0} s more",
+        untainted.elapsed().as_secs_f64()
+    );
     let kubeconfig = operator_identity(&client, &cluster, work.path()).await?;
     if args.settled {
         // The operator would install its CRDs; here the objects come first.
@@ -487,6 +496,37 @@ async fn remove_nodes(
     // next time it does.
     tokio::time::sleep(drop::memory::TRIM_PERIOD + Duration::from_secs(5)).await;
     op.memory()
+}
+
+/// Waits until no node carries the `not-ready` or `unreachable` taint.
+async fn wait_untainted(client: &Client, timeout: Duration) -> Result<(), Error> {
+    const TAINTS: [&str; 2] = [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ];
+    let nodes: Api<Node> = Api::all(client.clone());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let tainted = nodes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|n| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| TAINTS.contains(&t.key.as_str())))
+            })
+            .count();
+        if tainted == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{tainted} nodes still tainted not-ready or unreachable").into());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 async fn wait_no_pods(pods: &Api<Pod>) -> Result<(), Error> {
