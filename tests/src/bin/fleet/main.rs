@@ -498,12 +498,9 @@ async fn remove_nodes(
     op.memory()
 }
 
-/// Waits until no node carries the `not-ready` or `unreachable` taint.
+/// Waits until no node carries a taint of a starting node ([`drop::warmup::STARTUP_TAINTS`]).
+/// Polled every 2 s: each poll lists every node.
 async fn wait_untainted(client: &Client, timeout: Duration) -> Result<(), Error> {
-    const TAINTS: [&str; 2] = [
-        "node.kubernetes.io/not-ready",
-        "node.kubernetes.io/unreachable",
-    ];
     let nodes: Api<Node> = Api::all(client.clone());
     let deadline = Instant::now() + timeout;
     loop {
@@ -516,14 +513,17 @@ async fn wait_untainted(client: &Client, timeout: Duration) -> Result<(), Error>
                 n.spec
                     .as_ref()
                     .and_then(|s| s.taints.as_ref())
-                    .is_some_and(|t| t.iter().any(|t| TAINTS.contains(&t.key.as_str())))
+                    .is_some_and(|t| {
+                        t.iter()
+                            .any(|t| drop::warmup::STARTUP_TAINTS.contains(&t.key.as_str()))
+                    })
             })
             .count();
         if tainted == 0 {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("{tainted} nodes still tainted not-ready or unreachable").into());
+            return Err(format!("{tainted} nodes still carry a starting node's taint").into());
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
