@@ -600,7 +600,7 @@ where
             backoff: Mutex::new(BackoffTracker::new(self.backoff)),
             status_writes: StatusWrites::new(self.status_interval),
             written,
-            workers: Arc::new(Semaphore::new(usize::from(self.concurrency))),
+            worker_permits: Arc::new(Semaphore::new(usize::from(self.concurrency))),
             primaries: primaries.clone(),
         });
         let name = self.name;

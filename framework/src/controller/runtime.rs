@@ -42,8 +42,8 @@ where
     pub(super) status_writes: StatusWrites,
     pub(super) written: Arc<Written<R::Resource>>,
     pub(super) synced: futures::future::Shared<BoxFuture<'static, ()>>,
-    /// The workers: objects due a reconcile take one in the order they became due.
-    pub(super) workers: Arc<Semaphore>,
+    /// A permit per worker: objects due a reconcile take one in the order they became due.
+    pub(super) worker_permits: Arc<Semaphore>,
     /// The primaries' cache, read again once a worker is free (the object may have changed, or
     /// gone, while it waited).
     pub(super) primaries: Store<R::Resource>,
@@ -72,7 +72,7 @@ where
         let waiting = self.metrics.waiting.with_label_values(&[&self.name]);
         let since = Instant::now();
         waiting.inc();
-        let worker = self.workers.acquire().await;
+        let worker = self.worker_permits.acquire().await;
         waiting.dec();
         self.metrics
             .wait_time
