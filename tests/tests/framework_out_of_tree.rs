@@ -200,6 +200,9 @@ fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
         .current_dir(dir)
         .env("CARGO_TARGET_DIR", &target)
         .env("KUBEBUILDER_ASSETS", assets.path())
+        // No debug information: the build is only run, never debugged, and full debug information
+        // costs about 1.5 GB of a disk this machine shares.
+        .env("CARGO_PROFILE_DEV_DEBUG", "false")
         // Nothing of this repository's: no harness script, no shared cluster.
         .env_remove("KUBECONFIG")
         .env_remove("FRAMEWORK_TEST_HARNESS")

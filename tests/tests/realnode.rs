@@ -6,7 +6,7 @@ use drop::api::{
 };
 use e2e::realnode::RealNode;
 use e2e::{DropUnderTest, cluster, fixtures};
-use k8s_openapi::api::core::v1::{Event, LocalObjectReference, Pod, Secret};
+use k8s_openapi::api::core::v1::{Event, LocalObjectReference, Node, Pod, Secret};
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use kube_plan::testing::{TestNamespace, eventually};
@@ -76,7 +76,53 @@ impl Scene {
         what: &str,
         ok: impl Fn(&CachedImage) -> bool,
     ) -> CachedImage {
-        e2e::wait_until(&self.images, name, 120, what, ok).await
+        let seen = eventually(Duration::from_secs(120), what, || async {
+            let image = self.images.get(name).await.map_err(|e| e.to_string())?;
+            if ok(&image) {
+                Ok(image)
+            } else {
+                Err(format!("{image:?}"))
+            }
+        })
+        .await;
+        match seen {
+            Ok(image) => image,
+            Err(e) => panic!("{e}\nthe real node at the end: {}", self.node_state().await),
+        }
+    }
+
+    /// The real node's taints and conditions: what decides whether it is an image's target.
+    async fn node_state(&self) -> String {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = match nodes.get(&self.node.name).await {
+            Ok(node) => node,
+            Err(e) => return format!("not readable: {e}"),
+        };
+        let spec = node.spec.unwrap_or_default();
+        let taints: Vec<String> = spec
+            .taints
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| format!("{}:{}", t.key, t.effect))
+            .collect();
+        let conditions: Vec<String> = node
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                format!(
+                    "{}={} ({})",
+                    c.type_,
+                    c.status,
+                    c.message.unwrap_or_default()
+                )
+            })
+            .collect();
+        format!(
+            "unschedulable: {}, taints: {taints:?}, conditions: {conditions:?}",
+            spec.unschedulable.unwrap_or(false)
+        )
     }
 
     /// Waits until no pull Pod is left in the namespace.
