@@ -125,10 +125,13 @@ async fn bench(args: Args) -> Result<(), Error> {
     let extra = audit::apiserver_args(&policy_file, &audit_log);
     let started = Instant::now();
     eprintln!("[fleet] starting a cluster with {} nodes", args.nodes);
-    let kcm = args
-        .node_monitor_grace
-        .map(|s| format!("--node-monitor-grace-period={s}s"))
-        .unwrap_or_default();
+    // kube-controller-manager's client allows 20 requests/s by default: lifting the creation
+    // taints of 5000 nodes then takes many minutes. A large cluster's controller manager is given
+    // more; so is this one.
+    let mut kcm = String::from("--kube-api-qps=200 --kube-api-burst=400");
+    if let Some(s) = args.node_monitor_grace {
+        kcm.push_str(&format!(" --node-monitor-grace-period={s}s"));
+    }
     let cluster = TestCluster::start_with_env(
         args.nodes,
         &[
