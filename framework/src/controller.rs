@@ -2,8 +2,10 @@
 //! controller and starts its watches; `controller/runtime.rs` runs each reconcile.
 
 mod runtime;
+mod triggers;
 
 use runtime::Runtime;
+use triggers::Triggers;
 
 use crate::ObjectStatus;
 use crate::applied::Applied;
@@ -72,7 +74,8 @@ pub enum ExecError {
 /// take their view of children from.
 type Owned<K> = (KubeController<K>, Arc<dyn ChildStore>);
 type OwnFn<K> = Box<
-    dyn FnOnce(Client, KubeController<K>, Store<K>, &str, &PerKind, InitialList) -> Owned<K> + Send,
+    dyn FnOnce(Client, KubeController<K>, Primaries<K>, &str, &PerKind, InitialList) -> Owned<K>
+        + Send,
 >;
 /// A declared related kind, once its watch is built: the controller, its cache for `Context::cached`,
 /// and a future resolving when that cache has synced.
@@ -83,8 +86,33 @@ type Related<K> = (
     BoxFuture<'static, ()>,
 );
 type WatchFn<K> = Box<
-    dyn FnOnce(Client, KubeController<K>, Store<K>, &PerKind, InitialList) -> Related<K> + Send,
+    dyn FnOnce(Client, KubeController<K>, Primaries<K>, &PerKind, InitialList) -> Related<K> + Send,
 >;
+
+/// The primaries' cache, and the record of the triggers that the other watches send them.
+struct Primaries<K: Resource<DynamicType = ()> + 'static> {
+    store: Store<K>,
+    triggers: Arc<Triggers<K>>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for Primaries<K> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            triggers: Arc::clone(&self.triggers),
+        }
+    }
+}
+
+impl<K: Resource<DynamicType = ()> + 'static> Primaries<K> {
+    /// Notes `keys` as triggered and passes them on.
+    fn trigger(&self, keys: Vec<ObjectRef<K>>) -> Vec<ObjectRef<K>> {
+        for key in &keys {
+            self.triggers.triggered(key);
+        }
+        keys
+    }
+}
 
 /// A controller: one reconciler, the kinds it owns, and the kinds whose changes concern it.
 ///
@@ -214,7 +242,9 @@ where
                 // owner mapping puts the child's namespace on the key even for a cluster-scoped
                 // owner, and a key that differs from the watch's lets one object reconcile twice
                 // at once (once per key).
-                let owners = move |child: C| owner_keys::<R::Resource>(&child, &primaries);
+                let owners = move |child: C| {
+                    primaries.trigger(owner_keys::<R::Resource>(&child, &primaries.store))
+                };
                 (ctrl.watches_stream(stream, owners), store)
             },
         ));
@@ -250,7 +280,9 @@ where
                 }
                 .boxed();
                 (
-                    ctrl.watches_stream(stream, move |o: O| mapper(&o, &primaries.state())),
+                    ctrl.watches_stream(stream, move |o: O| {
+                        primaries.trigger(mapper(&o, &primaries.store.state()))
+                    }),
                     TypeId::of::<O>(),
                     Arc::new(reader) as Arc<dyn Any + Send + Sync>,
                     ready,
@@ -500,6 +532,8 @@ where
         );
         let written = Arc::new(Written::default());
         let shown = Arc::clone(&written);
+        let triggers = Arc::new(Triggers::default());
+        let noted = Arc::clone(&triggers);
         let primary_stream = reflector::reflector(primary_writer, primary_events)
             .default_backoff()
             // The event of the controller's own status write wakes nothing: it holds what the
@@ -524,13 +558,18 @@ where
                 };
                 futures::future::ready(wake)
             })
-            .touched_objects();
+            .touched_objects()
+            .inspect_ok(move |obj| noted.triggered(&ObjectRef::from_obj(obj)));
         let mut ctrl = KubeController::for_stream(primary_stream, primary_reader)
             .with_config(ControllerConfig::default().concurrency(0));
         for t in self.triggers {
-            ctrl = ctrl.reconcile_on(t);
+            let noted = Arc::clone(&triggers);
+            ctrl = ctrl.reconcile_on(t.inspect(move |key| noted.triggered(key)));
         }
-        let primaries = ctrl.store();
+        let primaries = Primaries {
+            store: ctrl.store(),
+            triggers: Arc::clone(&triggers),
+        };
         let mut stores = Vec::new();
         let mut caches = Caches::default();
         let mut ready: Vec<BoxFuture<'static, ()>> = Vec::new();
@@ -562,7 +601,7 @@ where
         // The primaries themselves, for reconcilers that look across objects of their own kind.
         caches.related.insert(
             TypeId::of::<R::Resource>(),
-            Arc::new(primaries.clone()) as Arc<dyn Any + Send + Sync>,
+            Arc::new(primaries.store.clone()) as Arc<dyn Any + Send + Sync>,
         );
         metrics
             .max_concurrent
@@ -601,12 +640,14 @@ where
             status_writes: StatusWrites::new(self.status_interval),
             written,
             worker_permits: Arc::new(Semaphore::new(usize::from(self.concurrency))),
-            primaries: primaries.clone(),
+            primaries: primaries.store.clone(),
+            triggers,
         });
         let name = self.name;
         let forget = runtime.clone();
         let deletions = async move {
             while let Some(obj) = deleted_rx.recv().await {
+                forget.triggers.forget(&ObjectRef::from_obj(&obj));
                 let key = obj.uid().unwrap_or_else(|| obj.name_any());
                 forget.status_writes.forget(&key);
                 forget.written.forget(&key);

@@ -657,55 +657,86 @@ impl Reconciler for TurnReconciler {
     }
 }
 
+/// A controller of the Turns in `ns` with a single worker, running until the sender fires.
+struct TurnOperator {
+    registry: prometheus::Registry,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), kube_plan::OperatorError>>,
+    turns: Api<Turn>,
+}
+
+impl TurnOperator {
+    fn start(
+        client: &kube::Client,
+        ns: &str,
+        name: &str,
+        reconciler: impl Reconciler<Resource = Turn>,
+    ) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let operator = Operator::new(&format!("framework-e2e-{name}"), client.clone())
+            .install_crds(vec![kube_plan::crd::build::<Turn>()])
+            .controller(
+                Controller::new(name, reconciler)
+                    .concurrency(1)
+                    .primary_watch(
+                        watcher::Config::default().fields(&format!("metadata.namespace={ns}")),
+                    ),
+            );
+        let registry = operator.registry().clone();
+        let running = tokio::spawn(operator.run_until(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            registry,
+            stop,
+            running,
+            turns: Api::namespaced(client.clone(), ns),
+        }
+    }
+
+    /// Creates the Turn `name` (a retry that finds it made counts).
+    async fn create(&self, name: &str, hot: bool) {
+        eventually(Duration::from_secs(30), "Turn created", || async {
+            match self
+                .turns
+                .create(&PostParams::default(), &Turn::new(name, TurnSpec { hot }))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test]
 async fn framework_a_saturated_controller_still_reconciles_every_object() {
     let (cluster, client) = cluster().await.unwrap();
     let ns = cluster.namespace(&client, "fw-turns").await.unwrap();
     let served = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = Operator::new("framework-e2e-turns", client.clone())
-        .install_crds(vec![kube_plan::crd::build::<Turn>()])
-        .controller(
-            Controller::new(
-                "turn",
-                TurnReconciler {
-                    served: Arc::clone(&served),
-                },
-            )
-            .concurrency(1)
-            .primary_watch(
-                watcher::Config::default().fields(&format!("metadata.namespace={}", ns.name())),
-            ),
-        );
-    let registry = operator.registry().clone();
-    let running = tokio::spawn(operator.run_until(async move {
-        let _ = stopped.await;
-    }));
-    let turns: Api<Turn> = Api::namespaced(client.clone(), ns.name());
-    let create = |name: String, hot: bool| {
-        let turns = turns.clone();
-        async move {
-            eventually(Duration::from_secs(30), "Turn created", || async {
-                match turns
-                    .create(&PostParams::default(), &Turn::new(&name, TurnSpec { hot }))
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                }
-            })
-            .await
-            .unwrap();
-        }
-    };
+    let operator = TurnOperator::start(
+        &client,
+        ns.name(),
+        "turn",
+        TurnReconciler {
+            served: Arc::clone(&served),
+        },
+    );
     // Objects that always want the worker again, then many that need it once.
     for i in 0..6 {
-        create(format!("hot-{i}"), true).await;
+        operator.create(&format!("hot-{i}"), true).await;
     }
     let cold: Vec<String> = (0..30).map(|i| format!("cold-{i}")).collect();
     for name in &cold {
-        create(name.clone(), false).await;
+        operator.create(name, false).await;
     }
     // Waiting objects take the free worker in turn: none is passed over for as long as the hot
     // ones keep coming back.
@@ -725,16 +756,105 @@ async fn framework_a_saturated_controller_still_reconciles_every_object() {
     )
     .await;
     // The waits are there to see: objects queued for the worker, and how long they waited.
-    let waits = registry
+    let waits = operator
+        .registry
         .gather()
         .into_iter()
         .find(|f| f.name() == "workqueue_queue_duration_seconds")
         .map(|f| f.get_metric()[0].get_histogram().get_sample_count());
-    let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    operator.stop().await;
     all_served.unwrap();
     assert!(
         waits.is_some_and(|n| n > 36),
         "every object waited for the worker at least once: {waits:?}"
     );
+}
+
+/// Counts the runs of each Turn, with the `hot` each run saw. The Turn named `gate` holds the
+/// controller's only worker, at its first run, until the cache shows `b` hot.
+struct GatedReconciler {
+    runs: Arc<Mutex<std::collections::BTreeMap<String, Vec<bool>>>>,
+}
+
+impl Reconciler for GatedReconciler {
+    type Resource = Turn;
+    type Error = std::convert::Infallible;
+
+    async fn reconcile(&self, t: &Turn, ctx: &Context) -> Result<Plan<Turn>, Self::Error> {
+        let name = t.metadata.name.clone().unwrap_or_default();
+        let first = {
+            let mut runs = self.runs.lock().unwrap();
+            let seen = runs.entry(name.clone()).or_default();
+            seen.push(t.spec.hot);
+            seen.len() == 1
+        };
+        if name == "gate" && first {
+            let b_is_hot = || {
+                ctx.cached::<Turn>()
+                    .iter()
+                    .any(|o| o.metadata.name.as_deref() == Some("b") && o.spec.hot)
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !b_is_hot() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(Plan::new())
+    }
+}
+
+#[tokio::test]
+async fn framework_an_object_changed_while_it_waits_for_a_worker_runs_once_for_it_all() {
+    let (cluster, client) = cluster().await.unwrap();
+    let ns = cluster.namespace(&client, "fw-gated").await.unwrap();
+    let runs = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let operator = TurnOperator::start(
+        &client,
+        ns.name(),
+        "gated",
+        GatedReconciler {
+            runs: Arc::clone(&runs),
+        },
+    );
+    let ran = |name: &'static str| {
+        let runs = Arc::clone(&runs);
+        async move {
+            eventually(Duration::from_secs(30), "a run", || {
+                let n = runs.lock().unwrap().get(name).map_or(0, Vec::len);
+                async move {
+                    if n > 0 {
+                        Ok(())
+                    } else {
+                        Err(format!("{name} not run yet"))
+                    }
+                }
+            })
+            .await
+        }
+    };
+    // The gate takes the only worker; b is created, then changed, while it waits for it.
+    operator.create("gate", false).await;
+    ran("gate").await.unwrap();
+    operator.create("b", false).await;
+    operator
+        .turns
+        .patch(
+            "b",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"hot": true}})),
+        )
+        .await
+        .unwrap();
+    ran("b").await.unwrap();
+    // Fences: c waits behind b's run, d behind whatever was queued when c ran (a second run of b
+    // would have been): once d has run, b has had every run it was going to get.
+    operator.create("c", false).await;
+    ran("c").await.unwrap();
+    operator.create("d", false).await;
+    let fenced = ran("d").await;
+    operator.stop().await;
+    fenced.unwrap();
+    let b = runs.lock().unwrap().get("b").cloned().unwrap_or_default();
+    // One run, which read b after its change: the triggers that came while it waited are answered.
+    assert_eq!(b, [true], "b's runs, with the `hot` each saw");
 }

@@ -1,6 +1,7 @@
 //! One reconcile, start to end: the reconciler's plan carried out (children, status, Events),
 //! errors reported on the object with per-object backoff, and the metrics of each run.
 
+use super::triggers::{Owed, Triggers};
 use super::{CHILD_CONFLICT, ExecError, RECONCILED};
 use crate::ObjectStatus;
 use crate::backoff::BackoffTracker;
@@ -47,6 +48,8 @@ where
     /// The primaries' cache, read again once a worker is free (the object may have changed, or
     /// gone, while it waited).
     pub(super) primaries: Store<R::Resource>,
+    /// Whether a run still owes its object anything (see `triggers.rs`).
+    pub(super) triggers: Arc<Triggers<R::Resource>>,
 }
 
 /// Never fails: every error is reported on the object and retried with backoff.
@@ -65,6 +68,12 @@ where
         let key = ObjectRef::from_obj(obj.as_ref());
         drop(obj);
         self.synced.clone().await;
+        // kube-runtime starts one more run of an object that had triggers while its last run was
+        // in progress; if that run read the object after them, they are answered.
+        if let Owed::Nothing { requeue } = self.triggers.owed(&key, Instant::now()) {
+            tracing::trace!(controller = %self.name, object = %key, "nothing new since the last read");
+            return Ok(requeue.map_or_else(Action::await_change, Action::requeue));
+        }
         // kube-runtime runs every due object at once (the controller's concurrency is ours to
         // keep): at its own limit it would pick among the waiting objects in hash order, so that
         // objects which keep coming back could pass over others for good. The semaphore hands
@@ -81,15 +90,22 @@ where
         let Ok(_worker) = worker else {
             return Ok(Action::await_change());
         };
+        // Numbered before the cache is read: a trigger numbered earlier had its change in the
+        // cache by then (a watch stores a change before it passes the event on).
+        self.triggers.read(&key);
         let Some(obj) = self.primaries.get(&key) else {
             // Deleted while it waited: the deletion is handed to the reconciler on its own.
+            self.triggers.forget(&key);
             return Ok(Action::await_change());
         };
         // The run itself lives on the heap: an object waiting for a worker holds only the above.
-        Box::pin(self.run(obj)).await
+        let requeue = Box::pin(self.run(obj)).await;
+        self.triggers.requeued(&key, requeue, Instant::now());
+        Ok(requeue.map_or_else(Action::await_change, Action::requeue))
     }
 
-    async fn run(&self, obj: Arc<R::Resource>) -> Result<Action, Never> {
+    /// Reconciles `obj`; returns when to run it again, if the run asks for it (or failed).
+    async fn run(&self, obj: Arc<R::Resource>) -> Option<Duration> {
         let started = Instant::now();
         let workers = self.metrics.active_workers.with_label_values(&[&self.name]);
         workers.inc();
@@ -101,7 +117,7 @@ where
             .reconcile_time
             .with_label_values(&[&self.name])
             .observe(started.elapsed().as_secs_f64());
-        let action = match outcome {
+        match outcome {
             Ok(requeue) => {
                 self.backoff_lock().success(&key);
                 let result = if requeue.is_some() {
@@ -110,7 +126,7 @@ where
                     "success"
                 };
                 self.metrics.count_reconcile(&self.name, result);
-                requeue.map_or_else(Action::await_change, Action::requeue)
+                requeue
             }
             Err(message) => {
                 let delay = self.backoff_lock().failure(&key);
@@ -122,10 +138,9 @@ where
                 tracing::warn!(controller = %self.name, object = %obj.name_any(), error = %message,
                     retry_in = ?delay, "reconcile failed");
                 self.report_error(&obj, &message).await;
-                Action::requeue(delay)
+                Some(delay)
             }
-        };
-        Ok(action)
+        }
     }
 
     fn backoff_lock(&self) -> std::sync::MutexGuard<'_, BackoffTracker> {
