@@ -150,11 +150,13 @@ impl Report {
             .map(|w| secs(w[0], w[1]))
             .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.min(g))));
         // The same gap where the API server received each pull Pod's creation (microseconds, and
-        // free of the watch's delivery jitter): a server-side apply that creates answers 201.
+        // free of the watch's delivery jitter): a create, or a server-side apply that creates
+        // (both answer 201).
         let mut created: Vec<Timestamp> = i
             .requests
             .iter()
-            .filter(|r| r.verb == "patch" && r.resource == "pods" && r.code == 201)
+            .filter(|r| matches!(r.verb.as_str(), "create" | "patch"))
+            .filter(|r| r.resource == "pods" && r.code == 201)
             .filter(|r| r.at >= i.t0 && r.at <= i.rollout_end)
             .map(|r| r.at)
             .collect();

@@ -31,6 +31,9 @@ pub struct SettledReport {
     pub rss_start_mib: f64,
     pub rss_peak_mib: f64,
     pub rss_settled_mib: f64,
+    /// RSS once the operator's periodic `malloc_trim` has run after it settled: what it holds,
+    /// without what it freed and the allocator has not handed back yet.
+    pub rss_steady_mib: f64,
     pub cpu_seconds: f64,
     /// (peak, current) RSS once every node is deleted and every image has let go of them.
     pub after_removal_mib: Option<(f64, f64)>,
@@ -96,6 +99,9 @@ pub async fn run(
         "[fleet] settled after {settle_seconds:.0} s: {} reconciles, RSS {rss_settled:.1} MiB (peak {rss_peak:.1})",
         last.0
     );
+    tokio::time::sleep(drop::memory::TRIM_PERIOD + Duration::from_secs(5)).await;
+    let rss_steady = op.memory()?.1;
+    eprintln!("[fleet] a trim later: RSS {rss_steady:.1} MiB");
     let after_removal_mib = if args.remove_nodes {
         let images: Api<CachedImage> = Api::all(client.clone());
         Some(remove_nodes(client, &images, op).await?)
@@ -112,6 +118,7 @@ pub async fn run(
         rss_start_mib: rss_start,
         rss_peak_mib: rss_peak,
         rss_settled_mib: rss_settled,
+        rss_steady_mib: rss_steady,
         cpu_seconds,
         after_removal_mib,
     })
@@ -130,6 +137,7 @@ impl SettledReport {
              pull Pods created        {}\n  \
              RSS at start             {:.1} MiB\n  \
              RSS settled / peak       {:.1} / {:.1} MiB\n  \
+             RSS a trim later         {:.1} MiB\n  \
              CPU                      {:.1} s\n  \
              RSS after every node went {removal}",
             self.nodes,
@@ -141,6 +149,7 @@ impl SettledReport {
             self.rss_start_mib,
             self.rss_settled_mib,
             self.rss_peak_mib,
+            self.rss_steady_mib,
             self.cpu_seconds,
         )
     }
