@@ -143,6 +143,23 @@ pub async fn wait_until<K>(
 where
     K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
+    try_wait_until(api, name, secs, what, ok)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`wait_until`] that hands the timeout back (with the object as last read) instead of
+/// panicking, for a caller that has more to show.
+pub async fn try_wait_until<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&K) -> bool,
+) -> Result<K, String>
+where
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
     kube_plan::testing::eventually(std::time::Duration::from_secs(secs), what, || async {
         let object = api.get(name).await.map_err(|e| e.to_string())?;
         if ok(&object) {
@@ -152,7 +169,7 @@ where
         }
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}"))
+    .map_err(|e| e.to_string())
 }
 
 /// Labels the namespace to enforce Pod Security "restricted".
@@ -330,6 +347,14 @@ pub fn tool(name: &str) -> std::path::PathBuf {
 /// The repository root.
 pub fn repo() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The workspace's target directory: `CARGO_TARGET_DIR` if set, else `target/` in the repository.
+/// Nested builds take a directory of their own under it.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
 }
 
 /// Busy loops that keep the machine's cores loaded while a test runs; stopped on drop.

@@ -191,10 +191,7 @@ fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
 
     // Its own target directory under this workspace's (a nested cargo must not wait on the lock
     // of the one running this test), kept between runs.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("target"))
-        .join("out-of-tree");
+    let target = e2e::target_dir().join("out-of-tree");
     let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["test", "--offline", "--", "--nocapture"])
         .current_dir(dir)

@@ -76,16 +76,7 @@ impl Scene {
         what: &str,
         ok: impl Fn(&CachedImage) -> bool,
     ) -> CachedImage {
-        let seen = eventually(Duration::from_secs(120), what, || async {
-            let image = self.images.get(name).await.map_err(|e| e.to_string())?;
-            if ok(&image) {
-                Ok(image)
-            } else {
-                Err(format!("{image:?}"))
-            }
-        })
-        .await;
-        match seen {
+        match e2e::try_wait_until(&self.images, name, 120, what, ok).await {
             Ok(image) => image,
             Err(e) => panic!("{e}\nthe real node at the end: {}", self.node_state().await),
         }

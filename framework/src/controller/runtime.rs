@@ -52,6 +52,11 @@ where
     pub(super) triggers: Arc<Triggers<R::Resource>>,
 }
 
+/// What kube-runtime is told after a run: to run the object again after `requeue`, if any.
+fn action(requeue: Option<Duration>) -> Action {
+    requeue.map_or_else(Action::await_change, Action::requeue)
+}
+
 /// Never fails: every error is reported on the object and retried with backoff.
 #[derive(Debug, thiserror::Error)]
 #[error("unreachable")]
@@ -72,7 +77,7 @@ where
         // in progress; if that run read the object after them, they are answered.
         if let Owed::Nothing { requeue } = self.triggers.owed(&key, Instant::now()) {
             tracing::trace!(controller = %self.name, object = %key, "nothing new since the last read");
-            return Ok(requeue.map_or_else(Action::await_change, Action::requeue));
+            return Ok(action(requeue));
         }
         // kube-runtime runs every due object at once (the controller's concurrency is ours to
         // keep): at its own limit it would pick among the waiting objects in hash order, so that
@@ -101,7 +106,7 @@ where
         // The run itself lives on the heap: an object waiting for a worker holds only the above.
         let requeue = Box::pin(self.run(obj)).await;
         self.triggers.requeued(&key, requeue, Instant::now());
-        Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+        Ok(action(requeue))
     }
 
     /// Reconciles `obj`; returns when to run it again, if the run asks for it (or failed).

@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 pub fn build() -> Result<PathBuf, Error> {
     eprintln!("[fleet] building the release operator");
     let repo = e2e::repo();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("target"))
-        .join("fleet-operator");
+    let target = e2e::target_dir().join("fleet-operator");
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["build", "--release", "-q", "-p", "drop"])
         .current_dir(&repo)
