@@ -1,6 +1,7 @@
 //! The operator under measurement: the release `drop` binary in its own process.
 
 use super::Error;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,7 +52,19 @@ impl Operator {
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let health = format!("127.0.0.1:{}", free_port()?);
         let log = std::fs::File::create(dir.join("drop.log"))?;
-        let child = Command::new(bin)
+        // `FLEET_OPERATOR_WRAPPER` (e.g. `heaptrack -o /tmp/drop`) runs the operator under a
+        // profiler, in a process group of its own so that stopping it stops both.
+        let wrapper = std::env::var("FLEET_OPERATOR_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(bin).process_group(0);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args([
                 "run",
                 "--install-crds",
@@ -115,8 +128,20 @@ impl Operator {
     fn proc_file(&self, name: &str) -> Result<String, Error> {
         Ok(std::fs::read_to_string(format!(
             "/proc/{}/{name}",
-            self.child.id()
+            self.pid()
         ))?)
+    }
+
+    /// The operator's process id: the child's, or under a wrapper, that of the `drop` process in
+    /// the child's process group.
+    fn pid(&self) -> u32 {
+        let group = self.child.id();
+        Command::new("pgrep")
+            .args(["-g", &group.to_string(), "-x", "drop"])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(group)
     }
 
     /// (peak, current) resident memory in MiB.
@@ -149,8 +174,26 @@ impl Operator {
         Ok((ticks(11) + ticks(12)) / clock_ticks())
     }
 
-    /// Stops the operator.
+    /// Stops the operator. Under a wrapper, the process group is asked to end (so that a profiler
+    /// writes its data), then killed if it has not within five minutes.
     pub fn stop(&mut self) {
+        if std::env::var_os("FLEET_OPERATOR_WRAPPER").is_some_and(|w| !w.is_empty()) {
+            // Only the operator: a profiler's own processes are still writing its data.
+            let group = self.child.id().to_string();
+            let _ = Command::new("pkill")
+                .args(["-TERM", "-g", &group, "-x", "drop"])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
