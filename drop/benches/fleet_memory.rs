@@ -10,7 +10,8 @@
 //! This builds both as the operator does after a restart into a settled fleet (every image's status
 //! lists every node; one reconcile per image restores the pacer from it) and prints the heap they
 //! hold, counted by this binary's allocator (bytes and live allocations; glibc adds about 16 bytes
-//! to each allocation).
+//! to each allocation). Equal lists of cached nodes share one copy, so the cache is also measured
+//! with every image's list different (each leaves out another node), as during a rollout.
 //!
 //! Run: `cargo bench -p drop --bench fleet_memory`.
 
@@ -27,8 +28,8 @@ use counting::Held;
 #[global_allocator]
 static ALLOCATOR: counting::Counting = counting::Counting;
 
-/// A settled image: its status lists every node.
-fn image(i: usize, nodes: &[String]) -> CachedImage {
+/// An image whose status lists `nodes`.
+fn image<'a>(i: usize, nodes: impl IntoIterator<Item = &'a String>) -> CachedImage {
     let mut ci = CachedImage::new(
         &format!("team-app-{i:04}"),
         CachedImageSpec {
@@ -38,7 +39,7 @@ fn image(i: usize, nodes: &[String]) -> CachedImage {
         },
     );
     ci.status = Some(CachedImageStatus {
-        cached_nodes: nodes.iter().collect(),
+        cached_nodes: nodes.into_iter().collect(),
         resolved_digest: Some(format!("sha256:{i:064x}")),
         ..Default::default()
     });
@@ -48,14 +49,20 @@ fn image(i: usize, nodes: &[String]) -> CachedImage {
 fn main() {
     println!("Heap held per settled fleet (counting allocator; MiB include 16 B per allocation)");
     println!(
-        "{:>7} {:>6} {:>9} {:>16} {:>16} {:>12}",
-        "images", "nodes", "pairs", "image cache", "pacer", "pacer/pair"
+        "{:>7} {:>6} {:>9} {:>16} {:>22} {:>16} {:>12}",
+        "images", "nodes", "pairs", "image cache", "cache, lists differ", "pacer", "pacer/pair"
     );
     for (images, nodes) in [(10, 1000), (50, 1000), (200, 1000), (200, 5000)] {
         let names: Vec<String> = (0..nodes).map(|n| format!("ci-pool-{n:05}")).collect();
         let before = Held::now();
         let fleet: Vec<CachedImage> = (0..images).map(|i| image(i, &names)).collect();
         let cache = Held::now().since(before);
+        let before = Held::now();
+        let differing: Vec<CachedImage> = (0..images)
+            .map(|i| image(i, names.iter().filter(|n| **n != names[i % nodes])))
+            .collect();
+        let differ = Held::now().since(before);
+        drop(differing);
         let known: Vec<(String, PolicyKey)> = fleet
             .iter()
             .map(|ci| {
@@ -83,11 +90,12 @@ fn main() {
         let pacer_held = Held::now().since(before);
         let pairs = images * nodes;
         println!(
-            "{:>7} {:>6} {:>9} {:>12.1} MiB {:>12.1} MiB {:>10} B",
+            "{:>7} {:>6} {:>9} {:>12.1} MiB {:>18.1} MiB {:>12.1} MiB {:>10} B",
             images,
             nodes,
             pairs,
             cache.mib(),
+            differ.mib(),
             pacer_held.mib(),
             (pacer_held.bytes + 16 * pacer_held.allocations) / pairs,
         );

@@ -382,7 +382,7 @@ impl Pacer {
             let cached = memory
                 .filter(|m| m.reference.as_deref() == Some(image.spec.reference().as_str()))
                 .and_then(|m| m.pairs.get(&name))
-                .is_some_and(|p| p.cached);
+                .is_some_and(|p| p.cached());
             if !cached {
                 missing.push(image_name);
             }
@@ -406,14 +406,14 @@ impl Pacer {
             let Some(mem) = memory.pairs.get_mut(&name) else {
                 continue;
             };
-            if !mem.cached || mem.gone {
+            if !mem.cached() || mem.gone() {
                 continue;
             }
             let names = super::presence::names(reference, memory.digest.as_deref());
             match super::presence::listed(node, &names, max_images) {
-                Listed::Yes => mem.listed = true,
-                Listed::No if mem.listed => {
-                    mem.gone = true;
+                Listed::Yes => mem.set_listed(true),
+                Listed::No if mem.listed() => {
+                    mem.set_gone();
                     gone.push(ObjectRef::new(image));
                 }
                 Listed::No | Listed::Unknown => {}
@@ -570,7 +570,7 @@ impl Pacer {
             observed_uids.insert(pod.uid.clone());
             let k = st.names.key(&name, &pod.node);
             if let Some(mem) = pair_mut(st, &k) {
-                mem.attempts = mem.attempts.max(pod.attempt);
+                mem.saw_attempt(pod.attempt);
             }
             let current = targets.contains(pod.node.as_str()) && pod.reference == reference;
             // An ended pull is recorded once, however many reconciles still see its Pod.
@@ -782,10 +782,9 @@ impl Pacer {
             let Some(mem) = pair_mut(st, k) else {
                 continue;
             };
-            mem.attempts += 1;
-            mem.listed = false;
+            let attempt = mem.next_attempt();
+            mem.set_listed(false);
             mem.started(now);
-            let attempt = mem.attempts;
             let policy = step
                 .pace
                 .as_ref()
@@ -942,7 +941,7 @@ fn forget_gone(st: &mut State, image: &str) {
         return;
     };
     for (node, m) in memory.pairs.iter_mut() {
-        if m.gone && !flying.contains(&**node) {
+        if m.gone() && !flying.contains(&**node) {
             tracing::info!(image, node = %node, "the node no longer lists the image: pulling it again");
             m.lost();
         }
@@ -1055,7 +1054,7 @@ fn observe(st: &State, name: &str, step: &Step<'_>, targets: TargetNodes<'_>) ->
         let h = mem.map_or_else(History::default, Pair::history);
         last_pulled_at = last_pulled_at.max(h.last_success);
         last_attempted_at = last_attempted_at.max(h.last_start);
-        let cached = mem.is_some_and(|m| m.cached);
+        let cached = mem.is_some_and(|m| m.cached());
         let state = if flying && step.pace.is_ok() {
             if cached {
                 NodeState::Refreshing

@@ -2,9 +2,10 @@
 //! on 5000 nodes) these are most of the operator's memory.
 //!
 //! A pair of a settled fleet is either cached or never pulled; all it needs then is the time of its
-//! last success and a few flags (24 bytes). The start of its last pull and its failures matter only
-//! while a pull is under way or failing, and are boxed in a [`Detail`] until then. An image's pairs
-//! sit in one sorted vector with its target nodes' names, shared through [`Names`].
+//! last success, its attempt count and a few flags (16 bytes). The start of its last pull and its
+//! failures matter only while a pull is under way or failing, and are boxed in a [`Detail`] until
+//! then. An image's pairs sit in one sorted vector with its target nodes' names, shared through
+//! [`Names`].
 
 use crate::pacing::History;
 use jiff::Timestamp;
@@ -25,35 +26,33 @@ fn unpack(ns: i64) -> Option<Timestamp> {
     (ns != NONE).then(|| Timestamp::from_nanosecond(i128::from(ns)).ok())?
 }
 
+/// A success's time in whole seconds since the Unix epoch, `0` for none: what a status records
+/// of it (`lastPulledAt`) and all a re-pull interval needs. Exact until 2106; later times clamp.
+fn pack_seconds(t: Timestamp) -> u32 {
+    u32::try_from(t.as_second()).unwrap_or(if t.as_second() < 1 { 1 } else { u32::MAX })
+}
+
+fn unpack_seconds(s: u32) -> Option<Timestamp> {
+    (s != 0).then(|| Timestamp::from_second(i64::from(s)).ok())?
+}
+
+/// The flags of [`Pair::flags`].
+const CACHED: u8 = 1;
+const LISTED: u8 = 2;
+const GONE: u8 = 4;
+
 /// What one image on one node has been through.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 pub(super) struct Pair {
     /// The last pull's start and the failures since the last success, while they matter.
     detail: Option<Box<Detail>>,
-    /// The last success, packed.
-    success: i64,
-    /// Pull Pods made for it so far (each attempt's Pod has its own name).
-    pub attempts: u32,
-    /// Cached with the image's current reference (a new reference drops the image's memory of
-    /// every node, so no other reference can be cached here).
-    pub cached: bool,
-    /// The node has listed the image since it was last pulled there.
-    pub listed: bool,
-    /// The node has since stopped listing it (with room in its list): it is gone.
-    pub gone: bool,
-}
-
-impl Default for Pair {
-    fn default() -> Self {
-        Self {
-            detail: None,
-            success: NONE,
-            attempts: 0,
-            cached: false,
-            listed: false,
-            gone: false,
-        }
-    }
+    /// The last success ([`pack_seconds`]).
+    success: u32,
+    /// Pull Pods made for it so far, counting round (each attempt's Pod has its own name, and
+    /// 65,536 attempts apart no Pod of the older is left).
+    attempts: u16,
+    /// [`CACHED`], [`LISTED`], [`GONE`].
+    flags: u8,
 }
 
 /// The part of a pair's history that a settled pair does without.
@@ -82,12 +81,63 @@ impl Pair {
         self.detail.get_or_insert_default()
     }
 
+    fn flag(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn set_flag(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    /// Cached with the image's current reference (a new reference drops the image's memory of
+    /// every node, so no other reference can be cached here).
+    pub fn cached(&self) -> bool {
+        self.flag(CACHED)
+    }
+
+    /// The node has listed the image since it was last pulled there.
+    pub fn listed(&self) -> bool {
+        self.flag(LISTED)
+    }
+
+    /// Marks that the node lists the image, or (`false`) that a new pull is starting there.
+    pub fn set_listed(&mut self, listed: bool) {
+        self.set_flag(LISTED, listed);
+    }
+
+    /// The node has since stopped listing the image (with room in its list): it is gone.
+    pub fn gone(&self) -> bool {
+        self.flag(GONE)
+    }
+
+    /// Marks the image gone from the node.
+    pub fn set_gone(&mut self) {
+        self.set_flag(GONE, true);
+    }
+
+    /// The attempt of the next pull Pod, counted.
+    pub fn next_attempt(&mut self) -> u32 {
+        self.attempts = self.attempts.wrapping_add(1);
+        u32::from(self.attempts)
+    }
+
+    /// A pull Pod of attempt `attempt` exists: the next is numbered after it.
+    pub fn saw_attempt(&mut self, attempt: u32) {
+        // Only the low bits name a Pod apart from its recent predecessors.
+        let attempt = (attempt & u32::from(u16::MAX)) as u16;
+        self.attempts = self.attempts.max(attempt);
+    }
+
     /// Its history, as the pacing engine reads it.
     pub fn history(&self) -> History {
         let d = self.detail.as_deref();
         History {
             last_start: d.and_then(|d| unpack(d.last_start)),
-            last_success: unpack(self.success),
+            last_success: unpack_seconds(self.success),
             last_failure: d.and_then(|d| unpack(d.last_failure)),
             consecutive_failures: d.map_or(0, |d| d.consecutive_failures),
         }
@@ -100,8 +150,8 @@ impl Pair {
 
     /// A pull succeeded at `t`: cached, no failures.
     pub fn pulled(&mut self, t: Timestamp) {
-        self.success = pack(Some(t));
-        self.cached = true;
+        self.success = pack_seconds(t);
+        self.set_flag(CACHED, true);
         if let Some(d) = self.detail.as_deref_mut() {
             d.consecutive_failures = 0;
             d.failure = None;
@@ -110,8 +160,8 @@ impl Pair {
 
     /// Cached since `t`, as a status written before a restart says.
     pub fn restore_cached(&mut self, t: Timestamp) {
-        self.success = pack(Some(t));
-        self.cached = true;
+        self.success = pack_seconds(t);
+        self.set_flag(CACHED, true);
     }
 
     /// A pull failed at `t`, one more in a row (or `in_a_row` at least, for one restored from a
@@ -125,8 +175,8 @@ impl Pair {
 
     /// Not cached any more, as if never pulled (the node lost the image).
     pub fn lost(&mut self) {
-        (self.cached, self.listed, self.gone) = (false, false, false);
-        self.success = NONE;
+        self.flags = 0;
+        self.success = 0;
     }
 
     /// The last failure's reason and message, if it failed since its last success.
@@ -153,16 +203,16 @@ impl Pair {
 ///
 /// The node names sit in a list of their own, shared through [`Names`] with every image whose
 /// targets are the same nodes: in most fleets all images target the same pool, so a million pairs
-/// hold one list of names and a 24-byte [`Pair`] each.
+/// hold one list of names and a 16-byte [`Pair`] each.
 #[derive(Debug, Default)]
 pub(super) struct ImagePairs {
     nodes: NodeList,
     pairs: Vec<Pair>,
     /// Nodes that left the targets while the image was cached there, and whose Node still exists:
-    /// their last success (packed), sorted by node. A node back from a spell out of the targets (a
+    /// their last success ([`pack_seconds`]), sorted by node. A node back from a spell out of the targets (a
     /// `not-ready` taint while its heartbeats were late, a cordon) comes back cached rather than
     /// being pulled again; a deleted Node's entry goes at the next fit.
-    away: Vec<(Arc<str>, i64)>,
+    away: Vec<(Arc<str>, u32)>,
 }
 
 /// A sorted list of node names, shared by the images that target exactly those nodes.
@@ -219,7 +269,7 @@ impl ImagePairs {
     pub fn restore_away(&mut self, nodes: impl IntoIterator<Item = (Arc<str>, Timestamp)>) {
         for (node, t) in nodes {
             if self.find(&node).is_err() {
-                self.away.push((node, pack(Some(t))));
+                self.away.push((node, pack_seconds(t)));
             }
         }
         self.away.sort_by(|a, b| a.0.cmp(&b.0));
@@ -254,12 +304,12 @@ impl ImagePairs {
         let back = |node: &str| {
             let i = was_away.binary_search_by(|(n, _)| (**n).cmp(node)).ok()?;
             let mut pair = Pair::default();
-            pair.restore_cached(unpack(was_away[i].1)?);
+            pair.restore_cached(unpack_seconds(was_away[i].1)?);
             Some(pair)
         };
         let mut leaving = Vec::new();
         let mut leave = |node: &Arc<str>, pair: Pair| {
-            if pair.cached && exists(node) {
+            if pair.cached() && exists(node) {
                 leaving.push((Arc::clone(node), pair.success));
             }
         };
@@ -274,7 +324,7 @@ impl ImagePairs {
         for (node, pair) in old {
             leave(node, pair);
         }
-        let mut away: Vec<(Arc<str>, i64)> = was_away
+        let mut away: Vec<(Arc<str>, u32)> = was_away
             .iter()
             .filter(|(node, _)| exists(node) && !targets.contains(node))
             .cloned()
@@ -390,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn pacing_a_pair_reads_back_its_history_to_the_nanosecond() {
+    fn pacing_a_pair_reads_back_its_history() {
         let mut p = Pair::default();
         assert_eq!(p.history(), History::default());
         let start = at("2026-12-01T04:40:00.123456789Z");
@@ -423,16 +473,34 @@ mod tests {
                 ..History::default()
             }
         );
-        assert!(p.cached);
+        assert!(p.cached());
         p.lost();
         assert_eq!(p.history().last_success, None);
-        assert!(!p.cached);
+        assert!(!p.cached());
         // Beyond what 64 bits of nanoseconds hold: clamped, still a time.
         p.started(Timestamp::MAX);
         assert!(p.history().last_start > Some(at("2262-01-01T00:00:00Z")));
         p.started(Timestamp::MIN);
         assert!(p.history().last_start < Some(at("1678-01-01T00:00:00Z")));
-        assert_eq!(std::mem::size_of::<Pair>(), 24);
+        // A success is kept to the second, as a status records it; beyond 2106 it clamps.
+        p.pulled(at("2026-12-01T04:40:02.75Z"));
+        assert_eq!(p.history().last_success, Some(at("2026-12-01T04:40:02Z")));
+        p.pulled(Timestamp::MAX);
+        assert!(p.history().last_success > Some(at("2106-01-01T00:00:00Z")));
+        assert_eq!(std::mem::size_of::<Pair>(), 16);
+    }
+
+    #[test]
+    fn pacing_a_pairs_attempts_count_on_from_the_pods_seen_and_round() {
+        let mut p = Pair::default();
+        assert_eq!(p.next_attempt(), 1);
+        p.saw_attempt(7);
+        assert_eq!(p.next_attempt(), 8, "after the highest attempt seen");
+        p.saw_attempt(3);
+        assert_eq!(p.next_attempt(), 9, "an older Pod changes nothing");
+        p.saw_attempt(u32::from(u16::MAX));
+        assert_eq!(p.next_attempt(), 0, "counted round");
+        assert_eq!(p.next_attempt(), 1);
     }
 
     #[test]
@@ -460,7 +528,7 @@ mod tests {
         let nodes: Vec<&str> = pairs.iter().map(|(n, _)| &**n).collect();
         assert_eq!(nodes, ["b", "c", "e"]);
         assert!(
-            pairs.get("b").is_some_and(|p| p.cached),
+            pairs.get("b").is_some_and(|p| p.cached()),
             "b stayed, and so did its state"
         );
         assert!(pairs.get("a").is_none());
@@ -501,10 +569,10 @@ mod tests {
             &["a", "b", "c"],
         );
         let a = pairs.get("a").expect("a target");
-        assert!(a.cached);
+        assert!(a.cached());
         assert_eq!(a.history().last_success, Some(t));
-        assert!(!pairs.get("b").expect("a target").cached, "b's Node went");
-        assert!(!pairs.get("c").expect("a target").cached);
+        assert!(!pairs.get("b").expect("a target").cached(), "b's Node went");
+        assert!(!pairs.get("c").expect("a target").cached());
         assert_eq!(pairs.away().count(), 0);
         names.sweep();
         assert_eq!(names.names.len(), 3);
@@ -542,7 +610,7 @@ mod tests {
             true
         });
         assert!(Arc::ptr_eq(&a.nodes, &c.nodes));
-        assert!(c.get("n2").is_some_and(|p| p.cached), "what c knew stays");
+        assert!(c.get("n2").is_some_and(|p| p.cached()), "what c knew stays");
         names.sweep();
         assert_eq!(names.lists.len(), 1);
         drop((a, b, c));
