@@ -97,6 +97,10 @@ struct Args {
     /// The operator's log filter (RUST_LOG).
     #[arg(long, default_value = "info")]
     log: String,
+    /// The cargo profile the operator is built with: `dist` (as its image ships it) or `release`
+    /// (the same without cross-crate optimisation), to compare the two.
+    #[arg(long, default_value = "dist")]
+    operator_profile: String,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -116,7 +120,7 @@ async fn main() -> Result<(), Error> {
 
 async fn bench(args: Args) -> Result<(), Error> {
     kube_plan::install_crypto_provider();
-    let bin = operator::build()?;
+    let bin = operator::build(&args.operator_profile)?;
 
     let work = tempfile::Builder::new().prefix("drop-fleet-").tempdir()?;
     let policy_file = work.path().join("audit-policy.yaml");

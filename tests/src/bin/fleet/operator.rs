@@ -6,25 +6,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Builds the release binary, as a user builds it (`cargo build --release -p drop`), and returns
-/// its path.
+/// Builds the operator with cargo profile `profile` (`dist` is how the image ships it:
+/// `cargo build --profile dist -p drop`), and returns its path.
 ///
 /// It gets a target directory of its own: built alone, drop's dependencies have fewer features than
 /// in this benchmark's build, and cargo names both builds' files alike, so in one directory each
 /// build would overwrite the other's and every run would rebuild both.
-pub fn build() -> Result<PathBuf, Error> {
-    eprintln!("[fleet] building the release operator");
+pub fn build(profile: &str) -> Result<PathBuf, Error> {
+    eprintln!("[fleet] building the operator (profile {profile})");
     let repo = e2e::repo();
     let target = e2e::target_dir().join("fleet-operator");
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "--release", "-q", "-p", "drop"])
+        .args(["build", "--profile", profile, "-q", "-p", "drop"])
         .current_dir(&repo)
         .env("CARGO_TARGET_DIR", &target)
         .status()?;
     if !status.success() {
-        return Err("cargo build --release -p drop failed".into());
+        return Err(format!("cargo build --profile {profile} -p drop failed").into());
     }
-    Ok(target.join("release/drop"))
+    Ok(target.join(profile).join("drop"))
 }
 
 /// A running operator.
