@@ -209,17 +209,19 @@ impl TestCluster {
     /// `KUBE_APISERVER_EXTRA_ARGS`).
     pub fn start_with_env(nodes: u32, env: &[(&str, &str)]) -> Result<Self, TestError> {
         let script = harness_script()?;
-        let state = tempfile::Builder::new()
+        // Removed again if the cluster does not come up (the error carries the log's tail); kept
+        // for the running cluster, whose `down` removes it.
+        let dir = tempfile::Builder::new()
             .prefix("framework-cluster-")
             .tempdir()
-            .map_err(|e| TestError::Harness(format!("creating a state directory: {e}")))?
-            .keep();
+            .map_err(|e| TestError::Harness(format!("creating a state directory: {e}")))?;
         let out = run_script(
             &script,
             &["up", "--nodes", &nodes.to_string()],
-            Some(&state),
+            Some(dir.path()),
             env,
         )?;
+        let state = dir.keep();
         Ok(Self {
             kubeconfig: kubeconfig_from_env_line(&out)?,
             owner: Owner::Harness { script, state },
