@@ -5,7 +5,7 @@ use crate::cachedimage::{self, CachedImageReconciler, pacer::Pacer};
 use crate::cachedimageset::{self, CachedImageSetReconciler};
 use crate::discoverypolicy::DiscoveryPolicyReconciler;
 use crate::metrics::Metrics;
-use crate::podbuilder::PullPodView;
+use crate::podbuilder::{self, PullPodView};
 use crate::warmup::{Warden, Warmup};
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use kube_plan::{Controller, LeaderElection, Operator, OperatorError};
@@ -143,6 +143,7 @@ async fn run_operator(
         .primary_watch(primary_watch(settings.watch_selector.as_deref()))
         .coalesce_status(settings.status_interval)
         .owns_in::<Pod>(&settings.pod_namespace)
+        .trim_cached::<Pod>(podbuilder::trim)
         // A pull Pod matters when its pull ends (or it goes before that), not at each of its
         // status updates, nor when it appears or a finished one goes.
         .reconcile_on_transition::<Pod, _>(

@@ -15,8 +15,8 @@
 
 use crate::api::{CachedImage, PullPolicySpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
-    SeccompProfile, SecurityContext, Toleration,
+    Capabilities, Container, ContainerState, ContainerStatus, Pod, PodSecurityContext, PodSpec,
+    PodStatus, ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -366,6 +366,35 @@ pub fn outcome(pod: &Pod) -> PullOutcome {
         };
     }
     PullOutcome::Pulling
+}
+
+/// Cuts a pull Pod down to what the operator reads of it, as it enters the cache: its metadata (the
+/// annotations name the image, node, reference, attempt and policy) and what [`outcome`] reads of
+/// its status. The spec the operator wrote, the conditions, addresses and the other container
+/// fields go, and with them most of what each of a Pod's five or so watch events would copy into
+/// the cache.
+pub fn trim(pod: &mut Pod) {
+    pod.spec = None;
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        reason: s.reason,
+        message: s.message,
+        container_statuses: s.container_statuses.map(|all| {
+            all.into_iter()
+                .filter(|c| c.name == CONTAINER)
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    image_id: c.image_id,
+                    state: c.state.map(|state| ContainerState {
+                        waiting: state.waiting,
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                })
+                .collect()
+        }),
+        ..PodStatus::default()
+    });
 }
 
 /// The `sha256:…` part of a container's image ID (`repo@sha256:…`, `sha256:…`, or

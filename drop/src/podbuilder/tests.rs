@@ -3,6 +3,7 @@ use crate::api::{CachedImageSpec, ImagePullPolicy, PolicyReference};
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateWaiting, ContainerStatus, LocalObjectReference, PodStatus,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use proptest::prelude::*;
 
 const DIGEST: &str = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4";
@@ -411,6 +412,60 @@ fn podbuilder_outcome_on_cri_o_is_pulled_when_the_container_cannot_be_created() 
         outcome(&status_with("", Some("CreateContainerError"), "Pending")),
         PullOutcome::Pulled { digest: None }
     );
+}
+
+#[test]
+fn podbuilder_a_trimmed_pull_pod_reads_as_the_whole_one() {
+    let ci = image("nginx", nginx());
+    let mut pods: Vec<Pod> = vec![
+        pod_for(&ci, None),
+        status_with(&format!("docker.io/library/nginx@{DIGEST}"), None, "Failed"),
+        status_with("", None, "Pending"),
+        status_with("", Some("CreateContainerError"), "Pending"),
+        status_with("", Some("ContainerCreating"), "Pending"),
+    ];
+    pods.extend(
+        PULL_ERRORS
+            .iter()
+            .map(|r| status_with("", Some(r), "Pending")),
+    );
+    let mut rejected = status_with("", None, "Failed");
+    rejected.status.as_mut().unwrap().reason = Some("OutOfcpu".into());
+    rejected.status.as_mut().unwrap().message = Some("Node didn't have enough cpu".into());
+    pods.push(rejected);
+    let built = pod_for(&ci, None);
+    for (i, mut pod) in pods.into_iter().enumerate() {
+        // Each as the API server would hand it: the built Pod's metadata, a creation time, and
+        // status fields the operator does not read.
+        pod.metadata = built.metadata.clone();
+        pod.metadata.creation_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        pod.spec = built.spec.clone();
+        if let Some(s) = pod.status.as_mut() {
+            s.pod_ip = Some("10.0.0.1".into());
+            s.conditions = Some(vec![Default::default()]);
+            if let Some(c) = s.container_statuses.as_mut() {
+                c[0].restart_count = 3;
+                c.push(ContainerStatus {
+                    name: "other".into(),
+                    ..ContainerStatus::default()
+                });
+            }
+        }
+        let mut trimmed = pod.clone();
+        trim(&mut trimmed);
+        assert!(PullPodView::of(&pod).is_some(), "case {i} is a pull Pod");
+        assert_eq!(PullPodView::of(&trimmed), PullPodView::of(&pod), "case {i}");
+        assert_eq!(trimmed.spec, None);
+        if let Some(s) = &trimmed.status {
+            assert_eq!((&s.pod_ip, &s.conditions), (&None, &None), "case {i}");
+            assert!(
+                s.container_statuses
+                    .iter()
+                    .flatten()
+                    .all(|c| c.name == CONTAINER)
+            );
+        }
+    }
 }
 
 #[test]
