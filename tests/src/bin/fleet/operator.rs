@@ -30,6 +30,8 @@ pub fn build(profile: &str) -> Result<PathBuf, Error> {
 /// A running operator.
 pub struct Operator {
     child: Child,
+    /// Run under `FLEET_OPERATOR_WRAPPER`: the child is the wrapper, leading its process group.
+    wrapped: bool,
     metrics: String,
     health: String,
 }
@@ -56,7 +58,9 @@ impl Operator {
         // profiler, in a process group of its own so that stopping it stops both.
         let wrapper = std::env::var("FLEET_OPERATOR_WRAPPER").unwrap_or_default();
         let mut words = wrapper.split_whitespace();
-        let mut command = match words.next() {
+        let program = words.next();
+        let wrapped = program.is_some();
+        let mut command = match program {
             Some(program) => {
                 let mut c = Command::new(program);
                 c.args(words).arg(bin).process_group(0);
@@ -83,6 +87,7 @@ impl Operator {
             .spawn()?;
         Ok(Self {
             child,
+            wrapped,
             metrics,
             health,
         })
@@ -136,6 +141,9 @@ impl Operator {
     /// the child's process group.
     fn pid(&self) -> u32 {
         let group = self.child.id();
+        if !self.wrapped {
+            return group;
+        }
         Command::new("pgrep")
             .args(["-g", &group.to_string(), "-x", "drop"])
             .output()
@@ -177,7 +185,7 @@ impl Operator {
     /// Stops the operator. Under a wrapper, the process group is asked to end (so that a profiler
     /// writes its data), then killed if it has not within five minutes.
     pub fn stop(&mut self) {
-        if std::env::var_os("FLEET_OPERATOR_WRAPPER").is_some_and(|w| !w.is_empty()) {
+        if self.wrapped {
             // Only the operator: a profiler's own processes are still writing its data.
             let group = self.child.id().to_string();
             let _ = Command::new("pkill")
