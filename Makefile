@@ -17,5 +17,5 @@ tools:
 	tests/harness/tools.sh ensure
 
 down:
-	DROP_E2E_STATE=$(CURDIR)/target/demo-cluster tests/harness/cluster.sh down
-	tests/harness/cluster.sh down
+	KUBE_PLAN_CLUSTER_STATE=$(CURDIR)/target/demo-cluster cargo run -q -p e2e --bin cluster -- down
+	cargo run -q -p e2e --bin cluster -- down

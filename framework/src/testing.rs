@@ -1,21 +1,23 @@
 //! A real local control plane for tests: etcd, kube-apiserver, kube-controller-manager and KWOK
 //! (simulated nodes), the way controller-runtime's envtest gives Go operators one.
 //!
-//! Where the cluster comes from, in order:
+//! Every process is started from Rust, on free loopback ports, with certificates made for it; no
+//! script, no container runtime. The binaries come from, in order:
 //!
-//! 1. `KUBECONFIG` set: the tests attach to that cluster.
-//! 2. `KUBEBUILDER_ASSETS` set (the directory `setup-envtest use -p path` prints, holding `etcd` and
-//!    `kube-apiserver`, as Go operators' envtest uses it): etcd and kube-apiserver started from Rust
-//!    on free loopback ports, with certificates made in a temporary directory, and killed on drop or
-//!    when the test process ends. No script, no other tool; there are no nodes, no scheduler and no
-//!    garbage collector, as with envtest. [`TestCluster::from_assets`] does the same for any directory.
-//! 3. Otherwise this repository's harness script (`tests/harness/cluster.sh`, or
-//!    `FRAMEWORK_TEST_HARNESS`), which builds the upstream binaries once per machine and adds
-//!    kube-controller-manager, kube-scheduler and KWOK (simulated nodes).
+//! 1. `KUBEBUILDER_ASSETS` (the directory `setup-envtest use -p path` prints, holding `etcd` and
+//!    `kube-apiserver`, as Go operators' envtest uses it): an API server alone, like envtest, or a
+//!    whole cluster if `kube-controller-manager`, `kube-scheduler`, `kwok` and KWOK's node stages
+//!    (`kwok-node-stages/`) are there too;
+//! 2. `KUBE_PLAN_TOOLS`, a directory holding all of them;
+//! 3. a `tests/harness/tools.sh` above the crate under test, which builds them once per machine
+//!    from the Go module proxy (this repository's).
 //!
-//! A test asks for the cluster with [`TestCluster::shared`] (started on first use, then reused by
-//! every test of the process; the harness's also by later test binaries), or [`TestCluster::start`]
-//! for a private one torn down on drop.
+//! With `KUBECONFIG` set, [`TestCluster::shared`] attaches to that cluster instead.
+//!
+//! A test asks for the cluster with [`TestCluster::shared`] (started on first use and reused by
+//! every test of the process, and by later test binaries: its processes are detached and recorded
+//! in [`TestCluster::default_state_dir`]), or [`TestCluster::start`] / [`TestCluster::builder`]
+//! for a private one, stopped on drop or when the test process ends, even after a panic.
 //!
 //! Each test gets its own namespace ([`TestCluster::namespace`]) and, where it needs them, its own
 //! nodes ([`TestCluster::add_nodes`]), so tests run in parallel without seeing each other.
@@ -39,8 +41,12 @@
 //! ```
 
 mod control_plane;
+mod pki;
+mod process;
+mod tools;
 
 use control_plane::ControlPlane;
+pub use control_plane::{Component, ON_STOP};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -48,9 +54,9 @@ use kube::{Client, Config};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use tools::Tools;
 
 /// Errors of the test harness.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +126,10 @@ where
 #[derive(Debug)]
 pub struct TestCluster {
     kubeconfig: PathBuf,
+    /// The state directory of a cluster started here (private or shared).
+    state: Option<PathBuf>,
+    /// Whether KWOK runs (simulated nodes can be added).
+    kwok: bool,
     /// What stops it when this drops.
     owner: Owner,
 }
@@ -127,12 +137,10 @@ pub struct TestCluster {
 /// Who stops a cluster.
 #[derive(Debug)]
 enum Owner {
-    /// Nobody here: a cluster attached to, or the harness's shared one (it outlives test runs).
+    /// Nobody here: a cluster attached to, or the shared one (it outlives test runs).
     Elsewhere,
-    /// A private cluster of the harness: `script down` with its state directory.
-    Harness { script: PathBuf, state: PathBuf },
-    /// A control plane this process started from binaries: held for its `Drop`, which stops it.
-    Process(#[expect(dead_code, reason = "held for its Drop")] ControlPlane),
+    /// A private cluster this process started: held for its `Drop`, which stops it.
+    Process(ControlPlane),
 }
 
 static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
@@ -140,10 +148,17 @@ static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
 /// The environment variable naming a directory of control-plane binaries (envtest's).
 const ASSETS: &str = "KUBEBUILDER_ASSETS";
 
+/// The environment variable naming the shared cluster's state directory.
+pub const STATE_ENV: &str = "KUBE_PLAN_CLUSTER_STATE";
+
 impl TestCluster {
-    /// The cluster shared by all tests on this machine: `KUBECONFIG` if set, else the harness's default
-    /// cluster, started if it is not running. It stays up for the next test run; `cluster.sh down`
-    /// stops it.
+    /// The cluster shared by all tests on this machine, started on first use:
+    ///
+    /// - `KUBECONFIG` set: that cluster;
+    /// - `KUBEBUILDER_ASSETS` set: a control plane from those binaries, for this process only;
+    /// - otherwise a whole cluster (with KWOK and three simulated nodes) in
+    ///   [`TestCluster::default_state_dir`], reused if it runs, left running for the next test
+    ///   binary; [`TestCluster::down`] stops it.
     pub fn shared() -> Result<&'static TestCluster, TestError> {
         SHARED
             .get_or_init(|| Self::attach_or_ensure().map_err(|e| e.to_string()))
@@ -155,36 +170,42 @@ impl TestCluster {
         if let Some(path) = std::env::var_os("KUBECONFIG") {
             return Ok(Self::attached(PathBuf::from(path)));
         }
-        if let Some(assets) = std::env::var_os(ASSETS) {
-            return Self::from_assets(assets);
+        if std::env::var_os(ASSETS).is_some() {
+            return Self::builder().start();
         }
-        let script = harness_script()?;
-        let out = run_script(&script, &["ensure"], None, &[])?;
-        Ok(Self::attached(kubeconfig_from_env_line(&out)?))
+        Self::builder()
+            .nodes(SHARED_NODES)
+            .shared_at(&Self::default_state_dir())
     }
 
     fn attached(kubeconfig: PathBuf) -> Self {
         Self {
             kubeconfig,
+            state: None,
+            kwok: true,
             owner: Owner::Elsewhere,
         }
     }
 
-    /// A private cluster with `nodes` simulated nodes in a fresh state directory, stopped on drop.
+    /// A cluster to configure before it starts: nodes, flags per component, KWOK's Pod stages.
     ///
-    /// With `KUBEBUILDER_ASSETS` set, it is [`TestCluster::from_assets`] (which has no nodes: ask
-    /// for 0).
+    /// ```no_run
+    /// use kube_plan::testing::{Component, TestCluster};
+    /// # fn main() -> Result<(), kube_plan::testing::TestError> {
+    /// let cluster = TestCluster::builder()
+    ///     .nodes(2)
+    ///     .args(Component::KubeApiserver, ["--feature-gates=WatchList=false"])
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> TestClusterBuilder {
+        TestClusterBuilder::default()
+    }
+
+    /// A private cluster with `nodes` simulated nodes, stopped on drop (and when the test
+    /// process ends).
     pub fn start(nodes: u32) -> Result<Self, TestError> {
-        if let Some(assets) = std::env::var_os(ASSETS) {
-            if nodes > 0 {
-                return Err(TestError::Harness(format!(
-                    "{ASSETS} gives etcd and kube-apiserver only; {nodes} simulated nodes need \
-                     the harness (KWOK): unset {ASSETS}"
-                )));
-            }
-            return Self::from_assets(assets);
-        }
-        Self::start_with_env(nodes, &[])
+        Self::builder().nodes(nodes).start()
     }
 
     /// A private control plane, etcd and kube-apiserver, started from the binaries in `assets`
@@ -198,34 +219,43 @@ impl TestCluster {
     /// # Ok(()) }
     /// ```
     pub fn from_assets(assets: impl AsRef<Path>) -> Result<Self, TestError> {
-        let plane = ControlPlane::start(assets.as_ref())?;
-        Ok(Self {
-            kubeconfig: plane.kubeconfig(),
-            owner: Owner::Process(plane),
-        })
+        let mut builder = Self::builder().assets(assets);
+        builder.options.api_only = true;
+        builder.start()
     }
 
-    /// Like [`TestCluster::start`], with extra environment for the harness (for example
-    /// `KUBE_APISERVER_EXTRA_ARGS`).
-    pub fn start_with_env(nodes: u32, env: &[(&str, &str)]) -> Result<Self, TestError> {
-        let script = harness_script()?;
-        // Removed again if the cluster does not come up (the error carries the log's tail); kept
-        // for the running cluster, whose `down` removes it.
-        let dir = tempfile::Builder::new()
-            .prefix("framework-cluster-")
-            .tempdir()
-            .map_err(|e| TestError::Harness(format!("creating a state directory: {e}")))?;
-        let out = run_script(
-            &script,
-            &["up", "--nodes", &nodes.to_string()],
-            Some(dir.path()),
-            env,
-        )?;
-        let state = dir.keep();
-        Ok(Self {
-            kubeconfig: kubeconfig_from_env_line(&out)?,
-            owner: Owner::Harness { script, state },
-        })
+    /// Where the shared cluster lives: `KUBE_PLAN_CLUSTER_STATE`, else `kube-plan-cluster` in the
+    /// cargo target directory of the running test binary, else in the temporary directory.
+    pub fn default_state_dir() -> PathBuf {
+        if let Some(dir) = std::env::var_os(STATE_ENV) {
+            return PathBuf::from(dir);
+        }
+        let target = std::env::current_exe().ok().and_then(|exe| {
+            exe.ancestors()
+                .find(|d| d.join("CACHEDIR.TAG").is_file())
+                .map(Path::to_path_buf)
+        });
+        match target {
+            Some(target) => target.join("kube-plan-cluster"),
+            None => std::env::temp_dir().join("kube-plan-shared-cluster"),
+        }
+    }
+
+    /// Stops the cluster whose state is in `state` (see [`TestClusterBuilder::shared_at`]), with
+    /// every process that joined it, and removes the directory. `false` when nothing was there.
+    pub fn down(state: &Path) -> Result<bool, TestError> {
+        control_plane::down(state)
+    }
+
+    /// The components of the cluster in `state`, each with its PID while it runs.
+    pub fn status(state: &Path) -> Vec<(Component, Option<u32>)> {
+        control_plane::status(state)
+    }
+
+    /// Restarts `component` of the cluster whose state is in `state` (see
+    /// [`TestCluster::restart`]), whether or not it still runs.
+    pub fn restart_in(state: &Path, component: Component) -> Result<(), TestError> {
+        control_plane::restart_detached(state, component)
     }
 
     /// Path of the kubeconfig (admin credentials).
@@ -233,23 +263,29 @@ impl TestCluster {
         &self.kubeconfig
     }
 
-    /// The state directory of a private harness cluster (PIDs, logs), `None` otherwise.
+    /// The state directory (certificates, kubeconfig, logs, PIDs) of a cluster started here,
+    /// `None` for one attached to with `KUBECONFIG`.
     pub fn state_dir(&self) -> Option<&Path> {
-        match &self.owner {
-            Owner::Harness { state, .. } => Some(state),
-            _ => None,
-        }
+        self.state.as_deref()
     }
 
     /// Stops a private cluster now (also done on drop). The shared cluster is left alone.
     pub fn stop(&mut self) -> Result<(), TestError> {
         // A control plane of this process stops as it drops here.
-        if let Owner::Harness { script, state } =
-            std::mem::replace(&mut self.owner, Owner::Elsewhere)
-        {
-            run_script(&script, &["down"], Some(&state), &[])?;
-        }
+        self.owner = Owner::Elsewhere;
         Ok(())
+    }
+
+    /// Stops `component` and starts it again with the same flags, ports and data, as an upgrade
+    /// or a crash-and-restart would; returns once the API server is ready again.
+    pub fn restart(&self, component: Component) -> Result<(), TestError> {
+        match (&self.owner, &self.state) {
+            (Owner::Process(plane), _) => plane.restart(component),
+            (Owner::Elsewhere, Some(state)) => control_plane::restart_detached(state, component),
+            (Owner::Elsewhere, None) => Err(TestError::Harness(
+                "a cluster attached to with KUBECONFIG cannot be restarted from here".into(),
+            )),
+        }
     }
 
     /// A client for this cluster. Make one per test: a client belongs to the async runtime that made it.
@@ -318,18 +354,19 @@ impl TestCluster {
     }
 
     /// Creates the given Node objects (e.g. [`simulated_node`]s given taints), and waits until KWOK
-    /// reports them Ready. They are deleted when the returned guard drops. A control plane started
-    /// from binaries ([`TestCluster::from_assets`]) runs no KWOK: it answers with an error at once.
+    /// reports them Ready. They are deleted when the returned guard drops. A control plane without
+    /// KWOK ([`TestCluster::from_assets`]) answers with an error at once.
     pub async fn create_nodes(
         &self,
         client: &Client,
         nodes: Vec<Node>,
     ) -> Result<TestNodes, TestError> {
-        if matches!(self.owner, Owner::Process(_)) {
-            return Err(TestError::Harness(format!(
-                "simulated nodes need KWOK, and a control plane started from {ASSETS} runs etcd \
-                 and kube-apiserver only: use the harness's cluster (unset {ASSETS})"
-            )));
+        if !self.kwok {
+            return Err(TestError::Harness(
+                "simulated nodes need KWOK, and this control plane runs etcd and kube-apiserver \
+                 only: give it kube-controller-manager, kube-scheduler and kwok too"
+                    .into(),
+            ));
         }
         let api: Api<Node> = Api::all(client.clone());
         let mut guard = TestNodes {
@@ -350,11 +387,85 @@ impl TestCluster {
     }
 }
 
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("stopping private test cluster: {e}");
+/// The simulated nodes of the shared cluster.
+const SHARED_NODES: u32 = 3;
+
+/// A [`TestCluster`] being configured; see [`TestCluster::builder`].
+#[derive(Debug, Default)]
+#[must_use = "a builder starts nothing until `start` or `shared_at`"]
+pub struct TestClusterBuilder {
+    options: control_plane::Options,
+    assets: Option<PathBuf>,
+}
+
+impl TestClusterBuilder {
+    /// Simulated nodes named `kwok-node-<i>`, Ready before the cluster is handed out.
+    pub fn nodes(mut self, nodes: u32) -> Self {
+        self.options.nodes = nodes;
+        self
+    }
+
+    /// Extra flags for `component`, after the ones it always gets (a later flag wins).
+    pub fn args<I, S>(mut self, component: Component, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.options
+            .args
+            .entry(component)
+            .or_default()
+            .extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// KWOK's stages for Pods, instead of the default ones (a file of `Stage` objects).
+    pub fn pod_stages(mut self, path: impl Into<PathBuf>) -> Self {
+        self.options.pod_stages = Some(path.into());
+        self
+    }
+
+    /// The binaries to run, instead of `KUBEBUILDER_ASSETS` or the tool cache.
+    pub fn assets(mut self, dir: impl AsRef<Path>) -> Self {
+        self.assets = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    fn tools(&self) -> Result<Tools, TestError> {
+        match self
+            .assets
+            .clone()
+            .or_else(|| std::env::var_os(ASSETS).map(PathBuf::from))
+        {
+            Some(dir) => Ok(Tools::at(&dir)),
+            None => Tools::locate(),
         }
+    }
+
+    /// Starts a private cluster: its processes end when it drops or when the test process ends,
+    /// and its state lives in a temporary directory.
+    pub fn start(self) -> Result<TestCluster, TestError> {
+        let plane = ControlPlane::start_private(&self.tools()?, &self.options)?;
+        let state = plane.state().to_owned();
+        Ok(TestCluster {
+            kubeconfig: state.join("kubeconfig"),
+            kwok: control_plane::runs(&state, Component::Kwok),
+            state: Some(state),
+            owner: Owner::Process(plane),
+        })
+    }
+
+    /// The cluster whose state is in `state`: reused if every component runs, else started there
+    /// afresh. Its processes outlive this one; [`TestCluster::down`] stops them. A lock beside
+    /// the directory serialises callers, so parallel test processes share one cluster.
+    pub fn shared_at(self, state: &Path) -> Result<TestCluster, TestError> {
+        let kubeconfig = control_plane::ensure_shared(&self.tools()?, state, &self.options)?;
+        Ok(TestCluster {
+            kubeconfig,
+            kwok: control_plane::runs(state, Component::Kwok),
+            state: Some(state.to_owned()),
+            owner: Owner::Elsewhere,
+        })
     }
 }
 
@@ -363,6 +474,7 @@ pub fn simulated_node(name: &str, labels: &BTreeMap<String, String>) -> Node {
     let mut all = BTreeMap::from([
         ("kubernetes.io/hostname".to_owned(), name.to_owned()),
         ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+        ("kubernetes.io/arch".to_owned(), "amd64".to_owned()),
         ("type".to_owned(), "kwok".to_owned()),
     ]);
     all.extend(labels.clone());
@@ -387,11 +499,7 @@ pub async fn wait_node_ready(api: &Api<Node>, name: &str) -> Result<(), TestErro
         &format!("node {name} Ready"),
         || async {
             let node = api.get(name).await.map_err(|e| e.to_string())?;
-            let ready = node
-                .status
-                .and_then(|s| s.conditions)
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            if ready {
+            if node_is_ready(&node) {
                 Ok(())
             } else {
                 Err("not Ready".to_owned())
@@ -400,6 +508,14 @@ pub async fn wait_node_ready(api: &Api<Node>, name: &str) -> Result<(), TestErro
     )
     .await?;
     Ok(())
+}
+
+/// Whether `node` reports `Ready=True`.
+fn node_is_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// A test's namespace; deleted (in the background) on drop.
@@ -488,63 +604,6 @@ fn unique_suffix() -> String {
         nanos % 0xffff,
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Finds the harness script: `$FRAMEWORK_TEST_HARNESS`, else `tests/harness/cluster.sh` in the nearest
-/// ancestor of the crate being tested that has one.
-fn harness_script() -> Result<PathBuf, TestError> {
-    if let Some(p) = std::env::var_os("FRAMEWORK_TEST_HARNESS") {
-        return Ok(PathBuf::from(p));
-    }
-    let start = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::current_dir().ok())
-        .unwrap_or_default();
-    start
-        .ancestors()
-        .map(|d| d.join("tests/harness/cluster.sh"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            TestError::Harness(format!(
-                "no tests/harness/cluster.sh above {}; set FRAMEWORK_TEST_HARNESS",
-                start.display()
-            ))
-        })
-}
-
-fn run_script(
-    script: &Path,
-    args: &[&str],
-    state: Option<&Path>,
-    env: &[(&str, &str)],
-) -> Result<String, TestError> {
-    let mut cmd = Command::new("bash");
-    cmd.arg(script).args(args).envs(env.iter().copied());
-    if let Some(state) = state {
-        cmd.env("DROP_E2E_STATE", state);
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| TestError::Harness(format!("running {}: {e}", script.display())))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err(TestError::Harness(format!(
-            "{} {} failed ({}):\n{}",
-            script.display(),
-            args.join(" "),
-            out.status,
-            stderr
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn kubeconfig_from_env_line(out: &str) -> Result<PathBuf, TestError> {
-    out.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("export KUBECONFIG="))
-        .map(PathBuf::from)
-        .ok_or_else(|| TestError::Harness(format!("harness printed no KUBECONFIG line: {out}")))
 }
 
 /// Sends `tracing` output of the code under test to the test's captured output (shown when a test

@@ -5,9 +5,15 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # A cluster of its own, so a demo never meets a test run's objects.
-export DROP_E2E_STATE=${DROP_E2E_STATE:-$REPO/target/demo-cluster}
+export KUBE_PLAN_CLUSTER_STATE=${KUBE_PLAN_CLUSTER_STATE:-$REPO/target/demo-cluster}
+STATE=$KUBE_PLAN_CLUSTER_STATE
 BIN=$("$HERE/tools.sh" ensure | tail -n1)
-eval "$("$HERE/cluster.sh" ensure --nodes 3)"
+echo "[demo] building drop and the cluster tool" >&2
+cargo build -q -p drop -p e2e --bin drop --bin cluster
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+DROP="$TARGET/debug/drop"
+# The same code as the tests' clusters (kube_plan::testing), from a shell.
+eval "$("$TARGET/debug/cluster" ensure --nodes 3)"
 k() { "$BIN/kubectl" "$@"; }
 # One real node too (a kubelet with containerd), where a real image is really pulled. A machine that
 # cannot run one (no writable cgroups, or another real node running) gets the demo without it.
@@ -19,9 +25,6 @@ else
   echo "[demo] no real node on this machine (see above); the demo goes on with simulated nodes" >&2
 fi
 
-echo "[demo] building drop" >&2
-cargo build -q -p drop
-DROP="$REPO/target/debug/drop"
 
 k apply --server-side -f "$REPO/deploy/crds/" >/dev/null
 k wait --for=condition=Established crd --all --timeout=60s >/dev/null
@@ -29,17 +32,17 @@ k create namespace drop-system --dry-run=client -o yaml | k apply -f - >/dev/nul
 k label namespace drop-system pod-security.kubernetes.io/enforce=restricted --overwrite >/dev/null
 
 # (Re)start the operator; its PID joins the cluster's, so `make down` stops it too.
-if [[ -f "$DROP_E2E_STATE/pids/drop" ]]; then kill "$(cat "$DROP_E2E_STATE/pids/drop")" 2>/dev/null || true; fi
+if [[ -f "$STATE/pids/drop" ]]; then kill "$(cat "$STATE/pids/drop")" 2>/dev/null || true; fi
 setsid "$DROP" run --pod-namespace drop-system --metrics-bind-address 127.0.0.1:8080 \
-  --health-probe-bind-address 127.0.0.1:8081 >"$DROP_E2E_STATE/logs/drop.log" 2>&1 </dev/null 8>&- 9>&- &
-echo $! >"$DROP_E2E_STATE/pids/drop"
-readlink -f "$DROP" >"$DROP_E2E_STATE/pids/drop.exe"
+  --health-probe-bind-address 127.0.0.1:8081 >"$STATE/logs/drop.log" 2>&1 </dev/null 8>&- 9>&- &
+echo $! >"$STATE/pids/drop"
+readlink -f "$DROP" >"$STATE/pids/drop.exe"
 for _ in $(seq 1 100); do curl -fsS 127.0.0.1:8081/readyz >/dev/null 2>&1 && break; sleep 0.2; done
-curl -fsS 127.0.0.1:8081/readyz >/dev/null || { tail -20 "$DROP_E2E_STATE/logs/drop.log"; exit 1; }
-echo "[demo] drop is running (log: $DROP_E2E_STATE/logs/drop.log)" >&2
+curl -fsS 127.0.0.1:8081/readyz >/dev/null || { tail -20 "$STATE/logs/drop.log"; exit 1; }
+echo "[demo] drop is running (log: $STATE/logs/drop.log)" >&2
 
 # Real discovery sources on loopback stand in for the in-cluster services the samples name.
-eval "$("$HERE/demo-sources.sh" "$DROP_E2E_STATE")"
+eval "$("$HERE/demo-sources.sh" "$STATE")"
 echo "[demo] registry $REGISTRY_URL (test/myapp: 4 tags), prometheus $PROMETHEUS_URL (a day of CI runners)" >&2
 
 # Every sample of the seed. The broken ones stay broken on purpose, to show how Drop reports them.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One real node beside the simulated ones: a kubelet (built with the other kube tools) running Pods in
-# a private containerd (Debian's, with runc and the CNI plugins), joined to the local control plane of
-# cluster.sh, and a loopback registry holding the images the node and the tests need.
+# a private containerd (Debian's, with runc and the CNI plugins), joined to the local control plane
+# (kube_plan::testing; `cargo run -p e2e --bin cluster`), and a loopback registry holding the images the node and the tests need.
 #
 #   realnode.sh up       start registry, containerd and kubelet; wait until the Node is Ready
 #   realnode.sh ensure   reuse a running real node, else (re)start it; prints the env lines
@@ -19,7 +19,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-STATE=${DROP_E2E_STATE:-$REPO/target/e2e-cluster}
+STATE=${KUBE_PLAN_CLUSTER_STATE:-$REPO/target/kube-plan-cluster}
 RN=$STATE/realnode
 NODE=real-node-0
 MARK=drop.corewire.io/e2e-real-node
@@ -70,7 +70,7 @@ wait_for() {
 }
 
 preflight() {
-  [[ -f "$STATE/kubeconfig" ]] || die "no control plane in $STATE: run cluster.sh up first"
+  [[ -f "$STATE/kubeconfig" ]] || die "no control plane in $STATE: start one first (cargo run -p e2e --bin cluster -- ensure)"
   local missing=()
   for c in containerd containerd-shim-runc-v2 runc ctr docker-registry busybox; do
     command -v "$c" >/dev/null || missing+=("$c")
@@ -81,8 +81,8 @@ preflight() {
     die "cgroups are not writable here: a real kubelet cannot run"
   if [[ -f $OWNER ]]; then
     local other; other=$(cat "$OWNER")
-    if [[ $other != "$STATE" ]] && DROP_E2E_STATE=$other "$0" status >/dev/null 2>&1; then
-      die "a real node already runs for $other (one per machine); stop it: DROP_E2E_STATE=$other $0 down"
+    if [[ $other != "$STATE" ]] && KUBE_PLAN_CLUSTER_STATE=$other "$0" status >/dev/null 2>&1; then
+      die "a real node already runs for $other (one per machine); stop it: KUBE_PLAN_CLUSTER_STATE=$other $0 down"
     fi
   fi
 }
@@ -201,6 +201,9 @@ up() {
   BIN=$("$HERE/tools.sh" bindir)
   rm -rf "$RN"; mkdir -p "$RN/logs" "$RN/pids"
   echo "$STATE" >"$OWNER"
+  # The cluster runs this before it stops: the node goes first, and puts the machine back.
+  printf '#!/bin/sh\nKUBE_PLAN_CLUSTER_STATE=%q exec bash %q down\n' "$STATE" "$HERE/realnode.sh" >"$STATE/on-stop"
+  chmod +x "$STATE/on-stop"
   start_registry || { down; die "the registry did not start"; }
   start_containerd || { down; die "containerd did not start"; }
   start_kubelet || { down; die "the kubelet did not start"; }
@@ -281,6 +284,7 @@ down() {
     while IFS='=' read -r k v; do [[ $(cat "/proc/sys/$k") == "$v" ]] || echo "$v" >"/proc/sys/$k"; done <"$RN/sysctl.orig"
   fi
   rm -rf "$RN"
+  rm -f "$STATE/on-stop"
   [[ -f $OWNER && $(cat "$OWNER") == "$STATE" ]] && rm -f "$OWNER"
   log "down"
 }

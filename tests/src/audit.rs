@@ -21,12 +21,13 @@ pub fn policy(users: &[&str]) -> String {
 
 /// The kube-apiserver arguments that write the audit log `log` with the policy in `policy_file`
 /// (for `KUBE_APISERVER_EXTRA_ARGS`), rotating only past 100 GB.
-pub fn apiserver_args(policy_file: &Path, log: &Path) -> String {
-    format!(
-        "--audit-policy-file={} --audit-log-path={} --audit-log-format=json --audit-log-maxsize=100000",
-        policy_file.display(),
-        log.display()
-    )
+pub fn apiserver_args(policy_file: &Path, log: &Path) -> Vec<String> {
+    vec![
+        format!("--audit-policy-file={}", policy_file.display()),
+        format!("--audit-log-path={}", log.display()),
+        "--audit-log-format=json".into(),
+        "--audit-log-maxsize=100000".into(),
+    ]
 }
 
 #[derive(Deserialize)]

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -235,15 +235,4 @@ pub fn log_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("log directory");
     dir
-}
-
-/// Restarts a component of the private cluster whose state is in `state`.
-pub fn restart_component(state: &Path, component: &str) {
-    let script = crate::repo().join("tests/harness/cluster.sh");
-    crate::run_ok(
-        Command::new(script)
-            .args(["restart", component])
-            .env("DROP_E2E_STATE", state),
-        "cluster.sh restart",
-    );
 }

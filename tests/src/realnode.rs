@@ -30,16 +30,15 @@ fn harness(cluster: &TestCluster, command: &str) -> String {
         Command::new("bash")
             .arg(crate::repo().join("tests/harness/realnode.sh"))
             .arg(command)
-            .env("DROP_E2E_STATE", cluster_state(cluster)),
+            .env("KUBE_PLAN_CLUSTER_STATE", cluster_state(cluster)),
         &format!("tests/harness/realnode.sh {command}"),
     )
 }
 
 fn cluster_state(cluster: &TestCluster) -> PathBuf {
     cluster
-        .kubeconfig()
-        .parent()
-        .expect("the harness keeps the kubeconfig in its state directory")
+        .state_dir()
+        .expect("a cluster started by the tests, which has a state directory")
         .to_path_buf()
 }
 

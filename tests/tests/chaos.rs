@@ -14,7 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
-use kube_plan::testing::{TestCluster, TestNodes, eventually};
+use kube_plan::testing::{Component, TestCluster, TestNodes, eventually};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -360,7 +360,9 @@ async fn chaos_api_server_restart_mid_rollout_is_survived() {
     let t0 = Instant::now();
     r.under_way().await;
     let restart_at = Instant::now();
-    e2e::chaos::restart_component(cluster.state_dir().unwrap(), "kube-apiserver");
+    cluster
+        .restart(Component::KubeApiserver)
+        .expect("the API server restarts");
     let down = restart_at.elapsed();
     let settled = r.settle(&running, Instant::now()).await;
     println!(
@@ -396,14 +398,13 @@ async fn chaos_frozen_leader_resumed_writes_nothing_says_the_audit_log() {
         e2e::audit::policy(&[users[0].as_str(), users[1].as_str()]),
     )
     .unwrap();
-    let cluster = TestCluster::start_with_env(
-        0,
-        &[(
-            "KUBE_APISERVER_EXTRA_ARGS",
-            &e2e::audit::apiserver_args(&policy_file, &audit_log),
-        )],
-    )
-    .unwrap();
+    let cluster = TestCluster::builder()
+        .args(
+            Component::KubeApiserver,
+            e2e::audit::apiserver_args(&policy_file, &audit_log),
+        )
+        .start()
+        .unwrap();
     let client = cluster.client().await.unwrap();
     install_drop_crds(&client).await.unwrap();
     let mut ns = k8s_openapi::api::core::v1::Namespace::default();

@@ -377,7 +377,7 @@ async fn framework_leader_whose_renewals_hang_stops_writing_before_a_standby_tak
 async fn framework_watches_stream_their_initial_state_or_fall_back_to_lists() {
     use kube::runtime::watcher::Event;
     use kube_plan::initial_list;
-    use kube_plan::testing::TestCluster;
+    use kube_plan::testing::{Component, TestCluster};
 
     let (_, client) = cluster().await.expect("cluster");
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
@@ -386,14 +386,13 @@ async fn framework_watches_stream_their_initial_state_or_fall_back_to_lists() {
         "Kubernetes 1.37 streams initial states"
     );
 
-    let mut off = TestCluster::start_with_env(
-        0,
-        &[(
-            "KUBE_APISERVER_EXTRA_ARGS",
-            "--feature-gates=WatchList=false",
-        )],
-    )
-    .expect("a cluster without streaming lists");
+    let mut off = TestCluster::builder()
+        .args(
+            Component::KubeApiserver,
+            ["--feature-gates=WatchList=false"],
+        )
+        .start()
+        .expect("a cluster without streaming lists");
     let api: Api<ConfigMap> = Api::namespaced(off.client().await.expect("client"), "default");
     assert!(!initial_list::streams_initial_state(&api).await);
     let cm = ConfigMap {

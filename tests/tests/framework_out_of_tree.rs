@@ -12,6 +12,11 @@ use std::process::Command;
 /// A directory laid out as `setup-envtest` leaves one: etcd, kube-apiserver and kubectl, copied
 /// from the harness's tool cache (built there once per machine).
 fn envtest_assets() -> tempfile::TempDir {
+    assets_with(&["etcd", "kube-apiserver", "kubectl"])
+}
+
+/// A temporary directory holding copies of the named binaries of the harness's tool cache.
+fn assets_with(binaries: &[&str]) -> tempfile::TempDir {
     let repo = e2e::repo();
     let out = Command::new("bash")
         .arg(repo.join("tests/harness/tools.sh"))
@@ -34,7 +39,7 @@ fn envtest_assets() -> tempfile::TempDir {
         .prefix("envtest-assets-")
         .tempdir()
         .unwrap();
-    for b in ["etcd", "kube-apiserver", "kubectl"] {
+    for b in binaries {
         std::fs::copy(bin.join(b), assets.path().join(b)).unwrap();
     }
     assets
@@ -84,6 +89,100 @@ async fn framework_test_cluster_starts_from_kubebuilder_assets_and_leaves_nothin
     // Dropped: both processes are gone and so is the directory.
     assert!(!answers(port), "kube-apiserver still answers");
     assert!(!kubeconfig.exists(), "the cluster's directory is left");
+}
+
+#[tokio::test]
+async fn framework_test_cluster_from_a_whole_assets_directory_runs_pods_on_simulated_nodes() {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    // The envtest binaries plus the rest of a cluster, and KWOK's node stages beside them: nothing
+    // else is needed for simulated nodes either.
+    let assets = assets_with(&[
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kwok",
+    ]);
+    let cache = dirs_cache().join("kwok-node-stages");
+    for file in [
+        "fast/node-initialize.yaml",
+        "heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    ] {
+        let to = assets.path().join("kwok-node-stages").join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(cache.join(file), &to).unwrap();
+    }
+    let cluster = TestCluster::builder()
+        .assets(assets.path())
+        .nodes(2)
+        .start()
+        .unwrap();
+    let state = cluster.state_dir().unwrap().to_owned();
+    let pids: Vec<String> = [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kwok",
+    ]
+    .iter()
+    .map(|c| std::fs::read_to_string(state.join("pids").join(c)).unwrap())
+    .collect();
+    let client = cluster.client().await.unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    assert_eq!(
+        nodes.list(&Default::default()).await.unwrap().items.len(),
+        2
+    );
+    let ns = cluster.namespace(&client, "whole").await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "once"},
+        "spec": {
+            "nodeName": "kwok-node-1",
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "example.test/once:1"}],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    kube_plan::testing::eventually(
+        std::time::Duration::from_secs(60),
+        "the Pod completes",
+        || async {
+            let phase = pods
+                .get("once")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .and_then(|s| s.phase);
+            if phase.as_deref() == Some("Succeeded") {
+                Ok(())
+            } else {
+                Err(format!("{phase:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    drop(ns);
+    drop(client);
+    drop(cluster);
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "process {pid} outlived its cluster"
+        );
+    }
+    assert!(!state.exists(), "the cluster's directory is left");
+}
+
+/// The harness's tool cache (where `tools.sh` builds and links the binaries).
+fn dirs_cache() -> PathBuf {
+    std::env::var_os("DROP_E2E_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("drop-e2e")))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/drop-e2e"))
 }
 
 /// A second test file for the consumer crate, beside the tutorial's: a shared cluster is a static
@@ -202,7 +301,8 @@ fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
         .env("CARGO_PROFILE_DEV_DEBUG", "false")
         // Nothing of this repository's: no harness script, no shared cluster.
         .env_remove("KUBECONFIG")
-        .env_remove("FRAMEWORK_TEST_HARNESS")
+        .env_remove("KUBE_PLAN_TOOLS")
+        .env_remove("KUBE_PLAN_CLUSTER_STATE")
         .env_remove("RUSTFLAGS")
         .output()
         .expect("running cargo test in the consumer crate");

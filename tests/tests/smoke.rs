@@ -5,7 +5,7 @@ use e2e::cluster;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
-use kube_plan::testing::{TestCluster, eventually};
+use kube_plan::testing::{Component, TestCluster, eventually};
 use std::path::Path;
 use std::time::Duration;
 
@@ -259,7 +259,9 @@ async fn smoke_down_leaves_no_process_behind() {
 
 #[test]
 fn smoke_crashed_component_fails_up_with_its_log_tail() {
-    let err = TestCluster::start_with_env(0, &[("KUBE_APISERVER_EXTRA_ARGS", "--no-such-flag=1")])
+    let err = TestCluster::builder()
+        .args(Component::KubeApiserver, ["--no-such-flag=1"])
+        .start()
         .unwrap_err();
     let text = err.to_string();
     assert!(
@@ -277,13 +279,12 @@ async fn smoke_a_second_process_reuses_the_running_cluster() {
     let (cluster, _) = cluster().await.unwrap();
     // Another process (a second test binary, a developer's shell) asks for the cluster: it must get
     // the running one at once, not wait on a lock the running components hold.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/cluster.sh");
     let line = e2e::run_ok(
         std::process::Command::new("timeout")
-            .args(["30", "bash"])
-            .arg(&script)
+            .arg("30")
+            .arg(env!("CARGO_BIN_EXE_cluster"))
             .arg("ensure"),
-        "cluster.sh ensure",
+        "cluster ensure",
     );
     if std::env::var_os("KUBECONFIG").is_none() {
         assert!(
@@ -308,14 +309,7 @@ fn smoke_down_stops_a_joined_process_whose_binary_was_rebuilt() {
     let rebuilt = dir.path().join("operator.new");
     std::fs::copy("/bin/sleep", &rebuilt).unwrap();
     std::fs::rename(&rebuilt, &bin).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/cluster.sh");
-    e2e::run_ok(
-        std::process::Command::new("bash")
-            .arg(&script)
-            .arg("down")
-            .env("DROP_E2E_STATE", &state),
-        "cluster.sh down",
-    );
+    assert!(TestCluster::down(&state).unwrap(), "there was a cluster");
     let status = child.wait().unwrap();
     assert!(!status.success(), "stopped by a signal, not left running");
 }

@@ -1,172 +1,630 @@
-//! etcd and kube-apiserver started from Rust, from a directory of binaries: what `setup-envtest`
-//! fills for Go operators (`KUBEBUILDER_ASSETS`), with no script and no other tool.
+//! A local cluster started from Rust: etcd and kube-apiserver, and, when their binaries are there,
+//! kube-controller-manager, kube-scheduler and KWOK with simulated nodes.
 //!
-//! Everything lives in a temporary directory: certificates made with rcgen (a CA, the API server's
-//! serving certificate, an admin client certificate in `system:masters`), the service account
-//! signing key, etcd's data and the kubeconfig. Both processes listen on loopback ports chosen
-//! free. They are killed when the [`ControlPlane`] drops, and, because they are started with a
-//! parent-death signal from a thread that lives as long as the test process, also when the process
-//! ends without dropping it (a `static` shared cluster, a test binary that exits).
+//! Everything lives in a state directory: certificates made with rcgen (`pki/`), the admin
+//! `kubeconfig`, `logs/`, and `pids/` (see [`super::process`]). etcd's data goes to `/dev/shm` where
+//! there is one (its path is kept in `etcd-data`). Every server listens on loopback ports chosen
+//! free; a port taken by someone else before its component bound it makes the start begin again,
+//! at most three times.
+//!
+//! A private cluster's processes are attached to the test process and its state directory is
+//! temporary; a shared cluster's are detached and its state directory is a fixed path, which a lock
+//! guards so that parallel test processes end up sharing one cluster.
 
-use super::TestError;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use std::net::TcpListener;
+use super::process::{self, Lifetime, harness};
+use super::tools::Tools;
+use super::{TestError, pki, simulated_node};
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use kube::api::{Api, ListParams, PostParams};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
+use std::process::Child;
+use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long the API server has to become ready.
-const READY_WITHIN: Duration = Duration::from_secs(90);
+const APISERVER_WITHIN: Duration = Duration::from_secs(120);
 
-/// The binaries a control plane needs, as `setup-envtest` lays them out.
-const BINARIES: [&str; 2] = ["etcd", "kube-apiserver"];
+/// How long the other components have to open their port.
+const COMPONENT_WITHIN: Duration = Duration::from_secs(60);
 
-/// The start of each control plane's directory name, in the system's temporary directory.
-const DIR_PREFIX: &str = "kube-plan-cluster-";
+/// How many times a start begins again after a port was taken under it.
+const START_ATTEMPTS: usize = 3;
 
-/// The file in a control plane's directory naming the process that started it.
-const OWNER_FILE: &str = "owner.pid";
+/// The start of a private control plane's directory name, in the system's temporary directory.
+pub(crate) const DIR_PREFIX: &str = "kube-plan-cluster-";
 
-/// A running etcd and kube-apiserver.
+/// The file in a private control plane's directory naming the process that started it.
+pub(crate) const OWNER_FILE: &str = "owner.pid";
+
+/// The executable a process that joins a cluster may leave in its state directory: run first when
+/// the cluster stops (a real kubelet, say, that must put the machine back as it was).
+pub const ON_STOP: &str = "on-stop";
+
+/// The KWOK stages for Pods used unless a test names its own: see the file for its conventions.
+const DEFAULT_POD_STAGES: &str = include_str!("kwok-pod-stages.yaml");
+
+/// A process of a test cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Component {
+    /// etcd.
+    Etcd,
+    /// kube-apiserver.
+    KubeApiserver,
+    /// kube-controller-manager: garbage collection, namespaces, service accounts, node lifecycle.
+    KubeControllerManager,
+    /// kube-scheduler.
+    KubeScheduler,
+    /// KWOK: the kubelet of every simulated node.
+    Kwok,
+}
+
+impl Component {
+    /// Every component, in start order.
+    pub const ALL: [Component; 5] = [
+        Component::Etcd,
+        Component::KubeApiserver,
+        Component::KubeControllerManager,
+        Component::KubeScheduler,
+        Component::Kwok,
+    ];
+
+    /// The binary's name, also the name of its log and PID files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Etcd => "etcd",
+            Component::KubeApiserver => "kube-apiserver",
+            Component::KubeControllerManager => "kube-controller-manager",
+            Component::KubeScheduler => "kube-scheduler",
+            Component::Kwok => "kwok",
+        }
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Component {
+    type Err = TestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Component::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                TestError::Harness(format!(
+                    "no component {s:?}; there are {}",
+                    Component::ALL.map(Component::name).join(", ")
+                ))
+            })
+    }
+}
+
+/// What a cluster is started with.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Options {
+    /// Simulated nodes named `kwok-node-<i>`, Ready before the start returns.
+    pub(crate) nodes: u32,
+    /// etcd and kube-apiserver only, even when the other binaries are there.
+    pub(crate) api_only: bool,
+    /// Extra flags per component, after the harness's own.
+    pub(crate) args: BTreeMap<Component, Vec<String>>,
+    /// KWOK's stages for Pods, instead of the default ones.
+    pub(crate) pod_stages: Option<PathBuf>,
+}
+
+/// A cluster this process started.
 #[derive(Debug)]
 pub(crate) struct ControlPlane {
-    /// Temporary directory: certificates, kubeconfig, etcd data, logs (removed on drop).
-    dir: tempfile::TempDir,
-    apiserver: Child,
-    etcd: Child,
+    state: PathBuf,
+    lifetime: Lifetime,
+    /// The processes of an attached cluster, to be reaped.
+    children: Mutex<BTreeMap<Component, Child>>,
+    /// A private cluster's temporary directory (removed on drop).
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl ControlPlane {
-    /// Starts etcd and kube-apiserver from `assets` (a directory holding both binaries) and waits
-    /// until the API server answers `/readyz`.
-    pub(crate) fn start(assets: &Path) -> Result<Self, TestError> {
-        for b in BINARIES {
-            if !assets.join(b).is_file() {
-                return Err(TestError::Harness(format!(
-                    "{} has no {b}: point KUBEBUILDER_ASSETS at a directory holding {} \
-                     (setup-envtest use -p path)",
-                    assets.display(),
-                    BINARIES.join(" and ")
-                )));
-            }
-        }
+    /// Starts a private cluster in a temporary directory; its processes end with this process.
+    pub(crate) fn start_private(tools: &Tools, options: &Options) -> Result<Self, TestError> {
         remove_stale_dirs();
         let dir = tempfile::Builder::new()
             .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(|e| harness("creating a directory", e))?;
-        let p = dir.path();
-        std::fs::write(p.join(OWNER_FILE), std::process::id().to_string())
+        std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
             .map_err(|e| harness("writing the owner's PID", e))?;
-        write_pki(p)?;
-        let [etcd_port, peer_port, api_port] = [free_port()?, free_port()?, free_port()?];
-        let etcd = spawn(
-            &assets.join("etcd"),
-            &[
-                "--name=test".into(),
-                format!("--data-dir={}", p.join("etcd").display()),
-                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-cluster=test=http://127.0.0.1:{peer_port}"),
-                "--unsafe-no-fsync=true".into(),
-                "--log-level=warn".into(),
-            ],
-            &p.join("etcd.log"),
-        )?;
-        let pki = |f: &str| p.join(f).display().to_string();
-        let apiserver = spawn(
-            &assets.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--tls-cert-file={}", pki("serving.crt")),
-                format!("--tls-private-key-file={}", pki("serving.key")),
-                format!("--client-ca-file={}", pki("ca.crt")),
-                "--authorization-mode=RBAC".into(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", pki("sa.pub")),
-                format!("--service-account-signing-key-file={}", pki("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--allow-privileged=false".into(),
-                "--profiling=false".into(),
-            ],
-            &p.join("kube-apiserver.log"),
-        )?;
-        let mut plane = Self {
-            dir,
-            apiserver,
-            etcd,
-        };
-        write_kubeconfig(plane.dir.path(), api_port)?;
-        plane.wait_ready()?;
-        Ok(plane)
-    }
-
-    /// The admin kubeconfig.
-    pub(crate) fn kubeconfig(&self) -> PathBuf {
-        self.dir.path().join("kubeconfig")
-    }
-
-    /// Polls `/readyz` with the admin credentials until it answers 200, or a process exits.
-    ///
-    /// One client on one runtime for the whole wait, on a thread of its own: this may be called
-    /// from inside a test's runtime, which cannot be blocked on.
-    fn wait_ready(&mut self) -> Result<(), TestError> {
-        let kubeconfig = self.kubeconfig();
-        let dir = self.dir.path().to_owned();
-        let children = [
-            ("etcd", &mut self.etcd),
-            ("kube-apiserver", &mut self.apiserver),
-        ];
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| harness("starting a runtime", e))?
-                        .block_on(poll_ready(&kubeconfig, &dir, children))
-                })
-                .join()
-                .unwrap_or_else(|_| Err(TestError::Harness("the readiness wait panicked".into())))
+        let children = up_retrying(tools, dir.path(), options, Lifetime::Attached)?;
+        Ok(Self {
+            state: dir.path().to_owned(),
+            lifetime: Lifetime::Attached,
+            children: Mutex::new(children),
+            _dir: Some(dir),
         })
+    }
+
+    /// The state directory.
+    pub(crate) fn state(&self) -> &Path {
+        &self.state
+    }
+
+    /// Stops `component` and starts it again with the same flags, ports and data.
+    pub(crate) fn restart(&self, component: Component) -> Result<(), TestError> {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        restart(&self.state, component, self.lifetime, &mut children)
     }
 }
 
-/// Asks `/readyz` every 200 ms until it answers, a process exits (its log's tail is the error), or
-/// [`READY_WITHIN`] passes.
-async fn poll_ready(
-    kubeconfig: &Path,
-    dir: &Path,
-    mut children: [(&str, &mut Child); 2],
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let children = self.children.get_mut().unwrap_or_else(|p| p.into_inner());
+        stop_all(&self.state, children);
+    }
+}
+
+/// Reuses the running cluster in `state` (every component alive), or starts one there, detached.
+/// Serialised by a lock beside the directory: parallel callers end up sharing one cluster.
+pub(crate) fn ensure_shared(
+    tools: &Tools,
+    state: &Path,
+    options: &Options,
+) -> Result<PathBuf, TestError> {
+    let _lock = lock(state)?;
+    if healthy(state) {
+        return Ok(state.join("kubeconfig"));
+    }
+    if state.exists() {
+        stop_all(state, &mut BTreeMap::new());
+        remove_dir(state)?;
+    }
+    up_retrying(tools, state, options, Lifetime::Detached)?;
+    Ok(state.join("kubeconfig"))
+}
+
+/// Stops the cluster in `state`, with whatever joined it, and removes the directory. `false` when
+/// there was none.
+pub(crate) fn down(state: &Path) -> Result<bool, TestError> {
+    let _lock = lock(state)?;
+    if !state.exists() {
+        return Ok(false);
+    }
+    stop_all(state, &mut BTreeMap::new());
+    remove_dir(state)?;
+    Ok(true)
+}
+
+/// The components of the cluster in `state` with their PID while they run.
+pub(crate) fn status(state: &Path) -> Vec<(Component, Option<u32>)> {
+    started_components(state)
+        .into_iter()
+        .map(|c| {
+            let pid = process::alive(state, c.name())
+                .then(|| process::recorded_pid(state, c.name()))
+                .flatten();
+            (c, pid)
+        })
+        .collect()
+}
+
+/// Whether `component` was started in `state`.
+pub(crate) fn runs(state: &Path, component: Component) -> bool {
+    started_components(state).contains(&component)
+}
+
+/// Restarts `component` of the detached cluster in `state`.
+pub(crate) fn restart_detached(state: &Path, component: Component) -> Result<(), TestError> {
+    restart(state, component, Lifetime::Detached, &mut BTreeMap::new())
+}
+
+fn lock(state: &Path) -> Result<File, TestError> {
+    if let Some(parent) = state.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| harness("creating a directory", e))?;
+    }
+    let mut name = state.as_os_str().to_owned();
+    name.push(".lock");
+    let file = File::create(&name).map_err(|e| harness("creating the cluster's lock", e))?;
+    file.lock()
+        .map_err(|e| harness("taking the cluster's lock", e))?;
+    Ok(file)
+}
+
+fn remove_dir(dir: &Path) -> Result<(), TestError> {
+    std::fs::remove_dir_all(dir).map_err(|e| harness(&format!("removing {}", dir.display()), e))
+}
+
+/// Whether every component recorded in `state` runs and the kubeconfig is there.
+fn healthy(state: &Path) -> bool {
+    let components = started_components(state);
+    !components.is_empty()
+        && state.join("kubeconfig").is_file()
+        && components.iter().all(|c| process::alive(state, c.name()))
+}
+
+/// The components `up` started in `state` (written before the first of them).
+fn started_components(state: &Path) -> Vec<Component> {
+    std::fs::read_to_string(state.join("components"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+/// [`up`], begun again (with new ports) when a component could not bind its port: a port chosen
+/// free can be taken before the component binds it, by another cluster starting at the same time
+/// or as a client's ephemeral port. Any other failure ends at once.
+fn up_retrying(
+    tools: &Tools,
+    state: &Path,
+    options: &Options,
+    lifetime: Lifetime,
+) -> Result<BTreeMap<Component, Child>, TestError> {
+    let mut attempt = 1;
+    loop {
+        let mut children = BTreeMap::new();
+        match up(tools, state, options, lifetime, &mut children) {
+            Ok(()) => return Ok(children),
+            Err(e) => {
+                let port_taken = Component::ALL.iter().any(|c| {
+                    std::fs::read_to_string(process::log_path(state, c.name()))
+                        .is_ok_and(|log| log.contains("address already in use"))
+                });
+                stop_all(state, &mut children);
+                if !port_taken || attempt == START_ATTEMPTS {
+                    return Err(e);
+                }
+                tracing::info!(
+                    attempt,
+                    "a port was taken before its component bound it; starting again"
+                );
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Which components run, given the binaries and the options.
+fn components(tools: &Tools, options: &Options) -> Result<Vec<Component>, TestError> {
+    for c in [Component::Etcd, Component::KubeApiserver] {
+        if !tools.has(c.name()) {
+            return Err(TestError::Harness(format!(
+                "{} has no {c}: point KUBEBUILDER_ASSETS at a directory holding etcd and \
+                 kube-apiserver (setup-envtest use -p path)",
+                tools.bin.display()
+            )));
+        }
+    }
+    let rest = [
+        Component::KubeControllerManager,
+        Component::KubeScheduler,
+        Component::Kwok,
+    ];
+    let whole = !options.api_only
+        && rest.iter().all(|c| tools.has(c.name()))
+        && tools.kwok_node_stages.is_some();
+    if options.nodes > 0 && !whole {
+        return Err(TestError::Harness(format!(
+            "{} simulated nodes need kube-controller-manager, kube-scheduler, kwok and KWOK's \
+             node stages beside etcd and kube-apiserver in {}",
+            options.nodes,
+            tools.bin.display()
+        )));
+    }
+    let mut all = vec![Component::Etcd, Component::KubeApiserver];
+    if whole {
+        all.extend(rest);
+    }
+    Ok(all)
+}
+
+/// The ports of a cluster.
+struct Ports {
+    etcd: u16,
+    etcd_peer: u16,
+    api: u16,
+    kcm: u16,
+    scheduler: u16,
+    kwok: u16,
+}
+
+impl Ports {
+    fn pick() -> Result<Self, TestError> {
+        Ok(Self {
+            etcd: free_port()?,
+            etcd_peer: free_port()?,
+            api: free_port()?,
+            kcm: free_port()?,
+            scheduler: free_port()?,
+            kwok: free_port()?,
+        })
+    }
+
+    /// The port `component` listens on.
+    fn of(&self, component: Component) -> u16 {
+        match component {
+            Component::Etcd => self.etcd,
+            Component::KubeApiserver => self.api,
+            Component::KubeControllerManager => self.kcm,
+            Component::KubeScheduler => self.scheduler,
+            Component::Kwok => self.kwok,
+        }
+    }
+}
+
+/// Writes the state, starts every component and waits until the cluster is usable.
+fn up(
+    tools: &Tools,
+    state: &Path,
+    options: &Options,
+    lifetime: Lifetime,
+    children: &mut BTreeMap<Component, Child>,
 ) -> Result<(), TestError> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+    let components = components(tools, options)?;
+    for sub in ["logs", "pids"] {
+        let dir = state.join(sub);
+        if dir.exists() {
+            remove_dir(&dir)?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| harness("creating the state directory", e))?;
+    }
+    let ports = Ports::pick()?;
+    pki::write_pki(state)?;
+    pki::write_kubeconfig(state, ports.api)?;
+    let write = |file: &str, text: String| {
+        std::fs::write(state.join(file), text).map_err(|e| harness("writing the state", e))
+    };
+    write(
+        "components",
+        components.iter().map(|c| format!("{c}\n")).collect(),
+    )?;
+    let etcd_data = etcd_data_dir(state);
+    write("etcd-data", etcd_data.display().to_string())?;
+    if components.contains(&Component::Kwok) {
+        write("kwok-stages.yaml", kwok_stages(tools, options)?)?;
+    }
+    let started = Instant::now();
+    for &component in &components {
+        let mut args = flags(component, state, &ports, &etcd_data);
+        args.extend(options.args.get(&component).into_iter().flatten().cloned());
+        let child = process::start(
+            state,
+            component.name(),
+            &tools.binary(component.name()),
+            &args,
+            lifetime,
+        )?;
+        if let Some(child) = child {
+            children.insert(component, child);
+        }
+        // etcd is ready when the API server is: its readiness covers its storage.
+        match component {
+            Component::Etcd => {}
+            Component::KubeApiserver => {
+                on_thread(wait_api_ready(state, children, &components))?;
+            }
+            other => wait_port(state, other, ports.of(other), children)?,
+        }
+        tracing::debug!(%component, elapsed = ?started.elapsed(), "ready");
+    }
+    on_thread(settle(state, options.nodes, &components, children))
+}
+
+/// The flags of `component`.
+fn flags(component: Component, state: &Path, ports: &Ports, etcd_data: &Path) -> Vec<String> {
+    let pki = |f: &str| pki::file(state, f);
+    let kubeconfig = state.join("kubeconfig").display().to_string();
+    let clients = || {
+        vec![
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+            "--bind-address=127.0.0.1".into(),
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics".into(),
+            "--leader-elect=false".into(),
+        ]
+    };
+    match component {
+        Component::Etcd => {
+            let (client, peer) = (ports.etcd, ports.etcd_peer);
+            vec![
+                "--name=test".into(),
+                format!("--data-dir={}", etcd_data.display()),
+                format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster=test=http://127.0.0.1:{peer}"),
+                "--unsafe-no-fsync=true".into(),
+                "--quota-backend-bytes=1073741824".into(),
+                "--log-level=warn".into(),
+            ]
+        }
+        Component::KubeApiserver => vec![
+            format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", ports.api),
+            format!("--tls-cert-file={}", pki("serving.crt")),
+            format!("--tls-private-key-file={}", pki("serving.key")),
+            format!("--client-ca-file={}", pki("ca.crt")),
+            "--authorization-mode=Node,RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", pki("sa.pub")),
+            format!("--service-account-signing-key-file={}", pki("sa.key")),
+            format!("--service-cluster-ip-range={}", pki::SERVICE_RANGE),
+            "--allow-privileged=false".into(),
+            "--profiling=false".into(),
+            "--v=1".into(),
+        ],
+        Component::KubeControllerManager => {
+            let mut args = clients();
+            args.extend([
+                format!("--secure-port={}", ports.kcm),
+                format!("--root-ca-file={}", pki("ca.crt")),
+                format!("--service-account-private-key-file={}", pki("sa.key")),
+                "--use-service-account-credentials=false".into(),
+                "--node-monitor-period=5s".into(),
+                "--node-monitor-grace-period=40s".into(),
+                "--v=1".into(),
+            ]);
+            args
+        }
+        Component::KubeScheduler => {
+            let mut args = clients();
+            args.push(format!("--secure-port={}", ports.scheduler));
+            args
+        }
+        Component::Kwok => vec![
+            format!("--kubeconfig={kubeconfig}"),
+            "--manage-all-nodes=false".into(),
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+            "--node-lease-duration-seconds=40".into(),
+            "--cidr=10.244.0.0/16".into(),
+            "--node-ip=127.0.0.1".into(),
+            format!("--server-address=127.0.0.1:{}", ports.kwok),
+            format!("--config={}", state.join("kwok-stages.yaml").display()),
+        ],
+    }
+}
+
+/// etcd's data directory: on tmpfs where there is one (much faster than a disk), else in `state`.
+fn etcd_data_dir(state: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let unique = state
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        shm.join(format!(
+            "kube-plan-etcd-{}-{unique}-{}",
+            std::process::id(),
+            super::unique_suffix()
+        ))
+    } else {
+        state.join("etcd")
+    }
+}
+
+/// KWOK's configuration: its own node stages (initialisation, heartbeats with leases) and the
+/// Pod stages.
+fn kwok_stages(tools: &Tools, options: &Options) -> Result<String, TestError> {
+    let nodes = tools
+        .kwok_node_stages
+        .as_deref()
+        .ok_or_else(|| TestError::Harness("KWOK's node stages are missing".into()))?;
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| harness(&format!("reading {}", p.display()), e))
+    };
+    let pods = match &options.pod_stages {
+        Some(path) => read(path)?,
+        None => DEFAULT_POD_STAGES.to_owned(),
+    };
+    Ok([
+        read(&nodes.join("fast/node-initialize.yaml"))?,
+        read(&nodes.join("heartbeat-with-lease/node-heartbeat-with-lease.yaml"))?,
+        pods,
+    ]
+    .join("\n---\n"))
+}
+
+/// An error if `component` has exited, with the end of its log.
+fn check_running(
+    state: &Path,
+    component: Component,
+    children: &mut BTreeMap<Component, Child>,
+) -> Result<(), TestError> {
+    let exited = match children.get_mut(&component) {
+        Some(child) => child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|status| status.to_string()),
+        None => (!process::alive(state, component.name())).then(|| "gone".to_owned()),
+    };
+    match exited {
+        None => Ok(()),
+        Some(status) => Err(TestError::Harness(format!(
+            "{component} exited during start-up ({status}); its log ends:\n{}",
+            process::log_tail(state, component.name(), 20)
+        ))),
+    }
+}
+
+/// Waits until something listens on `port`, or `component` exits.
+fn wait_port(
+    state: &Path,
+    component: Component,
+    port: u16,
+    children: &mut BTreeMap<Component, Child>,
+) -> Result<(), TestError> {
+    let deadline = Instant::now() + COMPONENT_WITHIN;
+    loop {
+        check_running(state, component, children)?;
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(TestError::Harness(format!(
+                "{component} did not open port {port} within {COMPONENT_WITHIN:?}; its log ends:\n{}",
+                process::log_tail(state, component.name(), 20)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `fut` to completion on a thread of its own with a runtime of its own: this may be called
+/// from inside a test's runtime, which cannot be blocked on.
+fn on_thread<F>(fut: F) -> Result<(), TestError>
+where
+    F: Future<Output = Result<(), TestError>> + Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| harness("starting a runtime", e))?
+                    .block_on(fut)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(TestError::Harness("a start-up wait panicked".into())))
+    })
+}
+
+async fn admin_client(state: &Path) -> Result<kube::Client, TestError> {
+    let path = state.join("kubeconfig");
+    let kc = kube::config::Kubeconfig::read_from(&path)
         .map_err(|e| harness("reading the kubeconfig", e))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .map_err(|e| harness("reading the kubeconfig", e))?;
-    let client = kube::Client::try_from(config).map_err(|e| harness("making a client", e))?;
-    let deadline = Instant::now() + READY_WITHIN;
+    kube::Client::try_from(config).map_err(|e| harness("making a client", e))
+}
+
+/// Asks `/readyz` every 200 ms until it answers, a started component exits, or
+/// [`APISERVER_WITHIN`] passes.
+async fn wait_api_ready(
+    state: &Path,
+    children: &mut BTreeMap<Component, Child>,
+    components: &[Component],
+) -> Result<(), TestError> {
+    let client = admin_client(state).await?;
+    let deadline = Instant::now() + APISERVER_WITHIN;
     let mut last = String::from("not asked yet");
     while Instant::now() < deadline {
-        for (name, child) in &mut children {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log =
-                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                return Err(TestError::Harness(format!(
-                    "{name} exited ({status}) at start; its log ends:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )));
-            }
+        for &c in components
+            .iter()
+            .take_while(|&&c| c <= Component::KubeApiserver)
+        {
+            check_running(state, c, children)?;
         }
         let asked = match http::Request::get("/readyz").body(Vec::new()) {
             Ok(request) => client
@@ -182,24 +640,144 @@ async fn poll_ready(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(TestError::Harness(format!(
-        "kube-apiserver not ready within {READY_WITHIN:?}: {last}"
+        "kube-apiserver not ready within {APISERVER_WITHIN:?}: {last}; its log ends:\n{}",
+        process::log_tail(state, "kube-apiserver", 20)
     )))
 }
 
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        for child in [&mut self.apiserver, &mut self.etcd] {
-            let _ = child.kill();
-            let _ = child.wait();
+/// Creates the simulated nodes and waits until they are Ready, and, with a controller manager,
+/// until the `default` ServiceAccount exists (Pods cannot be created before it).
+async fn settle(
+    state: &Path,
+    nodes: u32,
+    components: &[Component],
+    children: &mut BTreeMap<Component, Child>,
+) -> Result<(), TestError> {
+    let client = admin_client(state).await?;
+    if nodes > 0 {
+        let api: Api<Node> = Api::all(client.clone());
+        for i in 0..nodes {
+            let node = simulated_node(&format!("kwok-node-{i}"), &BTreeMap::new());
+            match api.create(&PostParams::default(), &node).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(TestError::Api(format!("creating node kwok-node-{i}"), e)),
+            }
         }
+        // KWOK readies nodes at its own pace: a minute plus 0.1 s a node. One list per poll.
+        let within = Duration::from_secs(60) + Duration::from_millis(100) * nodes;
+        let deadline = Instant::now() + within;
+        let list = ListParams::default().labels("type=kwok");
+        loop {
+            check_running(state, Component::Kwok, children)?;
+            let nodes_ready = match api.list(&list).await {
+                Ok(list) => list
+                    .items
+                    .iter()
+                    .filter(|n| super::node_is_ready(n))
+                    .count(),
+                Err(_) => 0,
+            };
+            if nodes_ready >= nodes as usize {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(TestError::Harness(format!(
+                    "simulated nodes did not become Ready ({nodes_ready} of {nodes}); KWOK's log ends:\n{}",
+                    process::log_tail(state, "kwok", 20)
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    if components.contains(&Component::KubeControllerManager) {
+        let api: Api<ServiceAccount> = Api::namespaced(client, "default");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(api.get_opt("default").await, Ok(Some(_))) {
+            check_running(state, Component::KubeControllerManager, children)?;
+            if Instant::now() > deadline {
+                return Err(TestError::Harness(format!(
+                    "no default ServiceAccount within 30 s; kube-controller-manager's log ends:\n{}",
+                    process::log_tail(state, "kube-controller-manager", 20)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Stops `component` and starts it again with its recorded flags; waits until the API server is
+/// ready again and the component still runs.
+fn restart(
+    state: &Path,
+    component: Component,
+    lifetime: Lifetime,
+    children: &mut BTreeMap<Component, Child>,
+) -> Result<(), TestError> {
+    let name = component.name();
+    let args = process::recorded_args(state, name)?;
+    let exe = process::recorded_exe(state, name).ok_or_else(|| {
+        TestError::Harness(format!("no {component} recorded in {}", state.display()))
+    })?;
+    process::stop(state, name, children.get_mut(&component));
+    children.remove(&component);
+    if let Some(child) = process::start(state, name, &exe, &args, lifetime)? {
+        children.insert(component, child);
+    }
+    let components = started_components(state);
+    on_thread(wait_api_ready(state, children, &components))?;
+    check_running(state, component, children)
+}
+
+/// Stops whatever runs in `state`: first the [`ON_STOP`] hook, then processes that joined the
+/// cluster, then the components in reverse start order; removes etcd's data.
+fn stop_all(state: &Path, children: &mut BTreeMap<Component, Child>) {
+    let hook = state.join(ON_STOP);
+    if hook.is_file() {
+        match std::process::Command::new(&hook)
+            .env("KUBE_PLAN_CLUSTER_STATE", state)
+            .status()
+        {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                tracing::warn!(hook = %hook.display(), %status, "the on-stop hook failed")
+            }
+            Err(e) => {
+                tracing::warn!(hook = %hook.display(), error = %e, "the on-stop hook did not run")
+            }
+        }
+    }
+    let components: Vec<&str> = Component::ALL.iter().map(|c| c.name()).collect();
+    for joined in process::recorded_names(state) {
+        if !components.contains(&joined.as_str()) {
+            process::stop(state, &joined, None);
+        }
+    }
+    for component in Component::ALL.into_iter().rev() {
+        process::stop(state, component.name(), children.get_mut(&component));
+    }
+    children.clear();
+    if let Ok(data) = std::fs::read_to_string(state.join("etcd-data")) {
+        remove_etcd_data(Path::new(data.trim()));
     }
 }
 
-/// Removes the directories of control planes whose process has ended. A shared cluster lives in a
-/// `static`, which is never dropped: its processes die with the test process (parent-death
-/// signal), but its directory (certificates, etcd's data, logs) would stay behind. A directory
+/// Removes etcd's data directory, if it is one of ours (on tmpfs, or inside a state directory).
+fn remove_etcd_data(data: &Path) {
+    let ours = data
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("kube-plan-etcd-") || n == "etcd");
+    if ours && data.exists() {
+        let _ = std::fs::remove_dir_all(data);
+    }
+}
+
+/// Removes the directories (and etcd data) of private control planes whose process has ended: a
+/// process that ends without dropping its cluster (a `static`, a test binary that exits) has its
+/// processes killed by the parent-death signal, but its files would stay behind. A directory
 /// without an owner file, or whose owner runs, is left alone.
-fn remove_stale_dirs() {
+pub(crate) fn remove_stale_dirs() {
     let proc = Path::new("/proc");
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -216,15 +794,15 @@ fn remove_stale_dirs() {
             .and_then(|pid| pid.trim().parse::<u32>().ok());
         if let Some(pid) = owner
             && !proc.join(pid.to_string()).exists()
-            && let Err(e) = std::fs::remove_dir_all(entry.path())
         {
-            tracing::debug!(dir = %entry.path().display(), error = %e, "could not remove a stale control plane's directory");
+            if let Ok(data) = std::fs::read_to_string(entry.path().join("etcd-data")) {
+                remove_etcd_data(Path::new(data.trim()));
+            }
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::debug!(dir = %entry.path().display(), error = %e, "could not remove a stale control plane's directory");
+            }
         }
     }
-}
-
-fn harness(what: &str, e: impl std::fmt::Display) -> TestError {
-    TestError::Harness(format!("{what}: {e}"))
 }
 
 fn free_port() -> Result<u16, TestError> {
@@ -234,151 +812,10 @@ fn free_port() -> Result<u16, TestError> {
         .map_err(|e| harness("finding a free port", e))
 }
 
-/// Starts `bin` with its output in `log`, through the spawner thread.
-fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child, TestError> {
-    let out = std::fs::File::create(log).map_err(|e| harness("creating a log", e))?;
-    let err = out.try_clone().map_err(|e| harness("creating a log", e))?;
-    let mut cmd = Command::new(bin);
-    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
-    spawner(cmd).map_err(|e| harness(&format!("starting {}", bin.display()), e))
-}
-
-type Spawn = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Spawns `cmd` from one thread that lives as long as the process, with a parent-death signal:
-/// Linux sends it when the thread that spawned the child ends, so a child of a test's own thread
-/// would die with that test, and one of this thread dies only with the process.
-fn spawner(cmd: Command) -> std::io::Result<Child> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Spawn>>> = OnceLock::new();
-    let sender = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Spawn>();
-        std::thread::Builder::new()
-            .name("kube-plan-test-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(spawn_with_parent_death(&mut cmd));
-                }
-                // The sender lives in a static: the loop ends only with the process.
-            })
-            .map(|_| ())
-            .unwrap_or_default();
-        Mutex::new(tx)
-    });
-    let (reply, answer) = mpsc::channel();
-    sender
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send((cmd, reply))
-        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
-}
-
-#[cfg(target_os = "linux")]
-fn spawn_with_parent_death(cmd: &mut Command) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which is
-    // async-signal-safe; it touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    cmd.spawn()
-}
-
-#[cfg(not(target_os = "linux"))]
-fn spawn_with_parent_death(cmd: &mut Command) -> std::io::Result<Child> {
-    cmd.spawn()
-}
-
-/// Writes the certificates and keys of a control plane into `dir`: `ca.crt`, `serving.crt`/`.key`
-/// (127.0.0.1, localhost), `admin.crt`/`.key` (`system:masters`) and the service account key pair
-/// `sa.key`/`sa.pub`.
-fn write_pki(dir: &Path) -> Result<(), TestError> {
-    let cert = |e: rcgen::Error| harness("making certificates", e);
-    let ca_key = KeyPair::generate().map_err(cert)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(cert)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "kube-plan test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).map_err(cert)?;
-    let issuer = Issuer::new(ca, &ca_key);
-    // A certificate the CA signs, with its key.
-    let leaf = |names: &[&str], subject: &[(DnType, &str)], usage| {
-        let key = KeyPair::generate()?;
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
-        for (kind, value) in subject {
-            params.distinguished_name.push(kind.clone(), *value);
-        }
-        params.extended_key_usages = vec![usage];
-        Ok::<_, rcgen::Error>((params.signed_by(&key, &issuer)?, key))
-    };
-    let (serving_cert, serving_key) = leaf(
-        &["127.0.0.1", "localhost"],
-        &[(DnType::CommonName, "kube-apiserver")],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )
-    .map_err(cert)?;
-    let (admin_cert, admin_key) = leaf(
-        &[],
-        &[
-            (DnType::CommonName, "admin"),
-            (DnType::OrganizationName, "system:masters"),
-        ],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )
-    .map_err(cert)?;
-    let sa_key = KeyPair::generate().map_err(cert)?;
-    for (file, pem) in [
-        ("ca.crt", ca_cert.pem()),
-        ("serving.crt", serving_cert.pem()),
-        ("serving.key", serving_key.serialize_pem()),
-        ("admin.crt", admin_cert.pem()),
-        ("admin.key", admin_key.serialize_pem()),
-        ("sa.key", sa_key.serialize_pem()),
-        ("sa.pub", sa_key.public_key_pem()),
-    ] {
-        std::fs::write(dir.join(file), pem).map_err(|e| harness("writing certificates", e))?;
-    }
-    Ok(())
-}
-
-/// Writes `kubeconfig` for the admin user, certificates embedded by path.
-fn write_kubeconfig(dir: &Path, port: u16) -> Result<(), TestError> {
-    let path = |f: &str| dir.join(f).display().to_string();
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": format!("https://127.0.0.1:{port}"),
-            "certificate-authority": path("ca.crt"),
-        }}],
-        "users": [{"name": "admin", "user": {
-            "client-certificate": path("admin.crt"),
-            "client-key": path("admin.key"),
-        }}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
-        "current-context": "test",
-    });
-    // JSON is YAML: kubectl and kube read it as a kubeconfig.
-    std::fs::write(dir.join("kubeconfig"), config.to_string())
-        .map_err(|e| harness("writing the kubeconfig", e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn smoke_stale_control_plane_directories_are_removed_and_live_ones_kept() {
@@ -405,5 +842,14 @@ mod tests {
         for dir in [live, unowned] {
             std::fs::remove_dir_all(dir).unwrap();
         }
+    }
+
+    #[test]
+    fn smoke_components_are_named_as_their_binaries() {
+        for c in Component::ALL {
+            assert_eq!(c.name().parse::<Component>().unwrap(), c);
+        }
+        let err = "kubelet".parse::<Component>().unwrap_err().to_string();
+        assert!(err.contains("kube-apiserver"), "{err}");
     }
 }

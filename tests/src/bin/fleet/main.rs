@@ -27,7 +27,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use kube_plan::testing::{TestCluster, simulated_node};
+use kube_plan::testing::{Component, TestCluster, simulated_node};
 use report::Report;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -132,17 +132,18 @@ async fn bench(args: Args) -> Result<(), Error> {
     // kube-controller-manager's client allows 20 requests/s by default: lifting the creation
     // taints of 5000 nodes then takes many minutes. A large cluster's controller manager is given
     // more; so is this one.
-    let mut kcm = String::from("--kube-api-qps=200 --kube-api-burst=400");
+    let mut kcm = vec![
+        "--kube-api-qps=200".to_owned(),
+        "--kube-api-burst=400".to_owned(),
+    ];
     if let Some(s) = args.node_monitor_grace {
-        kcm.push_str(&format!(" --node-monitor-grace-period={s}s"));
+        kcm.push(format!("--node-monitor-grace-period={s}s"));
     }
-    let cluster = TestCluster::start_with_env(
-        args.nodes,
-        &[
-            ("KUBE_APISERVER_EXTRA_ARGS", &extra),
-            ("KCM_EXTRA_ARGS", &kcm),
-        ],
-    )?;
+    let cluster = TestCluster::builder()
+        .nodes(args.nodes)
+        .args(Component::KubeApiserver, extra)
+        .args(Component::KubeControllerManager, kcm)
+        .start()?;
     eprintln!(
         "[fleet] cluster up in {:.0} s",
         started.elapsed().as_secs_f64()
