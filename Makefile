@@ -14,7 +14,7 @@ deps:
 	tests/harness/deps.sh
 
 tools:
-	tests/harness/tools.sh ensure
+	framework/tools/tools.sh ensure
 
 down:
 	KUBE_PLAN_CLUSTER_STATE=$(CURDIR)/target/demo-cluster cargo run -q -p e2e --bin cluster -- down

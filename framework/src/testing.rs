@@ -9,8 +9,8 @@
 //!    whole cluster if `kube-controller-manager`, `kube-scheduler`, `kwok` and KWOK's node stages
 //!    (`kwok-node-stages/`) are there too;
 //! 2. `KUBE_PLAN_TOOLS`, a directory holding all of them;
-//! 3. a `tests/harness/tools.sh` above the crate under test, which builds them once per machine
-//!    from the Go module proxy (this repository's).
+//! 3. `tools/tools.sh`, shipped with this crate, which builds them once per machine from the Go
+//!    module proxy (Go needed) into `~/.cache/kube-plan-tools`.
 //!
 //! With `KUBECONFIG` set, [`TestCluster::shared`] attaches to that cluster instead.
 //!

@@ -7,7 +7,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 # A cluster of its own, so a demo never meets a test run's objects.
 export KUBE_PLAN_CLUSTER_STATE=${KUBE_PLAN_CLUSTER_STATE:-$REPO/target/demo-cluster}
 STATE=$KUBE_PLAN_CLUSTER_STATE
-BIN=$("$HERE/tools.sh" ensure | tail -n1)
+BIN=$("$REPO/framework/tools/tools.sh" ensure | tail -n1)
 echo "[demo] building drop and the cluster tool" >&2
 cargo build -q -p drop -p e2e --bin drop --bin cluster
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}

@@ -198,7 +198,7 @@ EOF
 up() {
   preflight
   local t0; t0=$(now_ms)
-  BIN=$("$HERE/tools.sh" bindir)
+  BIN=$("$REPO/framework/tools/tools.sh" bindir)
   rm -rf "$RN"; mkdir -p "$RN/logs" "$RN/pids"
   echo "$STATE" >"$OWNER"
   # The cluster runs this before it stops: the node goes first, and puts the machine back.
@@ -230,7 +230,7 @@ stop() {
 
 down() {
   [[ -d "$RN" ]] || return 0
-  BIN=${BIN:-$("$HERE/tools.sh" bindir 2>/dev/null || echo /nonexistent)}
+  BIN=${BIN:-$("$REPO/framework/tools/tools.sh" bindir 2>/dev/null || echo /nonexistent)}
   # The kubelet tears its Pods down first: their network namespaces go only through it (CNI DEL).
   if alive kubelet && alive containerd; then
     kubectl delete pods -A --field-selector "spec.nodeName=$NODE" --grace-period=0 --force --wait=false \
@@ -301,7 +301,7 @@ ensure() {
   mkdir -p "$STATE"
   exec 7>"$STATE/realnode.lock"
   flock 7
-  BIN=$("$HERE/tools.sh" bindir)
+  BIN=$("$REPO/framework/tools/tools.sh" bindir)
   if status >/dev/null 2>&1 && kubectl get node "$NODE" >/dev/null 2>&1; then
     env_lines
     return 0

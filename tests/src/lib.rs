@@ -335,13 +335,20 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
 
 /// Path of a tool the harness built or fetched (`helm`, `kubectl`, …).
 pub fn tool(name: &str) -> std::path::PathBuf {
-    let cache = std::env::var_os("DROP_E2E_CACHE")
+    tools_cache().join("bin").join(name)
+}
+
+/// Where `framework/tools/tools.sh` builds and links the binaries.
+pub fn tools_cache() -> std::path::PathBuf {
+    let home = || std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default());
+    std::env::var_os("KUBE_PLAN_TOOLS_CACHE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/drop-e2e")
-        });
-    cache.join("bin").join(name)
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| home().join(".cache"))
+                .join("kube-plan-tools")
+        })
 }
 
 /// The repository root.

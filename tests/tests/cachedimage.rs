@@ -221,7 +221,7 @@ async fn cachedimage_basic_caches_on_every_matching_node() {
     .unwrap();
 
     // kubectl wait understands the Ready condition.
-    let bin = std::env::var("HOME").unwrap() + "/.cache/drop-e2e/bin/kubectl";
+    let bin = e2e::tool("kubectl");
     let cluster = TestCluster::shared().unwrap();
     e2e::run_ok(
         std::process::Command::new(bin)

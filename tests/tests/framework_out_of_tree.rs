@@ -19,7 +19,7 @@ fn envtest_assets() -> tempfile::TempDir {
 fn assets_with(binaries: &[&str]) -> tempfile::TempDir {
     let repo = e2e::repo();
     let out = Command::new("bash")
-        .arg(repo.join("tests/harness/tools.sh"))
+        .arg(repo.join("framework/tools/tools.sh"))
         .arg("ensure")
         .output()
         .expect("running tools.sh");
@@ -103,7 +103,7 @@ async fn framework_test_cluster_from_a_whole_assets_directory_runs_pods_on_simul
         "kube-scheduler",
         "kwok",
     ]);
-    let cache = dirs_cache().join("kwok-node-stages");
+    let cache = e2e::tools_cache().join("kwok-node-stages");
     for file in [
         "fast/node-initialize.yaml",
         "heartbeat-with-lease/node-heartbeat-with-lease.yaml",
@@ -177,14 +177,6 @@ async fn framework_test_cluster_from_a_whole_assets_directory_runs_pods_on_simul
     assert!(!state.exists(), "the cluster's directory is left");
 }
 
-/// The harness's tool cache (where `tools.sh` builds and links the binaries).
-fn dirs_cache() -> PathBuf {
-    std::env::var_os("DROP_E2E_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("drop-e2e")))
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/drop-e2e"))
-}
-
 /// A second test file for the consumer crate, beside the tutorial's: a shared cluster is a static
 /// that is never dropped, and its processes must still end with the test process.
 const SHARED_TEST: &str = r#"
@@ -197,6 +189,27 @@ async fn shared_cluster_serves_and_is_never_dropped() {
     let client = cluster.client().await.unwrap();
     let ns = cluster.namespace(&client, "shared").await.unwrap();
     assert!(!ns.name().is_empty());
+}
+"#;
+
+/// A third test file, run with nothing set at all: the crate builds (or finds in its cache) the
+/// binaries of a whole cluster, and a test gets simulated nodes.
+const NODES_TEST: &str = r#"
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube_plan::testing::TestCluster;
+
+#[tokio::test]
+async fn a_private_cluster_has_ready_simulated_nodes() {
+    kube_plan::install_crypto_provider();
+    let cluster = TestCluster::start(2).expect("a whole cluster from the crate's own tools");
+    let client = cluster.client().await.unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let nodes = cluster
+        .add_nodes(&client, "extra", 1, &Default::default())
+        .await
+        .expect("KWOK readies an added node");
+    assert_eq!(nodes.names(), ["extra-0"]);
 }
 "#;
 
@@ -284,6 +297,7 @@ fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
         std::fs::write(file, text).unwrap();
     }
     std::fs::write(dir.join("tests/shared.rs"), SHARED_TEST).unwrap();
+    std::fs::write(dir.join("tests/nodes.rs"), NODES_TEST).unwrap();
     // The workspace's lock file pins the versions this repository builds with, so the consumer
     // resolves offline from the local registry cache.
     std::fs::copy(repo.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
@@ -291,19 +305,26 @@ fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
     // Its own target directory under this workspace's (a nested cargo must not wait on the lock
     // of the one running this test), kept between runs.
     let target = e2e::target_dir().join("out-of-tree");
-    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["test", "--offline", "--", "--nocapture"])
-        .current_dir(dir)
-        .env("CARGO_TARGET_DIR", &target)
+    let cargo_test = |tests: &[&str]| {
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args(["test", "--offline"])
+            .args(tests.iter().flat_map(|t| ["--test", t]))
+            .args(["--", "--nocapture"])
+            .current_dir(dir)
+            .env("CARGO_TARGET_DIR", &target)
+            // No debug information: the build is only run, never debugged, and full debug
+            // information costs about 1.5 GB of a disk this machine shares.
+            .env("CARGO_PROFILE_DEV_DEBUG", "false")
+            // Nothing of this repository's: no cluster, no directory of binaries.
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBEBUILDER_ASSETS")
+            .env_remove("KUBE_PLAN_TOOLS")
+            .env_remove("KUBE_PLAN_CLUSTER_STATE")
+            .env_remove("RUSTFLAGS");
+        cmd
+    };
+    let out = cargo_test(&["greeting", "shared"])
         .env("KUBEBUILDER_ASSETS", assets.path())
-        // No debug information: the build is only run, never debugged, and full debug information
-        // costs about 1.5 GB of a disk this machine shares.
-        .env("CARGO_PROFILE_DEV_DEBUG", "false")
-        // Nothing of this repository's: no harness script, no shared cluster.
-        .env_remove("KUBECONFIG")
-        .env_remove("KUBE_PLAN_TOOLS")
-        .env_remove("KUBE_PLAN_CLUSTER_STATE")
-        .env_remove("RUSTFLAGS")
         .output()
         .expect("running cargo test in the consumer crate");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -323,6 +344,20 @@ fn framework_out_of_tree_crate_tests_its_operator_with_kube_plan_alone() {
     for line in stdout.lines().filter(|l| l.starts_with("test result")) {
         println!("consumer crate: {line}");
     }
+    // With nothing set, the crate's own tools give a whole cluster with simulated nodes.
+    let out = cargo_test(&["nodes"])
+        .output()
+        .expect("running cargo test in the consumer crate");
+    let nodes_out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the consumer's node test failed\n--- stdout\n{nodes_out}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        nodes_out.contains("test a_private_cluster_has_ready_simulated_nodes ... ok"),
+        "{nodes_out}"
+    );
     // The consumer's test process has exited: nothing it started may still run, the shared
     // cluster's etcd and kube-apiserver included.
     // The kernel delivers the parent-death signal as the process ends: wait for it, with a deadline.

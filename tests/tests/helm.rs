@@ -23,7 +23,7 @@ fn helm(args: &[&str], kubeconfig: Option<&std::path::Path>) -> (bool, String) {
     }
     let out = cmd
         .output()
-        .expect("run helm (built by tests/harness/tools.sh)");
+        .expect("run helm (built by framework/tools/tools.sh)");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

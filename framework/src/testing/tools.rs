@@ -2,9 +2,9 @@
 //!
 //! In order: `KUBE_PLAN_TOOLS` (a directory holding etcd, kube-apiserver and, for the whole cluster,
 //! kube-controller-manager, kube-scheduler and kwok, with KWOK's node stages in `kwok-node-stages`
-//! beside it or inside it); else a `tests/harness/tools.sh` in an ancestor of the crate under test,
-//! which builds them once per machine from the Go module proxy and prints their directory.
-//! `KUBEBUILDER_ASSETS` (etcd and kube-apiserver only) is handled by the caller.
+//! beside it or inside it); else `tools/tools.sh`, shipped with this crate, which builds them once
+//! per machine from the Go module proxy (when Go is installed) and prints their directory.
+//! `KUBEBUILDER_ASSETS` is handled by the caller.
 
 use super::TestError;
 use super::process::harness;
@@ -13,6 +13,9 @@ use std::process::Command;
 
 /// The environment variable naming a directory of cluster binaries.
 pub(crate) const TOOLS: &str = "KUBE_PLAN_TOOLS";
+
+/// The script that builds the binaries, as shipped with this crate.
+const BUILDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/tools.sh");
 
 /// The binaries of a control plane, and what of a whole cluster is there.
 #[derive(Clone, Debug)]
@@ -39,30 +42,22 @@ impl Tools {
         }
     }
 
-    /// `KUBE_PLAN_TOOLS`, else the repository's `tests/harness/tools.sh ensure`.
+    /// `KUBE_PLAN_TOOLS`, else the crate's `tools/tools.sh ensure`.
     pub(crate) fn locate() -> Result<Self, TestError> {
         if let Some(dir) = std::env::var_os(TOOLS) {
             return Ok(Self::at(Path::new(&dir)));
         }
-        let start = std::env::var_os("CARGO_MANIFEST_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::current_dir().ok())
-            .unwrap_or_default();
-        let script = start
-            .ancestors()
-            .map(|d| d.join("tests/harness/tools.sh"))
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                TestError::Harness(format!(
-                    "no cluster binaries: set KUBEBUILDER_ASSETS to a directory holding etcd and \
-                     kube-apiserver (setup-envtest use -p path), or {TOOLS} to one that also holds \
-                     kube-controller-manager, kube-scheduler and kwok (searched for \
-                     tests/harness/tools.sh above {} too)",
-                    start.display()
-                ))
-            })?;
+        let script = Path::new(BUILDER);
+        if !script.is_file() {
+            return Err(TestError::Harness(format!(
+                "no cluster binaries: set KUBEBUILDER_ASSETS to a directory holding etcd and \
+                 kube-apiserver (setup-envtest use -p path), or {TOOLS} to one that also holds \
+                 kube-controller-manager, kube-scheduler and kwok ({BUILDER}, which builds them, \
+                 is not there)"
+            )));
+        }
         let out = Command::new("bash")
-            .arg(&script)
+            .arg(script)
             .arg("ensure")
             .output()
             .map_err(|e| harness(&format!("running {}", script.display()), e))?;

