@@ -1,9 +1,11 @@
 //! Binds a [`Reconciler`] to watches and carries out the plans it returns: this file declares a
 //! controller and starts its watches; `controller/runtime.rs` runs each reconcile.
 
+mod relist;
 mod runtime;
 mod triggers;
 
+use relist::Relist;
 use runtime::Runtime;
 use triggers::Triggers;
 
@@ -534,6 +536,7 @@ where
         let shown = Arc::clone(&written);
         let triggers = Arc::new(Triggers::default());
         let noted = Arc::clone(&triggers);
+        let mut relist = Relist::new(primary_reader.clone());
         let primary_stream = reflector::reflector(primary_writer, primary_events)
             .default_backoff()
             // The event of the controller's own status write wakes nothing: it holds what the
@@ -542,6 +545,11 @@ where
             // objects while others waited (kube-runtime picks among waiting objects in hash
             // order, not in order of arrival).
             .try_filter(move |event| {
+                // Objects deleted while the watch was down are missing from its re-list, with no
+                // Delete event: they are forgotten as if one had come.
+                for gone in relist.observe(event) {
+                    let _ = deleted_tx.send(R::Resource::clone(&gone));
+                }
                 let wake = match event {
                     watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
                         !shown.seen(&obj.uid().unwrap_or_else(|| obj.name_any()), obj)

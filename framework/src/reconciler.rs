@@ -199,7 +199,8 @@ where
 
     /// Called when the object starts being deleted (its deletionTimestamp is set: it is not
     /// reconciled any more, even if someone else's finalizer keeps it for a long time) and again when
-    /// the watch reports it gone: forget in-memory state kept about it. Must be idempotent and quick;
+    /// the watch reports it gone, or a re-list after a broken watch shows it missing: forget
+    /// in-memory state kept about it. Must be idempotent and quick;
     /// the second call runs on the watch's task and must not block.
     fn deleted(&self, obj: &Self::Resource) {
         let _ = obj;

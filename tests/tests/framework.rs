@@ -857,3 +857,172 @@ async fn framework_an_object_changed_while_it_waits_for_a_worker_runs_once_for_i
     // One run, which read b after its change: the triggers that came while it waited are answered.
     assert_eq!(b, [true], "b's runs, with the `hot` each saw");
 }
+
+/// Does nothing but record which objects it reconciled and which it was told are gone.
+#[derive(Clone, Default)]
+struct Recording {
+    reconciled: Arc<Mutex<Vec<String>>>,
+    deleted: Arc<Mutex<Vec<String>>>,
+}
+
+impl Reconciler for Recording {
+    type Resource = Holder;
+    type Error = kube_plan::children::ChildError;
+
+    async fn reconcile(&self, h: &Holder, _: &Context) -> Result<Plan<Holder>, Self::Error> {
+        self.reconciled
+            .lock()
+            .unwrap()
+            .push(kube::ResourceExt::name_any(h));
+        Ok(Plan::new())
+    }
+
+    fn deleted(&self, h: &Holder) {
+        self.deleted
+            .lock()
+            .unwrap()
+            .push(kube::ResourceExt::name_any(h));
+    }
+}
+
+#[tokio::test]
+async fn framework_a_deletion_hidden_by_a_relist_still_reaches_the_reconciler() {
+    use kube::api::{DeleteParams, ListParams, WatchEvent, WatchParams};
+    use kube_plan::testing::{Component, TestCluster};
+    kube_plan::install_crypto_provider();
+    kube_plan::testing::init_logging();
+    // Watches that cannot resume from a version the operator missed: no watch cache in the API
+    // server, and etcd's history compacted every second.
+    let cluster = TestCluster::builder()
+        .args(
+            Component::KubeApiserver,
+            ["--watch-cache=false", "--etcd-compaction-interval=1s"],
+        )
+        .start()
+        .expect("a cluster whose watches do not resume");
+    let client = cluster.client().await.unwrap();
+    let ns = cluster.namespace(&client, "fw-relist").await.unwrap();
+    // While `hold` is set, the operator's watch requests for Holders wait (a network partition
+    // between the operator and the API server); `waiting` counts those that arrived.
+    let (hold, held) = watch::channel(false);
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let arrived = waiting.clone();
+    let hook: e2e::Hook = Arc::new(move |_, uri| {
+        let watch = uri.path().ends_with("/holders")
+            && uri.query().is_some_and(|q| q.contains("watch=true"));
+        let mut held = held.clone();
+        (watch && *held.borrow()).then(|| {
+            arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                let _ = held.wait_for(|h| !*h).await;
+            }) as futures::future::BoxFuture<'static, ()>
+        })
+    });
+    let recording = Recording::default();
+    let operator = Operator::new(
+        "framework-e2e-relist",
+        e2e::hooked_client(&cluster, hook).await,
+    )
+    .install_crds(vec![kube_plan::crd::build::<Holder>()])
+    .controller(
+        Controller::new("recording", recording.clone())
+            // Lists (not watches) fill the cache, so a re-list is not held with the watches.
+            .initial_list(kube_plan::initial_list::InitialList::Listed)
+            // Each watch ends after a second and is made again from where it stopped.
+            .primary_watch(
+                watcher::Config::default()
+                    .fields(&format!("metadata.namespace={}", ns.name()))
+                    .timeout(1),
+            ),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(operator.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let holders: Api<Holder> = Api::namespaced(client.clone(), ns.name());
+    for name in ["gone", "kept"] {
+        eventually(Duration::from_secs(30), "Holder created", || async {
+            holders
+                .create(&PostParams::default(), &Holder::new(name, HolderSpec {}))
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+    }
+    eventually(Duration::from_secs(30), "both reconciled", || async {
+        let seen = recording.reconciled.lock().unwrap().clone();
+        if ["gone", "kept"].iter().all(|n| seen.iter().any(|s| s == n)) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await
+    .unwrap();
+
+    // Partitioned: once a watch request waits, none runs, and the deletion goes unseen.
+    hold.send_replace(true);
+    eventually(Duration::from_secs(30), "a watch request held", || async {
+        match waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => Err("none yet"),
+            _ => Ok(()),
+        }
+    })
+    .await
+    .unwrap();
+    let before = holders
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    holders
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The history the held watch would resume from is compacted away: resuming now is refused.
+    eventually(
+        Duration::from_secs(30),
+        "the old version compacted",
+        || async {
+            let wp = WatchParams::default().timeout(1);
+            let mut events = holders
+                .watch(&wp, &before)
+                .await
+                .map_err(|e| e.to_string())?
+                .boxed();
+            match events.next().await {
+                Some(Ok(WatchEvent::Error(e))) if e.code == 410 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        recording.deleted.lock().unwrap().is_empty(),
+        "nothing was seen deleted during the partition"
+    );
+
+    // Healed: the watch cannot resume, the watcher lists again, and "gone" is not in the list.
+    hold.send_replace(false);
+    eventually(
+        Duration::from_secs(30),
+        "the reconciler told of the deletion",
+        || async {
+            let deleted = recording.deleted.lock().unwrap().clone();
+            if deleted.iter().any(|n| n == "gone") {
+                Ok(deleted)
+            } else {
+                Err(format!("{deleted:?}"))
+            }
+        },
+    )
+    .await
+    .map(|deleted| assert!(!deleted.contains(&"kept".to_owned()), "{deleted:?}"))
+    .unwrap();
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
