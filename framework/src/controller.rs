@@ -5,7 +5,7 @@ mod relist;
 mod runtime;
 mod triggers;
 
-use relist::Relist;
+use relist::with_hidden_deletions;
 use runtime::Runtime;
 use triggers::Triggers;
 
@@ -222,20 +222,15 @@ where
             move |client, ctrl, primaries, label_key, kinds, initial| {
                 let api = make_api(client);
                 let (reader, writer) = reflector::store::<C>();
-                let stream = reflector::reflector(
-                    writer,
-                    trimmed(
-                        initial_list::watch(
-                            api,
-                            watcher::Config::default().labels(label_key),
-                            initial,
-                        ),
-                        kinds.get::<TrimFn<C>>(),
-                    ),
-                )
-                .default_backoff()
-                .try_filter(waking(kinds.get::<WakeFn<C>>()))
-                .touched_objects();
+                let events = trimmed(
+                    initial_list::watch(api, watcher::Config::default().labels(label_key), initial),
+                    kinds.get::<TrimFn<C>>(),
+                );
+                let stream =
+                    with_hidden_deletions(reflector::reflector(writer, events), reader.clone())
+                        .default_backoff()
+                        .try_filter(waking(kinds.get::<WakeFn<C>>()))
+                        .touched_objects();
                 let store: Arc<dyn ChildStore> = Arc::new(TypedStore {
                     store: reader,
                     resource: ApiResource::erase::<C>(&()),
@@ -270,11 +265,12 @@ where
                     initial_list::watch(api, watcher::Config::default(), initial),
                     kinds.get::<TrimFn<O>>(),
                 );
-                let stream = reflector::reflector(writer, events)
-                    .default_backoff()
-                    .try_filter(waking(kinds.get::<WakeFn<O>>()))
-                    .map_ok(mark_deleted)
-                    .touched_objects();
+                let stream =
+                    with_hidden_deletions(reflector::reflector(writer, events), reader.clone())
+                        .default_backoff()
+                        .try_filter(waking(kinds.get::<WakeFn<O>>()))
+                        .map_ok(mark_deleted)
+                        .touched_objects();
                 let ready_store = reader.clone();
                 let ready = async move {
                     let _ = ready_store.wait_until_ready().await;
@@ -536,38 +532,35 @@ where
         let shown = Arc::clone(&written);
         let triggers = Arc::new(Triggers::default());
         let noted = Arc::clone(&triggers);
-        let mut relist = Relist::new(primary_reader.clone());
-        let primary_stream = reflector::reflector(primary_writer, primary_events)
-            .default_backoff()
-            // The event of the controller's own status write wakes nothing: it holds what the
-            // reconcile that wrote it already knew. Waking on it doubled the reconciles of every
-            // object whose status changed, and kept a saturated controller busy with the same
-            // objects while others waited (kube-runtime picks among waiting objects in hash
-            // order, not in order of arrival).
-            .try_filter(move |event| {
-                // Objects deleted while the watch was down are missing from its re-list, with no
-                // Delete event: they are forgotten as if one had come.
-                for gone in relist.observe(event) {
-                    let _ = deleted_tx.send(R::Resource::clone(&gone));
+        let primary_stream = with_hidden_deletions(
+            reflector::reflector(primary_writer, primary_events),
+            primary_reader.clone(),
+        )
+        .default_backoff()
+        // The event of the controller's own status write wakes nothing: it holds what the
+        // reconcile that wrote it already knew. Waking on it doubled the reconciles of every
+        // object whose status changed, and kept a saturated controller busy with the same
+        // objects while others waited (kube-runtime picks among waiting objects in hash
+        // order, not in order of arrival).
+        .try_filter(move |event| {
+            let wake = match event {
+                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                    !shown.seen(&obj.uid().unwrap_or_else(|| obj.name_any()), obj)
                 }
-                let wake = match event {
-                    watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
-                        !shown.seen(&obj.uid().unwrap_or_else(|| obj.name_any()), obj)
-                    }
-                    watcher::Event::Delete(obj) => {
-                        let _ = deleted_tx.send(obj.clone());
-                        true
-                    }
-                    watcher::Event::InitDone => {
-                        let _ = primary_ready_tx.send(true);
-                        true
-                    }
-                    watcher::Event::Init => true,
-                };
-                futures::future::ready(wake)
-            })
-            .touched_objects()
-            .inspect_ok(move |obj| noted.triggered(&ObjectRef::from_obj(obj)));
+                watcher::Event::Delete(obj) => {
+                    let _ = deleted_tx.send(obj.clone());
+                    true
+                }
+                watcher::Event::InitDone => {
+                    let _ = primary_ready_tx.send(true);
+                    true
+                }
+                watcher::Event::Init => true,
+            };
+            futures::future::ready(wake)
+        })
+        .touched_objects()
+        .inspect_ok(move |obj| noted.triggered(&ObjectRef::from_obj(obj)));
         let mut ctrl = KubeController::for_stream(primary_stream, primary_reader)
             .with_config(ControllerConfig::default().concurrency(0));
         for t in self.triggers {

@@ -1,8 +1,11 @@
 //! Deletions that a re-list hides. When a watch cannot resume (its resource version is gone, the
 //! API server restarted) the watcher lists again; an object deleted meanwhile is simply missing from
-//! the new list, and no Delete event ever comes for it. Its per-object state (triggers, status
-//! writes, applied children) and the reconciler's `deleted` hook would then wait for ever.
+//! the new list, and no Delete event ever comes for it. A primary's per-object state (triggers,
+//! status writes, applied children) and the reconciler's `deleted` hook would wait for ever, and
+//! the owner of a vanished child, or the objects a vanished related object maps to, would not wake.
+//! [`with_hidden_deletions`] puts the missing Delete events into the stream.
 
+use futures::{Stream, StreamExt};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -10,8 +13,32 @@ use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::Arc;
 
+/// `events` (after the reflector that fills `store`), with a Delete event for each object a
+/// re-list shows gone, just before the list's `InitDone`. The store already left them out.
+pub(super) fn with_hidden_deletions<K, E>(
+    events: impl Stream<Item = Result<watcher::Event<K>, E>>,
+    store: Store<K>,
+) -> impl Stream<Item = Result<watcher::Event<K>, E>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let mut relist = Relist::new(store);
+    events.flat_map(move |item| {
+        let gone = match &item {
+            Ok(event) => relist.observe(event),
+            Err(_) => Vec::new(),
+        };
+        futures::stream::iter(
+            gone.into_iter()
+                .map(|obj| Ok(watcher::Event::Delete(K::clone(&obj))))
+                .chain(std::iter::once(item)),
+        )
+    })
+}
+
 /// Compares what the cache held before a (re-)list with what the list brought.
-pub(super) struct Relist<K: Resource + 'static>
+struct Relist<K: Resource + 'static>
 where
     K::DynamicType: Eq + Hash + Clone,
 {
@@ -28,7 +55,7 @@ where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
-    pub(super) fn new(store: Store<K>) -> Self {
+    fn new(store: Store<K>) -> Self {
         Self {
             store,
             before: None,
@@ -38,7 +65,7 @@ where
 
     /// Takes in the next event, after the reflector applied it to the store; returns the objects
     /// a finished list showed to be gone.
-    pub(super) fn observe(&mut self, event: &watcher::Event<K>) -> Vec<Arc<K>> {
+    fn observe(&mut self, event: &watcher::Event<K>) -> Vec<Arc<K>> {
         match event {
             // The store still holds the old objects: it is replaced only when the list is done.
             watcher::Event::Init => {
@@ -133,5 +160,38 @@ mod tests {
         assert_eq!(second, ["a", "c"]);
         // Watch events between lists find nothing gone.
         assert!(feed(&mut writer, &mut relist, vec![Apply(cm("d", "5"))]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn relist_the_stream_gets_a_delete_before_the_list_is_done() {
+        use watcher::Event::{Delete, Init, InitApply, InitDone};
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let events = futures::stream::iter(
+            [
+                Init,
+                InitApply(cm("a", "1")),
+                InitDone,
+                Init,
+                InitApply(cm("b", "2")),
+                InitDone,
+            ]
+            .map(Ok::<_, watcher::Error>),
+        );
+        let out: Vec<String> = with_hidden_deletions(reflector::reflector(writer, events), store)
+            .map(|e| match e.unwrap() {
+                Init => "init".to_owned(),
+                InitApply(o) => format!("list {}", o.name_any()),
+                InitDone => "done".to_owned(),
+                Delete(o) => format!("delete {}", o.name_any()),
+                watcher::Event::Apply(o) => format!("apply {}", o.name_any()),
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            out,
+            [
+                "init", "list a", "done", "init", "list b", "delete a", "done"
+            ]
+        );
     }
 }
