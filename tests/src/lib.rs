@@ -351,6 +351,39 @@ pub fn tools_cache() -> std::path::PathBuf {
         })
 }
 
+/// Waits until Pod `name` reports `phase`, and returns it.
+pub async fn pod_in_phase(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    phase: &str,
+    within: std::time::Duration,
+) -> Result<k8s_openapi::api::core::v1::Pod, kube_plan::testing::Timeout> {
+    kube_plan::testing::eventually(within, &format!("Pod {name} {phase}"), || async {
+        let pod = pods.get(name).await.map_err(|e| e.to_string())?;
+        let now = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if now == Some(phase) {
+            Ok(pod)
+        } else {
+            Err(format!("phase {now:?}"))
+        }
+    })
+    .await
+}
+
+/// The PIDs recorded for the components of the cluster whose state is in `state`.
+pub fn recorded_pids(state: &std::path::Path) -> Vec<u32> {
+    kube_plan::testing::Component::ALL
+        .iter()
+        .map(|c| {
+            std::fs::read_to_string(state.join("pids").join(c.name()))
+                .unwrap_or_else(|e| panic!("pid file of {c}: {e}"))
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("pid file of {c}: {e}"))
+        })
+        .collect()
+}
+
 /// The repository root.
 pub fn repo() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

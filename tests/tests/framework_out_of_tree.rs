@@ -118,16 +118,7 @@ async fn framework_test_cluster_from_a_whole_assets_directory_runs_pods_on_simul
         .start()
         .unwrap();
     let state = cluster.state_dir().unwrap().to_owned();
-    let pids: Vec<String> = [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-        "kwok",
-    ]
-    .iter()
-    .map(|c| std::fs::read_to_string(state.join("pids").join(c)).unwrap())
-    .collect();
+    let pids = e2e::recorded_pids(&state);
     let client = cluster.client().await.unwrap();
     let nodes: Api<Node> = Api::all(client.clone());
     assert_eq!(
@@ -146,22 +137,11 @@ async fn framework_test_cluster_from_a_whole_assets_directory_runs_pods_on_simul
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    kube_plan::testing::eventually(
+    e2e::pod_in_phase(
+        &pods,
+        "once",
+        "Succeeded",
         std::time::Duration::from_secs(60),
-        "the Pod completes",
-        || async {
-            let phase = pods
-                .get("once")
-                .await
-                .map_err(|e| e.to_string())?
-                .status
-                .and_then(|s| s.phase);
-            if phase.as_deref() == Some("Succeeded") {
-                Ok(())
-            } else {
-                Err(format!("{phase:?}"))
-            }
-        },
     )
     .await
     .unwrap();
@@ -170,7 +150,7 @@ async fn framework_test_cluster_from_a_whole_assets_directory_runs_pods_on_simul
     drop(cluster);
     for pid in pids {
         assert!(
-            !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "process {pid} outlived its cluster"
         );
     }

@@ -54,21 +54,9 @@ async fn smoke_pod_on_simulated_node_is_pulled_and_completes() {
     )
     .await
     .unwrap();
-    let done = eventually(Duration::from_secs(30), "pod Succeeded", || async {
-        let p = pods.get("p").await.map_err(|e| e.to_string())?;
-        let phase = p
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.clone())
-            .unwrap_or_default();
-        if phase == "Succeeded" {
-            Ok(p)
-        } else {
-            Err(format!("phase {phase:?}"))
-        }
-    })
-    .await
-    .unwrap();
+    let done = e2e::pod_in_phase(&pods, "p", "Succeeded", Duration::from_secs(30))
+        .await
+        .unwrap();
     let image_id = done.status.unwrap().container_statuses.unwrap()[0]
         .image_id
         .clone();
@@ -211,31 +199,12 @@ async fn smoke_namespace_deletion_completes_with_pods_inside() {
     .unwrap();
 }
 
-fn recorded_pids(state: &Path) -> Vec<u32> {
-    [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-        "kwok",
-    ]
-    .iter()
-    .map(|c| {
-        std::fs::read_to_string(state.join("pids").join(c))
-            .unwrap_or_else(|e| panic!("pid file of {c}: {e}"))
-            .trim()
-            .parse()
-            .unwrap()
-    })
-    .collect()
-}
-
 #[tokio::test]
 async fn smoke_down_leaves_no_process_behind() {
     kube_plan::install_crypto_provider();
     let mut private = TestCluster::start(1).unwrap();
     let state = private.state_dir().unwrap().to_path_buf();
-    let pids = recorded_pids(&state);
+    let pids = e2e::recorded_pids(&state);
     assert!(
         pids.iter()
             .all(|p| Path::new(&format!("/proc/{p}")).exists()),
