@@ -68,8 +68,10 @@ where
     fn observe(&mut self, event: &watcher::Event<K>) -> Vec<Arc<K>> {
         match event {
             // The store still holds the old objects: it is replaced only when the list is done.
+            // An empty cache (the first list) can lose nothing: nothing is tracked then.
             watcher::Event::Init => {
-                self.before = Some(self.store.state());
+                let before = self.store.state();
+                self.before = (!before.is_empty()).then_some(before);
                 self.listed.clear();
                 Vec::new()
             }

@@ -125,8 +125,7 @@ pub(crate) struct Options {
 #[derive(Debug)]
 pub(crate) struct ControlPlane {
     state: PathBuf,
-    lifetime: Lifetime,
-    /// The processes of an attached cluster, to be reaped.
+    /// Its processes (attached to this one), to be reaped.
     children: Mutex<BTreeMap<Component, Child>>,
     /// A private cluster's temporary directory (removed on drop).
     _dir: Option<tempfile::TempDir>,
@@ -145,7 +144,6 @@ impl ControlPlane {
         let children = up_retrying(tools, dir.path(), options, Lifetime::Attached)?;
         Ok(Self {
             state: dir.path().to_owned(),
-            lifetime: Lifetime::Attached,
             children: Mutex::new(children),
             _dir: Some(dir),
         })
@@ -159,7 +157,7 @@ impl ControlPlane {
     /// Stops `component` and starts it again with the same flags, ports and data.
     pub(crate) fn restart(&self, component: Component) -> Result<(), TestError> {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
-        restart(&self.state, component, self.lifetime, &mut children)
+        restart(&self.state, component, Lifetime::Attached, &mut children)
     }
 }
 
@@ -407,7 +405,7 @@ fn up(
         match component {
             Component::Etcd => {}
             Component::KubeApiserver => {
-                on_thread(wait_api_ready(state, children, &components))?;
+                on_thread(wait_api_ready(state, children))?;
             }
             other => wait_port(state, other, ports.of(other), children)?,
         }
@@ -497,12 +495,9 @@ fn flags(component: Component, state: &Path, ports: &Ports, etcd_data: &Path) ->
 fn etcd_data_dir(state: &Path) -> PathBuf {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        let unique = state
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        // Unique among running processes (the PID) and within this one (the suffix's counter).
         shm.join(format!(
-            "kube-plan-etcd-{}-{unique}-{}",
+            "kube-plan-etcd-{}-{}",
             std::process::id(),
             super::unique_suffix()
         ))
@@ -533,6 +528,14 @@ fn kwok_stages(tools: &Tools, options: &Options) -> Result<String, TestError> {
     .join("\n---\n"))
 }
 
+/// A start-up failure of `component`: `what` went wrong, and the end of its log.
+fn failed(state: &Path, component: Component, what: &str) -> TestError {
+    TestError::Harness(format!(
+        "{what}; {component}'s log ends:\n{}",
+        process::log_tail(state, component.name(), 20)
+    ))
+}
+
 /// An error if `component` has exited, with the end of its log.
 fn check_running(
     state: &Path,
@@ -549,10 +552,11 @@ fn check_running(
     };
     match exited {
         None => Ok(()),
-        Some(status) => Err(TestError::Harness(format!(
-            "{component} exited during start-up ({status}); its log ends:\n{}",
-            process::log_tail(state, component.name(), 20)
-        ))),
+        Some(status) => Err(failed(
+            state,
+            component,
+            &format!("{component} exited during start-up ({status})"),
+        )),
     }
 }
 
@@ -570,10 +574,11 @@ fn wait_port(
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(TestError::Harness(format!(
-                "{component} did not open port {port} within {COMPONENT_WITHIN:?}; its log ends:\n{}",
-                process::log_tail(state, component.name(), 20)
-            )));
+            return Err(failed(
+                state,
+                component,
+                &format!("{component} did not open port {port} within {COMPONENT_WITHIN:?}"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -614,16 +619,12 @@ async fn admin_client(state: &Path) -> Result<kube::Client, TestError> {
 async fn wait_api_ready(
     state: &Path,
     children: &mut BTreeMap<Component, Child>,
-    components: &[Component],
 ) -> Result<(), TestError> {
     let client = admin_client(state).await?;
     let deadline = Instant::now() + APISERVER_WITHIN;
     let mut last = String::from("not asked yet");
     while Instant::now() < deadline {
-        for &c in components
-            .iter()
-            .take_while(|&&c| c <= Component::KubeApiserver)
-        {
+        for c in [Component::Etcd, Component::KubeApiserver] {
             check_running(state, c, children)?;
         }
         let asked = match http::Request::get("/readyz").body(Vec::new()) {
@@ -639,10 +640,11 @@ async fn wait_api_ready(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(TestError::Harness(format!(
-        "kube-apiserver not ready within {APISERVER_WITHIN:?}: {last}; its log ends:\n{}",
-        process::log_tail(state, "kube-apiserver", 20)
-    )))
+    Err(failed(
+        state,
+        Component::KubeApiserver,
+        &format!("kube-apiserver not ready within {APISERVER_WITHIN:?}: {last}"),
+    ))
 }
 
 /// Creates the simulated nodes and waits until they are Ready, and, with a controller manager,
@@ -682,10 +684,11 @@ async fn settle(
                 break;
             }
             if Instant::now() > deadline {
-                return Err(TestError::Harness(format!(
-                    "simulated nodes did not become Ready ({nodes_ready} of {nodes}); KWOK's log ends:\n{}",
-                    process::log_tail(state, "kwok", 20)
-                )));
+                return Err(failed(
+                    state,
+                    Component::Kwok,
+                    &format!("simulated nodes did not become Ready ({nodes_ready} of {nodes})"),
+                ));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -696,10 +699,11 @@ async fn settle(
         while !matches!(api.get_opt("default").await, Ok(Some(_))) {
             check_running(state, Component::KubeControllerManager, children)?;
             if Instant::now() > deadline {
-                return Err(TestError::Harness(format!(
-                    "no default ServiceAccount within 30 s; kube-controller-manager's log ends:\n{}",
-                    process::log_tail(state, "kube-controller-manager", 20)
-                )));
+                return Err(failed(
+                    state,
+                    Component::KubeControllerManager,
+                    "no default ServiceAccount within 30 s",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -725,8 +729,7 @@ fn restart(
     if let Some(child) = process::start(state, name, &exe, &args, lifetime)? {
         children.insert(component, child);
     }
-    let components = started_components(state);
-    on_thread(wait_api_ready(state, children, &components))?;
+    on_thread(wait_api_ready(state, children))?;
     check_running(state, component, children)
 }
 
@@ -748,9 +751,8 @@ fn stop_all(state: &Path, children: &mut BTreeMap<Component, Child>) {
             }
         }
     }
-    let components: Vec<&str> = Component::ALL.iter().map(|c| c.name()).collect();
     for joined in process::recorded_names(state) {
-        if !components.contains(&joined.as_str()) {
+        if joined.parse::<Component>().is_err() {
             process::stop(state, &joined, None);
         }
     }

@@ -86,8 +86,7 @@ pub(crate) fn write_pki(state: &Path) -> Result<(), TestError> {
 
 /// Writes `<state>/kubeconfig` for the admin user, certificates named by path.
 pub(crate) fn write_kubeconfig(state: &Path, port: u16) -> Result<(), TestError> {
-    let dir = state;
-    let path = |f: &str| dir.join("pki").join(f).display().to_string();
+    let path = |f: &str| file(state, f);
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -103,6 +102,6 @@ pub(crate) fn write_kubeconfig(state: &Path, port: u16) -> Result<(), TestError>
         "current-context": "test",
     });
     // JSON is YAML: kubectl and kube read it as a kubeconfig.
-    std::fs::write(dir.join("kubeconfig"), config.to_string())
+    std::fs::write(state.join("kubeconfig"), config.to_string())
         .map_err(|e| harness("writing the kubeconfig", e))
 }
